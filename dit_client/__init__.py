@@ -1,0 +1,5 @@
+"""flux2-remote client side: remote prompt embeddings, local DiT + VAE."""
+
+from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, TLSConfig
+
+__all__ = ["EncoderInfo", "PromptMetadata", "RemoteTextEncoder", "TLSConfig"]

@@ -1,0 +1,42 @@
+"""``flux2-dit``: the client command line. Only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.errors import Flux2RemoteError
+from dit_client.commands import encode
+
+# Each module adds one sub-command.
+COMMANDS = [encode]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux2-dit", description="FLUX.2 client: remote text encoder, local DiT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Flux2RemoteError as exc:
+        print(f"flux2-dit: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"flux2-dit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("flux2-dit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Flags every sub-command that talks to the encoder shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dit_client.remote import DEFAULT_TIMEOUT_S, RemoteTextEncoder, TLSConfig
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, metavar="HOST:PORT", help="address of the flux2-encoder service")
+    p.add_argument("--api-key", default=os.environ.get("FLUX2_API_KEY"),
+                   help="API key (default: $FLUX2_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+
+
+def encoder_from_args(args: argparse.Namespace) -> RemoteTextEncoder:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
+    return RemoteTextEncoder(args.encoder, api_key=args.api_key, tls=tls, timeout=args.timeout)

@@ -1,0 +1,31 @@
+"""``flux2-dit encode``: fetch embeddings for prompts and save them as safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from dit_client.commands.common_args import add_encoder_args, encoder_from_args
+from dit_client.embeddings_io import save_embeddings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("encode", help="fetch prompt embeddings from the encoder and save them")
+    add_encoder_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--out", required=True, help="output .safetensors file (key 'prompt_embeds')")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with encoder_from_args(args) as enc:
+        info = enc.info()
+        embeds, meta = enc.encode_with_metadata(args.prompt)
+    save_embeddings(args.out, embeds, prompts=args.prompt, fingerprint=info.fingerprint)
+    print(f"wrote {args.out}: prompt_embeds {list(embeds.shape)} {str(embeds.dtype).removeprefix('torch.')}, "
+          f"fingerprint {info.fingerprint}")
+    for prompt, m in zip(args.prompt, meta):
+        flag = " (truncated)" if m.truncated else ""
+        print(f"  {m.token_count:4d} tokens{flag}  {m.total_time_ns / 1e6:8.1f} ms  {prompt[:60]!r}")
+    if info.demo:
+        print("note: the encoder runs the DEMO model; its weights are random and the embeddings are noise")
+    return 0

@@ -1,0 +1,269 @@
+"""``RemoteTextEncoder``: prompt embeddings from a flux2-remote encoder service.
+
+    >>> enc = RemoteTextEncoder("gpu-box:50051")
+    >>> prompt_embeds = enc.encode(["a red fox in the snow"])  # [1, 512, 15360] bfloat16, CPU
+    >>> image = pipe(prompt_embeds=prompt_embeds.to("cuda")).images[0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from common.errors import (
+    EncoderUnavailable,
+    Flux2RemoteError,
+    IntegrityError,
+    InvalidRequest,
+    error_from_code,
+)
+from common.protocol import pb2, pb2_grpc
+from common.wire import DTYPE_NAMES, TensorAssembler, dtype_from_wire, dtype_to_wire
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Client-side TLS settings (paths to PEM files).
+
+    Attributes:
+        ca_cert: CA bundle that signed the server certificate; None uses the system roots.
+        client_cert, client_key: for mutual TLS, the client's certificate and key.
+        server_name: override the name checked against the server certificate.
+    """
+
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_cert),
+            private_key=read(self.client_key),
+            certificate_chain=read(self.client_cert),
+        )
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What ``GetInfo`` reports about the server (see encoder.proto for each field)."""
+
+    model_id: str
+    revision: str
+    fingerprint: str
+    hidden_states_layers: tuple[int, ...]
+    num_hidden_layers: int
+    computed_layers: int
+    hidden_size: int
+    embedding_dim: int
+    max_sequence_length: int
+    dtype: torch.dtype
+    quantization: str
+    device: str
+    server_version: str
+    demo: bool
+    padding_side: str
+    limits: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, m: pb2.GetInfoResponse) -> "EncoderInfo":
+        return cls(
+            model_id=m.model_id,
+            revision=m.revision,
+            fingerprint=m.fingerprint,
+            hidden_states_layers=tuple(m.hidden_states_layers),
+            num_hidden_layers=m.num_hidden_layers,
+            computed_layers=m.computed_layers,
+            hidden_size=m.hidden_size,
+            embedding_dim=m.embedding_dim,
+            max_sequence_length=m.max_sequence_length,
+            dtype=dtype_from_wire(m.dtype),
+            quantization=m.quantization,
+            device=m.device,
+            server_version=m.server_version,
+            demo=m.demo,
+            padding_side=m.padding_side,
+            limits={f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields},
+        )
+
+
+@dataclass(frozen=True)
+class PromptMetadata:
+    """Per-prompt facts the server reports with each embedding (times in nanoseconds)."""
+
+    token_count: int
+    truncated: bool
+    queue_time_ns: int
+    tokenization_time_ns: int
+    inference_time_ns: int
+    total_time_ns: int
+    model_fingerprint: str
+    cache_hit: bool
+    batch_size: int
+
+    @classmethod
+    def from_proto(cls, m: pb2.PromptMetadata) -> "PromptMetadata":
+        return cls(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
+
+
+def _describe_rpc_error(target: str, err: grpc.RpcError) -> Flux2RemoteError:
+    code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return EncoderUnavailable(f"cannot reach the encoder at {target}: {details}")
+    return error_from_code(code, details or code.name)
+
+
+class RemoteTextEncoder:
+    """Client of a flux2-remote encoder service.
+
+    Args:
+        target: ``host:port`` of the server.
+        api_key: sent as ``authorization: Bearer KEY`` on every call.
+        tls: ``None`` for plaintext, ``True`` for TLS with the system roots, or a :class:`TLSConfig`.
+        timeout: seconds per call (deadline), covering queueing, compute and transfer.
+        expected_fingerprint: refuse to return embeddings made by any other model.
+
+    All failures raise a :class:`common.errors.Flux2RemoteError` subclass with a
+    readable message: ``EncoderUnavailable`` (unreachable), ``EncoderOverloaded``,
+    ``Unauthenticated``, ``InvalidRequest``, ``NotCached``, ``IntegrityError``...
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: TLSConfig | bool | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        expected_fingerprint: str | None = None,
+    ):
+        self.target = target
+        self.timeout = timeout
+        self.expected_fingerprint = expected_fingerprint
+        # Large responses come as 1 MiB chunks; allow some slack for headers.
+        options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        if tls:
+            tls_cfg = tls if isinstance(tls, TLSConfig) else TLSConfig()
+            if tls_cfg.server_name:
+                options.append(("grpc.ssl_target_name_override", tls_cfg.server_name))
+            self._channel = grpc.secure_channel(target, tls_cfg.credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb2_grpc.TextEncoderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._info: EncoderInfo | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteTextEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- API -------------------------------------------------------------
+
+    def info(self, *, refresh: bool = False) -> EncoderInfo:
+        """Server facts (cached after the first call). Raises if the fingerprint is not the expected one."""
+        if self._info is None or refresh:
+            try:
+                reply = self._stub.GetInfo(pb2.GetInfoRequest(), timeout=min(self.timeout, 30.0), metadata=self._metadata)
+            except grpc.RpcError as err:
+                raise _describe_rpc_error(self.target, err) from None
+            info = EncoderInfo.from_proto(reply)
+            if self.expected_fingerprint and info.fingerprint != self.expected_fingerprint:
+                raise IntegrityError(
+                    f"encoder at {self.target} serves fingerprint {info.fingerprint}, "
+                    f"expected {self.expected_fingerprint}: it runs a different model or settings"
+                )
+            self._info = info
+        return self._info
+
+    def encode(
+        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False
+    ) -> torch.Tensor:
+        """Prompt embeddings, ready for ``Flux2Pipeline(prompt_embeds=...)``.
+
+        Args:
+            prompts: one prompt or a list; lists longer than the server's
+                ``max_prompts_per_request`` are split into several calls.
+            dtype: output dtype; ``None`` is the server's compute dtype (bit-exact).
+            cache_only: answer only from the server cache; a miss raises ``NotCached``.
+
+        Returns:
+            ``[B, max_sequence_length, embedding_dim]`` tensor on the CPU
+            (``[B, 512, 15360]`` bfloat16 for FLUX.2-dev).
+        """
+        return self.encode_with_metadata(prompts, dtype=dtype, cache_only=cache_only)[0]
+
+    def encode_with_metadata(
+        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False
+    ) -> tuple[torch.Tensor, list[PromptMetadata]]:
+        """Like :meth:`encode`, plus the per-prompt metadata (token counts, timings, cache hits)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InvalidRequest("no prompts given")
+        info = self.info()
+        out_dtype = dtype or info.dtype
+        if out_dtype not in DTYPE_NAMES:
+            raise InvalidRequest(f"dtype {out_dtype} is not supported; use one of {', '.join(DTYPE_NAMES.values())}")
+        # One preallocated buffer; chunks are copied straight into it.
+        out = torch.empty((len(prompts), info.max_sequence_length, info.embedding_dim), dtype=out_dtype)
+        metadata: list[PromptMetadata] = []
+        step = max(1, info.limits.get("max_prompts_per_request", len(prompts)))
+        for start in range(0, len(prompts), step):
+            part = prompts[start : start + step]
+            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only)
+            try:
+                responses = self._stub.Encode(request, timeout=self.timeout, metadata=self._metadata)
+                metadata.extend(self._receive(responses, out[start : start + len(part)], info))
+            except grpc.RpcError as err:
+                raise _describe_rpc_error(self.target, err) from None
+        return out, metadata
+
+    # -- internals -------------------------------------------------------
+
+    def _receive(
+        self, responses: Iterator[pb2.EncodeResponse], out: torch.Tensor, info: EncoderInfo
+    ) -> list[PromptMetadata]:
+        """Reassemble the chunks of ``len(out)`` prompts into ``out``; verify sizes, CRC and fingerprint."""
+        metadata: list[PromptMetadata | None] = [None] * len(out)
+        assembler: TensorAssembler | None = None
+        current = -1
+        for msg in responses:
+            if msg.HasField("error"):
+                raise error_from_code(msg.error.code, msg.error.message)
+            if msg.HasField("header"):
+                if assembler is not None:
+                    assembler.finish()
+                current = msg.prompt_index
+                if current >= len(out) or metadata[current] is not None:
+                    raise IntegrityError(f"unexpected prompt index {current} in the response")
+                assembler = TensorAssembler(out[current], msg.header)
+                meta = PromptMetadata.from_proto(msg.header.metadata)
+                if meta.model_fingerprint != info.fingerprint:
+                    raise IntegrityError(
+                        f"embedding made by {meta.model_fingerprint}, but the server announced {info.fingerprint}"
+                    )
+                metadata[current] = meta
+            elif assembler is None or msg.prompt_index != current:
+                raise IntegrityError("chunk arrived before its header")
+            assembler.add(msg.chunk)
+        if assembler is not None:
+            assembler.finish()
+        missing = [i for i, m in enumerate(metadata) if m is None]
+        if missing:
+            raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
+        return metadata  # type: ignore[return-value]

@@ -1,0 +1,139 @@
+"""gRPC adapter: protobuf in, library calls, protobuf out. No model or policy code here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from common.config import Limits
+from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, NotCached, status_of
+from common.protocol import pb2, pb2_grpc
+from common.wire import WireTensor, dtype_from_wire
+from encoder_server.engine import EncodedPrompt, EncodeEngine
+from encoder_server.validation import UndecodableRequest, validate_prompts
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
+    """Implements ``flux2.encoder.v1.TextEncoder`` on top of an :class:`EncodeEngine`."""
+
+    def __init__(self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits):
+        self._engine = engine
+        self._info = info
+        self._limits = limits
+        self._default_dtype = dtype_from_wire(info.dtype)
+
+    async def GetInfo(self, request, context):
+        return self._info
+
+    async def Encode(self, request, context) -> AsyncIterator[pb2.EncodeResponse]:
+        try:
+            self._check_deadline(context)
+            responses = await self._encode_request(request)
+        except Flux2RemoteError as exc:
+            await context.abort(*status_of(exc))
+        for msg in responses:
+            yield msg
+
+    async def EncodeStream(self, request_iterator, context) -> AsyncIterator[pb2.EncodeResponse]:
+        # Reading stops while max_in_flight_per_stream requests are open: gRPC
+        # flow control then pushes back on the client (backpressure).
+        in_flight = asyncio.Semaphore(self._limits.max_in_flight_per_stream)
+        ready: asyncio.Queue[list[pb2.EncodeResponse] | BaseException | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def handle(request) -> None:
+            try:
+                msgs = await self._encode_request(request)
+            except Flux2RemoteError as exc:
+                code, message = status_of(exc)
+                msgs = [
+                    pb2.EncodeResponse(
+                        request_id=getattr(request, "request_id", ""),
+                        error=pb2.EncodeError(code=code.value[0], message=message),
+                        request_done=True,
+                    )
+                ]
+            finally:
+                in_flight.release()
+            await ready.put(msgs)
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await in_flight.acquire()
+                    task = asyncio.create_task(handle(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*tasks)
+                await ready.put(None)
+            except BaseException as exc:  # reported to the writer below, never lost
+                await ready.put(exc)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    if isinstance(item, asyncio.CancelledError):
+                        return
+                    raise item
+                for msg in item:  # one request's messages stay contiguous
+                    yield msg
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # -- helpers ---------------------------------------------------------
+
+    def _check_deadline(self, context) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining * 1000 < self._limits.min_deadline_ms:
+            raise DeadlineExceeded(
+                f"deadline of {remaining * 1000:.1f} ms is too short: the server needs at least "
+                f"{self._limits.min_deadline_ms} ms to start encoding"
+            )
+
+    async def _encode_request(self, request) -> list[pb2.EncodeResponse]:
+        if isinstance(request, UndecodableRequest):
+            raise InvalidRequest(request.reason)
+        t0 = time.perf_counter_ns()
+        prompts = validate_prompts(list(request.prompts), self._limits)
+        dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
+        if request.cache_only:
+            raise NotCached("cache_only: this server keeps no cache, so nothing is cached")
+        results = await self._engine.encode(prompts)
+        total_ns = time.perf_counter_ns() - t0
+        msgs: list[pb2.EncodeResponse] = []
+        for index, result in enumerate(results):
+            msgs.extend(self._prompt_messages(request.request_id, index, result, dtype, total_ns))
+        if msgs:
+            msgs[-1].request_done = True
+        return msgs
+
+    def _prompt_messages(
+        self, request_id: str, index: int, result: EncodedPrompt, dtype, total_ns: int
+    ) -> list[pb2.EncodeResponse]:
+        wire = WireTensor.from_tensor(result.embedding.to(dtype), self._limits.max_chunk_bytes)
+        metadata = pb2.PromptMetadata(
+            token_count=result.token_count,
+            truncated=result.truncated,
+            queue_time_ns=result.queue_ns,
+            tokenization_time_ns=result.tokenization_ns,
+            inference_time_ns=result.inference_ns,
+            total_time_ns=total_ns,
+            model_fingerprint=self._info.fingerprint,
+            cache_hit=result.cache_hit,
+            batch_size=result.batch_size,
+        )
+        msgs = []
+        for i, chunk in enumerate(wire.iter_chunks()):
+            msg = pb2.EncodeResponse(request_id=request_id, prompt_index=index, chunk=chunk)
+            if i == 0:
+                msg.header.CopyFrom(wire.header(metadata))
+            msgs.append(msg)
+        return msgs
+

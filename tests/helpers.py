@@ -1,0 +1,48 @@
+"""Test helpers: in-process servers on port 0, driven from a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+from common.config import ServerConfig
+from encoder_server.server import RunningServer, start_server
+
+
+class ServerThread:
+    """Runs ``start_server`` on its own event loop in a daemon thread.
+
+    ``target`` is ``127.0.0.1:PORT`` once started. ``stop(grace)`` drains like SIGTERM does.
+    """
+
+    def __init__(self, backend, config: ServerConfig | None = None, **start_kwargs):
+        self.config = replace(config or ServerConfig(), host="127.0.0.1", port=0)
+        self.backend = backend
+        self.start_kwargs = start_kwargs
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: RunningServer | None = None
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        self.running = self.call(start_server(self.config, self.backend, **self.start_kwargs))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = 0) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(grace))
+            self.running = None
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
