@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import NotCached
+from encoder_server.identity import ANONYMOUS
 from encoder_server.text_encoder import EmbeddingBackend
 
 
@@ -48,8 +50,24 @@ class EncodeEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-model")
         self._lock = asyncio.Lock()
 
-    async def encode(self, prompts: list[str]) -> list[EncodedPrompt]:
-        """Embeddings for ``prompts``, in order."""
+    async def encode(
+        self,
+        prompts: list[str],
+        *,
+        user: str = ANONYMOUS,
+        cache_only: bool = False,
+        deadline: float | None = None,
+    ) -> list[EncodedPrompt]:
+        """Embeddings for ``prompts``, in order.
+
+        Args:
+            prompts: validated prompt texts.
+            user: who asks (for fair scheduling, quotas and metrics).
+            cache_only: answer from the cache only; a miss raises ``NotCached``.
+            deadline: ``time.monotonic()`` value after which the result is useless.
+        """
+        if cache_only:
+            raise NotCached("cache_only: this server keeps no cache, so nothing is cached")
         t_enqueued = time.perf_counter_ns()
         async with self._lock:
             queue_ns = time.perf_counter_ns() - t_enqueued

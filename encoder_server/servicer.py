@@ -8,10 +8,11 @@ import time
 from collections.abc import AsyncIterator
 
 from common.config import Limits
-from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, NotCached, status_of
+from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, status_of
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.engine import EncodedPrompt, EncodeEngine
+from encoder_server.identity import current_user
 from encoder_server.validation import UndecodableRequest, validate_prompts
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         t0 = time.perf_counter_ns()
         prompts = validate_prompts(list(request.prompts), self._limits)
         dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
-        if request.cache_only:
-            raise NotCached("cache_only: this server keeps no cache, so nothing is cached")
-        results = await self._engine.encode(prompts)
+        results = await self._engine.encode(prompts, user=current_user.get(), cache_only=request.cache_only)
         total_ns = time.perf_counter_ns() - t0
         msgs: list[pb2.EncodeResponse] = []
         for index, result in enumerate(results):
