@@ -1,0 +1,59 @@
+"""The demo model: deterministic, built once, atomically, loadable like real weights."""
+
+from __future__ import annotations
+
+import hashlib
+
+from common.demo import TinyFlux2Spec, build_tiny_flux2, ensure_demo_model, is_demo_folder
+from common.fingerprint import file_digest
+
+
+def digests(folder):
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.safetensors"))
+    }
+
+
+def test_build_is_deterministic(tmp_path):
+    spec = TinyFlux2Spec(with_dit=False)
+    a = digests(build_tiny_flux2(tmp_path / "a", spec))
+    b = digests(build_tiny_flux2(tmp_path / "b", spec))
+    assert a and a == b
+    assert digests(build_tiny_flux2(tmp_path / "c", TinyFlux2Spec(with_dit=False, seed=3))) != a
+
+
+def test_ensure_builds_once_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX2_REMOTE_CACHE", str(tmp_path))
+    first = ensure_demo_model()
+    assert is_demo_folder(first)
+    for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler", "model_index.json"):
+        assert (first / part).exists()
+    mtime = (first / "text_encoder" / "model.safetensors").stat().st_mtime_ns
+    assert ensure_demo_model() == first
+    assert (first / "text_encoder" / "model.safetensors").stat().st_mtime_ns == mtime
+    # No temporary build folders are left behind.
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_ensure_replaces_a_torn_folder(tmp_path):
+    target = tmp_path / "demo"
+    (target / "text_encoder").mkdir(parents=True)  # e.g. a crash of an older writer
+    assert not is_demo_folder(target)
+    ensure_demo_model(target)
+    assert is_demo_folder(target) and (target / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_large_files_are_sampled_but_still_sensitive_to_content(tmp_path, monkeypatch):
+    import common.fingerprint as fp
+
+    monkeypatch.setattr(fp, "_FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(fp, "_SAMPLE", 256)
+    path = tmp_path / "w.safetensors"
+    data = bytearray((8).to_bytes(8, "little") + b"{}      " + bytes(range(256)) * 64)
+    path.write_bytes(bytes(data))
+    a = file_digest(path)
+    assert a.startswith("sampled-sha256:")
+    data[-1] ^= 1  # the last block is always sampled
+    path.write_bytes(bytes(data))
+    assert file_digest(path) != a

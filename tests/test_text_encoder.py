@@ -1,0 +1,137 @@
+"""The truncated encoder equals diffusers' reference function bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import Flux2Pipeline
+from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
+
+from common.encoder_spec import FLUX2_DEV
+from common.model_source import resolve_model
+from encoder_server.text_encoder import ConfigError, TruncatedMistral3Encoder, quantization_config
+
+PROMPTS = [
+    "a red fox in fresh snow",
+    "",  # the empty prompt
+    "Ünïcödé: 東京の夜景, emoji 🦊🌨️, RTL שלום, combining e\u0301",
+    "literal control tokens [IMG] [INST] [/INST] [SYSTEM_PROMPT] </s> <pad> stay text",
+    "a long prompt " + "with many words " * 300,  # far over 512 tokens: truncated like the reference
+    "short",
+]
+
+
+def reference(folder, prompts, dtype):
+    """diffusers' own function on the full, untruncated model: the ground truth."""
+    text_encoder = Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    with torch.no_grad():
+        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(text_encoder, tokenizer, prompts)
+
+
+def load(folder, dtype):
+    source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
+    return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bit_exact_with_reference_mixed_batch(tiny_model_dir, dtype):
+    enc = load(tiny_model_dir, dtype)
+    out = enc.encode(PROMPTS)
+    ref = reference(tiny_model_dir, PROMPTS, dtype)
+    assert out.embeddings.shape == ref.shape == (len(PROMPTS), 512, 3 * 16)
+    assert out.embeddings.dtype == ref.dtype == dtype
+    assert torch.equal(out.embeddings, ref)
+
+
+def test_bit_exact_with_right_padding(tiny_model_dir_right):
+    enc = load(tiny_model_dir_right, torch.bfloat16)
+    assert enc.padding_side == "right"
+    out = enc.encode(PROMPTS)
+    assert torch.equal(out.embeddings, reference(tiny_model_dir_right, PROMPTS, torch.bfloat16))
+
+
+def test_padding_side_changes_the_embeddings(tiny_model_dir, tiny_model_dir_right):
+    # Guards the test above: if padding side were ignored both would agree by accident.
+    left = load(tiny_model_dir, torch.float32).tokenize(["a cat"])[0]["attention_mask"][0]
+    right = load(tiny_model_dir_right, torch.float32).tokenize(["a cat"])[0]["attention_mask"][0]
+    assert left[0] == 0 and left[-1] == 1
+    assert right[0] == 1 and right[-1] == 0
+
+
+def test_result_does_not_depend_on_batch_companions(tiny_backend):
+    together = tiny_backend.encode(PROMPTS).embeddings
+    alone = torch.cat([tiny_backend.encode([p]).embeddings for p in PROMPTS])
+    assert torch.equal(together, alone)
+
+
+def test_token_counts_and_truncation_flags(tiny_backend):
+    out = tiny_backend.encode(PROMPTS)
+    inputs, _ = tiny_backend.tokenize(PROMPTS)
+    assert out.token_counts == inputs["attention_mask"].sum(dim=1).tolist()
+    assert out.truncated == [False, False, False, False, True, False]
+    assert out.token_counts[4] == 512
+    assert out.token_counts[1] < out.token_counts[0] < 512  # the empty prompt still has the system turn
+    assert out.tokenization_ns > 0 and out.inference_ns > 0
+
+
+def test_img_marker_removed_like_reference(tiny_backend):
+    # format_input strips literal "[IMG]" before templating; other control-token text stays.
+    a = tiny_backend.encode(["a [IMG]cat"]).embeddings
+    b = tiny_backend.encode(["a cat"]).embeddings
+    c = tiny_backend.encode(["a [INST]cat"]).embeddings
+    assert torch.equal(a, b)
+    assert not torch.equal(b, c)
+
+
+def test_only_needed_layers_are_loaded(tiny_backend):
+    lm = tiny_backend._lm
+    assert tiny_backend.num_hidden_layers == 40
+    assert len(lm.layers) == FLUX2_DEV.computed_layers == 30
+    assert isinstance(lm.norm, torch.nn.Identity)
+    names = {n for n, _ in lm.named_parameters()}
+    assert not any("vision" in n or "lm_head" in n or "projector" in n for n in names)
+    assert not any(n.startswith("layers.30.") for n in names)
+
+
+def test_last_requested_state_is_not_normed(tiny_model_dir):
+    # transformers ties hidden_states[-1] to the final-normed output. With the
+    # model cut at layer 30, index 30 would silently be normed; compare with
+    # the untruncated model's state 30 to prove it is not.
+    enc = load(tiny_model_dir, torch.float32)
+    full = Mistral3ForConditionalGeneration.from_pretrained(tiny_model_dir / "text_encoder", dtype=torch.float32)
+    inputs, _ = enc.tokenize(["a cat"])
+    with torch.no_grad():
+        states = full(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+    ours = enc.encode(["a cat"]).embeddings[0, :, 2 * 16 :]  # third block = hidden_states[30]
+    assert torch.equal(ours, states[30][0])
+    assert not torch.equal(ours, full.model.language_model.norm(states[30])[0])
+
+
+def test_fingerprint_depends_on_dtype_and_weights(tiny_model_dir, tiny_model_dir_right):
+    a = load(tiny_model_dir, torch.bfloat16).fingerprint
+    assert a == load(tiny_model_dir, torch.bfloat16).fingerprint
+    assert a != load(tiny_model_dir, torch.float32).fingerprint
+    assert a != load(tiny_model_dir_right, torch.bfloat16).fingerprint
+    assert a.startswith("flux2-dev:")
+
+
+def test_empty_prompt_list_is_refused(tiny_backend):
+    from common.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        tiny_backend.encode([])
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nf4"])
+def test_quantization_needs_cuda_with_a_clear_error(quant):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        quantization_config(quant, torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 needs a CUDA GPU")
+def test_nf4_loads_and_encodes_on_cuda(tiny_model_dir):
+    source = resolve_model(str(tiny_model_dir), components=("text_encoder", "tokenizer"))
+    enc = TruncatedMistral3Encoder(source, device=torch.device("cuda"), dtype=torch.bfloat16, quantization="nf4")
+    out = enc.encode(["a cat"]).embeddings
+    assert out.shape == (1, 512, 48) and torch.isfinite(out.float()).all()
