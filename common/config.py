@@ -29,6 +29,94 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """How the engine groups prompts into forward passes (see docs/serving.md).
+
+    Attributes:
+        max_batch_tokens: padded tokens per forward pass. Every prompt is padded
+            to ``max_sequence_length`` (512) tokens, so this is 512 x prompts.
+        max_batch_prompts: prompts per forward pass.
+        max_queue_delay_ms: how long the oldest queued prompt may wait for
+            others to fill its batch before it runs anyway.
+        max_queue_prompts: prompts that may wait in the queue; past it unary
+            calls get RESOURCE_EXHAUSTED and streams wait (backpressure).
+        fair: take work round-robin across users (False: first come, first
+            served; kept for benchmarks).
+    """
+
+    max_batch_tokens: int = 8192
+    max_batch_prompts: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_queue_prompts: int = 1024
+    fair: bool = True
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Embedding caches: an in-memory LRU in front of an optional disk cache.
+
+    Attributes:
+        memory_mb: in-memory LRU size in MiB (0 disables it). One FLUX.2-dev
+            embedding is 15 MiB (bf16 ``[512, 15360]``).
+        dir: persistent cache folder; ``None`` keeps no disk cache.
+        max_gb: disk cache size bound in GiB; least recently used entries go first.
+    """
+
+    memory_mb: int = 2048
+    dir: str | None = None
+    max_gb: float = 50.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call, and how much (see docs/security.md).
+
+    Attributes:
+        api_key_file: ``user:key`` per line (``#`` comments); ``None`` lets anyone
+            on the network call (every caller is then the user ``anonymous``).
+        rate_limit_rpm: Encode requests (stream messages and HTTP calls count one
+            each) per user per minute, as a token bucket; 0 is unlimited.
+        quota_prompts_per_day: prompts per user per UTC day; 0 is unlimited.
+    """
+
+    api_key_file: str | None = None
+    rate_limit_rpm: int = 0
+    quota_prompts_per_day: int = 0
+
+
+@dataclass(frozen=True)
+class ServerTLSConfig:
+    """PEM files for TLS on the gRPC port and the HTTP endpoint (all ``None``: plaintext).
+
+    Attributes:
+        cert: server certificate chain.
+        key: the certificate's private key.
+        client_ca: when set, clients must present a certificate signed by this CA (mutual TLS).
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key or self.client_ca)
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """The Hugging Face-compatible ``POST /predict`` endpoint (docs/hf-compatible-endpoint.md).
+
+    Attributes:
+        host: address to bind; loopback unless the operator opens it on purpose.
+        port: TCP port; ``None`` serves no HTTP endpoint, 0 picks a free one (tests).
+    """
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``flux2-encoder serve`` needs.
 
@@ -41,6 +129,12 @@ class ServerConfig:
         dtype: compute dtype name: ``bfloat16``, ``float16`` or ``float32``.
         quantization: ``none``, ``fp8`` or ``nf4`` (the latter two need CUDA).
         grace_period_s: how long SIGTERM waits for in-flight work before exiting.
+        batching: dynamic batching and admission control.
+        cache: in-memory and disk embedding caches.
+        metrics_port: Prometheus exposition port on ``host``; ``None`` serves no metrics.
+        auth: API keys and per-user limits.
+        tls: TLS / mutual TLS files.
+        http: the Hugging Face-compatible HTTP endpoint.
     """
 
     model: str = DEFAULT_MODEL
@@ -52,6 +146,13 @@ class ServerConfig:
     quantization: str = "none"
     grace_period_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # Prometheus text on http://HOST:PORT/metrics (HOST is ``host``); None: off.
+    metrics_port: int | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
 
     @property
     def address(self) -> str:

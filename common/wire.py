@@ -140,13 +140,15 @@ class TensorAssembler:
         self._filled = 0
 
     def add(self, chunk: pb2.TensorChunk) -> None:
-        n = len(chunk.data)
+        # Each read of a upb bytes field builds a new bytes object (a full copy): read it once.
+        data = chunk.data
+        n = len(data)
         if chunk.offset != self._filled:
             raise IntegrityError(f"chunk at offset {chunk.offset}, expected {self._filled}")
         if self._filled + n > len(self._raw):
             raise IntegrityError("more bytes than the announced tensor size")
-        self._raw[self._filled : self._filled + n] = np.frombuffer(chunk.data, dtype=np.uint8)
-        self._crc = google_crc32c.extend(self._crc, chunk.data)
+        self._raw[self._filled : self._filled + n] = np.frombuffer(data, dtype=np.uint8)
+        self._crc = google_crc32c.extend(self._crc, data)
         self._filled += n
 
     @property

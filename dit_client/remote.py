@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,3 +267,44 @@ class RemoteTextEncoder:
         if missing:
             raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
         return metadata  # type: ignore[return-value]
+
+    # -- bulk streaming (EncodeStream) -------------------------------------
+
+    def encode_stream(
+        self,
+        prompts: Iterable[str],
+        *,
+        batch_size: int | None = None,
+        max_in_flight: int | None = None,
+        dtype: torch.dtype | None = None,
+        cache_only: bool = False,
+        retry: "RetryPolicy | None" = None,
+    ) -> Iterator["StreamedEmbedding"]:
+        """Embeddings for many prompts over one ``EncodeStream`` call, yielded as they complete.
+
+        Args:
+            prompts: any iterable of prompts; consumed lazily, so it may be far
+                larger than memory allows to hold as embeddings.
+            batch_size: prompts per request (default: ``min(8, max_prompts_per_request)``).
+            max_in_flight: requests outstanding at once (default: ``min(8, max_in_flight_per_stream)``);
+                they wait on the server, and the client assembles one request at a time.
+            dtype: output dtype; ``None`` is the server's compute dtype (bit-exact).
+            cache_only: answer only from the server cache; a miss raises ``NotCached``.
+            retry: how ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, broken streams and
+                stalls (no response for ``timeout`` seconds) are retried
+                (:class:`dit_client.stream.RetryPolicy`).
+
+        Yields:
+            :class:`dit_client.stream.StreamedEmbedding` per prompt, with
+            ``index`` (position in ``prompts``) and ``embedding``
+            ``[max_sequence_length, embedding_dim]`` on the CPU. Order follows
+            completion, not input; every prompt appears exactly once. A request's
+            prompts are yielded only after all of them arrived and passed the
+            size, CRC-32C and fingerprint checks.
+        """
+        from dit_client.stream import encode_stream
+
+        return encode_stream(
+            self, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
+            cache_only=cache_only, retry=retry,
+        )

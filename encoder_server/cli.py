@@ -7,11 +7,34 @@ import asyncio
 import logging
 import sys
 
-from common.config import Limits, ServerConfig
+from common.config import (
+    AuthConfig,
+    BatchingConfig,
+    CacheConfig,
+    HTTPConfig,
+    Limits,
+    ServerConfig,
+    ServerTLSConfig,
+)
 from common.model_source import DEFAULT_MODEL, ModelNotFound
 from encoder_server.text_encoder import DTYPES, QUANTIZATIONS, ConfigError
 
 EXIT_CONFIG = 2
+
+
+def _number(kind, minimum):
+    """argparse type: ``kind`` (int or float) >= ``minimum``, with a readable error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +53,57 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompts-per-request", type=int, default=Limits.max_prompts_per_request)
     serve.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
     serve.add_argument("--log-level", default="INFO")
+    # Batching, cache and metrics (docs/serving.md).
+    serve.add_argument("--max-batch-tokens", type=_number(int, 1), default=BatchingConfig.max_batch_tokens,
+                       help="padded tokens per forward pass; each prompt is 512 tokens (default: %(default)s)")
+    serve.add_argument("--max-batch-prompts", type=_number(int, 1), default=BatchingConfig.max_batch_prompts,
+                       help="prompts per forward pass (default: %(default)s)")
+    serve.add_argument("--max-queue-delay-ms", type=_number(float, 0), default=BatchingConfig.max_queue_delay_ms,
+                       help="longest a prompt waits for others to fill its batch (default: %(default)s)")
+    serve.add_argument("--max-queue-prompts", type=_number(int, 1), default=BatchingConfig.max_queue_prompts,
+                       help="prompts that may wait; past it calls get RESOURCE_EXHAUSTED (default: %(default)s)")
+    serve.add_argument("--scheduling", choices=("fair", "fifo"), default="fair",
+                       help="fair: batches take prompts round-robin across users; fifo: in arrival order "
+                            "(default: %(default)s)")
+    serve.add_argument("--memory-cache-mb", type=_number(int, 0), default=CacheConfig.memory_mb,
+                       help="in-memory embedding cache in MiB, 0 disables (default: %(default)s)")
+    serve.add_argument("--cache-dir", default=None, help="persistent embedding cache folder (default: none)")
+    serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
+                       help="size bound of --cache-dir in GiB (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    # Users, TLS and the HTTP endpoint (docs/security.md, docs/hf-compatible-endpoint.md).
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="'user:key' per line ('#' comments); every call then needs "
+                            "'authorization: Bearer KEY' (default: no keys, anyone may call)")
+    serve.add_argument("--rate-limit-rpm", type=_number(int, 0), default=0, metavar="N",
+                       help="Encode requests per user per minute, 0 = unlimited (default: %(default)s)")
+    serve.add_argument("--quota-prompts-per-day", type=_number(int, 0), default=0, metavar="N",
+                       help="prompts per user per UTC day, 0 = unlimited (default: %(default)s)")
+    serve.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain; enables TLS")
+    serve.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (unencrypted)")
+    serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                       help="CA that signs client certificates; clients without one are refused (mutual TLS)")
+    serve.add_argument("--http-port", type=_number(int, 0), default=None,
+                       help="serve the Hugging Face-compatible POST /predict on this port (default: off)")
+    serve.add_argument("--http-host", default="127.0.0.1",
+                       help="address the HTTP endpoint binds (default: loopback only)")
+    memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
+    memory.add_argument("--config", default=None,
+                        help="Mistral3 config.json (default: the bundled FLUX.2-dev text-encoder config)")
+    memory.add_argument("--layers", type=int, default=30, help="decoder layers the server keeps (default: 30)")
     return parser
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from encoder_server.memory import memory_table
+
+    try:
+        print(memory_table(args.config, args.layers))
+    except (OSError, ValueError) as exc:
+        print(f"flux2-encoder memory: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -44,12 +117,36 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         quantization=args.quantization,
         grace_period_s=args.grace_period,
         limits=Limits(max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars),
+        batching=BatchingConfig(
+            max_batch_tokens=args.max_batch_tokens,
+            max_batch_prompts=args.max_batch_prompts,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue_prompts=args.max_queue_prompts,
+            fair=args.scheduling == "fair",
+        ),
+        cache=CacheConfig(memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb),
+        metrics_port=args.metrics_port,
+        auth=AuthConfig(
+            api_key_file=args.api_key_file,
+            rate_limit_rpm=args.rate_limit_rpm,
+            quota_prompts_per_day=args.quota_prompts_per_day,
+        ),
+        tls=ServerTLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
+        http=HTTPConfig(host=args.http_host, port=args.http_port),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "memory":
+        return run_memory(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(user)s]: %(message)s"
+    )
+    from encoder_server.auth import UserLogFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(UserLogFilter())  # every line names the caller it was logged for
     from encoder_server.server import serve
 
     try:

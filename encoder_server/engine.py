@@ -1,22 +1,50 @@
-"""Runs encode work off the event loop and returns one result per prompt.
+"""Turns requests into embeddings: caches, compute-once, batching, one model thread.
 
-The servicer awaits ``EncodeEngine.encode``; the engine owns the model thread,
-so gRPC I/O never waits on a forward pass and the model never runs two batches
-at once.
+``EncodeEngine.encode`` is what the gRPC servicer and the HTTP endpoint call.
+For each distinct prompt of a request it tries, in order:
+
+1. the in-memory LRU, then the disk cache (``cache_hit=True``);
+2. an identical prompt already queued or running (same model fingerprint and
+   prompt): the request waits on that computation instead of starting its own;
+3. a new :class:`~encoder_server.batcher.WorkItem` in the user's queue.
+
+A single model loop takes batches from the :class:`~encoder_server.batcher.Batcher`
+and runs them on a dedicated thread, so gRPC I/O never waits on a forward pass
+and the model never runs two batches at once. Results go to the memory cache at
+once and to the disk cache in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from common.errors import NotCached
+from common.config import BatchingConfig
+from common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EncoderUnavailable,
+    Flux2RemoteError,
+    NotCached,
+    ServerError,
+)
+from encoder_server.batcher import DONE, QUEUED, Batcher, WorkItem
+from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.identity import ANONYMOUS
+from encoder_server.metrics import EncoderMetrics
 from encoder_server.text_encoder import EmbeddingBackend
+
+log = logging.getLogger(__name__)
+
+# Disk writes queued behind a slow disk hold whole embeddings in memory; past
+# this many, new results are not written (they stay in the memory cache).
+_MAX_PENDING_WRITES = 64
 
 
 @dataclass(frozen=True)
@@ -25,10 +53,12 @@ class EncodedPrompt:
 
     Attributes:
         embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor in the compute dtype.
+            Shared with the cache: read it, never modify it in place.
         token_count: non-pad tokens after truncation.
         truncated: the templated prompt was cut to ``max_sequence_length``.
-        queue_ns, tokenization_ns, inference_ns: where the time went, in nanoseconds.
-        batch_size: prompts that shared the forward pass.
+        queue_ns, tokenization_ns, inference_ns: where the time went, in nanoseconds
+            (tokenization and inference are those of the whole batch; all 0 for cache hits).
+        batch_size: prompts that shared the forward pass (0 for cache hits).
         cache_hit: served from the cache without running the model.
     """
 
@@ -42,13 +72,65 @@ class EncodedPrompt:
     cache_hit: bool = False
 
 
-class EncodeEngine:
-    """Serialises forward passes of one backend on a dedicated thread."""
+@dataclass(frozen=True)
+class _Computed:
+    entry: CachedEmbedding
+    queue_ns: int
+    tokenization_ns: int
+    inference_ns: int
+    batch_size: int
 
-    def __init__(self, backend: EmbeddingBackend):
+
+class EncodeEngine:
+    """Batches, deduplicates and caches embedding work for one backend.
+
+    Args:
+        backend: the model (``.encode(prompts) -> EncodedBatch``, ``.fingerprint``, ``.spec``).
+        batching: batch and queue limits, fair or FIFO scheduling.
+        memory_cache: in-memory LRU; ``None`` keeps nothing in memory.
+        disk_cache: persistent cache; ``None`` keeps nothing on disk.
+        metrics: where to count; a private :class:`EncoderMetrics` by default.
+    """
+
+    def __init__(
+        self,
+        backend: EmbeddingBackend,
+        *,
+        batching: BatchingConfig | None = None,
+        memory_cache: MemoryCache | None = None,
+        disk_cache: DiskCache | None = None,
+        metrics: EncoderMetrics | None = None,
+    ):
         self.backend = backend
+        self.batching = batching or BatchingConfig()
+        self.memory_cache = memory_cache
+        self.disk_cache = disk_cache
+        self.metrics = metrics or EncoderMetrics()
+        # Every prompt is padded to max_sequence_length, so that is what it costs in a batch.
+        self._prompt_tokens = backend.spec.max_sequence_length
+        self._batcher = Batcher(self.batching, on_drop=self._on_drop)
+        self._inflight: dict[str, WorkItem] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-model")
-        self._lock = asyncio.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-cache-writer")
+        self._write_slots = threading.BoundedSemaphore(_MAX_PENDING_WRITES)
+        self._loop_task: asyncio.Task | None = None
+        self._closed = False
+        self._bind_gauges()
+
+    @classmethod
+    def from_config(cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None) -> "EncodeEngine":
+        """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches)."""
+        cache = config.cache
+        memory = MemoryCache(cache.memory_mb * 2**20) if cache.memory_mb > 0 else None
+        disk = DiskCache(cache.dir, int(cache.max_gb * 2**30)) if cache.dir else None
+        return cls(backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics)
+
+    # -- public API ------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Prompts waiting for a forward pass."""
+        return self._batcher.queued
 
     async def encode(
         self,
@@ -57,6 +139,7 @@ class EncodeEngine:
         user: str = ANONYMOUS,
         cache_only: bool = False,
         deadline: float | None = None,
+        wait_for_capacity: bool = False,
     ) -> list[EncodedPrompt]:
         """Embeddings for ``prompts``, in order.
 
@@ -64,27 +147,272 @@ class EncodeEngine:
             prompts: validated prompt texts.
             user: who asks (for fair scheduling, quotas and metrics).
             cache_only: answer from the cache only; a miss raises ``NotCached``.
-            deadline: ``time.monotonic()`` value after which the result is useless.
+            deadline: ``time.monotonic()`` value after which the result is useless;
+                past it the call raises ``DeadlineExceeded`` and its queued work is dropped.
+            wait_for_capacity: when the queue is full, wait for room (streams:
+                backpressure) instead of raising ``EncoderOverloaded`` at once.
+
+        Returns:
+            One :class:`EncodedPrompt` per prompt; embeddings are ``[512, embedding_dim]``.
         """
-        if cache_only:
-            raise NotCached("cache_only: this server keeps no cache, so nothing is cached")
-        t_enqueued = time.perf_counter_ns()
-        async with self._lock:
-            queue_ns = time.perf_counter_ns() - t_enqueued
-            loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self._executor, self.backend.encode, prompts)
-        return [
-            EncodedPrompt(
-                embedding=batch.embeddings[i],
-                token_count=batch.token_counts[i],
-                truncated=batch.truncated[i],
-                queue_ns=queue_ns,
-                tokenization_ns=batch.tokenization_ns,
-                inference_ns=batch.inference_ns,
-                batch_size=len(prompts),
+        if self._closed:
+            raise EncoderUnavailable("the encoder is shutting down")
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded("the deadline passed before encoding started")
+        fingerprint = self.backend.fingerprint
+        keys = [cache_key(fingerprint, p) for p in prompts]
+        prompt_of = dict(zip(keys, prompts))  # duplicates inside one request collapse here
+
+        # 1. Caches.
+        found: dict[str, tuple[CachedEmbedding, str]] = {}
+        for key in prompt_of:
+            entry = self.memory_cache.get(key) if self.memory_cache is not None else None
+            if entry is not None:
+                found[key] = (entry, "memory")
+        if self.disk_cache is not None:
+            # Joining a computation already under way beats reading the disk.
+            to_read = [k for k in prompt_of if k not in found and k not in self._inflight]
+            if to_read:
+                for key, entry in zip(to_read, await asyncio.to_thread(self._read_disk, to_read)):
+                    if entry is not None:
+                        found[key] = (entry, "disk")
+                        if self.memory_cache is not None:
+                            self.memory_cache.put(key, entry)
+        for _, tier in found.values():
+            self.metrics.cache_hits.labels(tier=tier).inc()
+        missing = [k for k in prompt_of if k not in found]
+        self.metrics.cache_misses.inc(len(missing))
+        if cache_only and missing:
+            indices = [i for i, k in enumerate(keys) if k not in found]
+            raise NotCached(
+                f"cache_only: {len(indices)} of {len(prompts)} prompt(s) are not cached "
+                f"(indices {indices[:10]}{'...' if len(indices) > 10 else ''})"
             )
-            for i in range(len(prompts))
-        ]
+
+        # 2-3. Share running work or queue new work; admitted all at once or not at all.
+        waiting: dict[str, tuple[WorkItem, str]] = {}
+        # After any await (the disk read, waiting for room), work that finished
+        # meanwhile is in the memory cache and must not be computed again.
+        awaited = self.disk_cache is not None
+        try:
+            while missing:
+                if self._closed:
+                    raise EncoderUnavailable("the encoder is shutting down")
+                if awaited and self.memory_cache is not None:
+                    for key in missing:
+                        if (entry := self.memory_cache.get(key)) is not None:
+                            found[key] = (entry, "memory")
+                    missing = [k for k in missing if k not in found]
+                    if not missing:
+                        break
+                new = [k for k in missing if k not in self._inflight]
+                if self._batcher.has_space(len(new)) or not new:
+                    self._join_or_queue(missing, prompt_of, user, deadline, waiting)
+                    break
+                if not wait_for_capacity:
+                    self._batcher.check_space(len(new))  # raises QueueFull with a retry hint
+                await self._batcher.wait_for_space(len(new), deadline)
+                awaited = True
+            computed = await self._wait(waiting, deadline)
+        finally:
+            self._release(waiting)
+
+        for key, (_, source) in waiting.items():
+            self.metrics.prompts_served.labels(user=user, source=source).inc()
+        for _, tier in found.values():
+            self.metrics.prompts_served.labels(user=user, source=f"cache_{tier}").inc()
+        out = []
+        for key in keys:
+            if key in found:
+                entry = found[key][0]
+                out.append(EncodedPrompt(entry.embedding, entry.token_count, entry.truncated, 0, 0, 0, 0, True))
+            else:
+                c = computed[key]
+                out.append(
+                    EncodedPrompt(
+                        c.entry.embedding, c.entry.token_count, c.entry.truncated,
+                        c.queue_ns, c.tokenization_ns, c.inference_ns, c.batch_size, False,
+                    )
+                )
+        return out
 
     def close(self) -> None:
+        """Stop the model loop, fail queued work, finish pending disk writes."""
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._batcher.fail_all(EncoderUnavailable("the encoder is shutting down"))
+        for item in list(self._inflight.values()):
+            if not item.future.done():
+                item.future.set_exception(EncoderUnavailable("the encoder is shutting down"))
+                item.future.exception()
+        self._inflight.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+
+    # -- request side ----------------------------------------------------
+
+    def _join_or_queue(self, missing, prompt_of, user, deadline, waiting) -> None:
+        """Attach to in-flight items or create queued ones. Synchronous: nothing else runs meanwhile."""
+        loop = asyncio.get_running_loop()
+        new_items = []
+        for key in missing:
+            item = self._inflight.get(key)
+            if item is not None:
+                item.waiters += 1
+                # The shared work stays wanted as long as its most patient waiter.
+                item.deadline = None if item.deadline is None or deadline is None else max(item.deadline, deadline)
+                waiting[key] = (item, "shared")
+            else:
+                item = WorkItem(key, prompt_of[key], user, self._prompt_tokens, loop.create_future(), deadline)
+                self._inflight[key] = item
+                new_items.append(item)
+                waiting[key] = (item, "computed")
+        self._batcher.put(new_items)
+        self._ensure_loop()
+
+    async def _wait(self, waiting: dict[str, tuple[WorkItem, str]], deadline: float | None) -> dict[str, _Computed]:
+        if not waiting:
+            return {}
+        futures = {item.future for item, _ in waiting.values()}
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # asyncio.wait never cancels the shared futures, only stops waiting on them.
+        done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for fut in done:
+            if fut.cancelled():
+                raise Cancelled("the shared computation was cancelled")
+            if fut.exception() is not None:
+                raise fut.exception()
+        if pending:
+            raise DeadlineExceeded("the deadline passed before the embeddings were ready")
+        return {key: item.future.result() for key, (item, _) in waiting.items()}
+
+    def _release(self, waiting: dict[str, tuple[WorkItem, str]]) -> None:
+        """This request stops waiting; queued items nobody else waits for leave the queue."""
+        now = time.monotonic()
+        for item, _ in waiting.values():
+            item.waiters -= 1
+            if item.waiters == 0 and item.state == QUEUED:
+                self._batcher.discard(item, "deadline" if item.expired(now) else "cancelled")
+
+    def _on_drop(self, item: WorkItem, reason: str) -> None:
+        if self._inflight.get(item.key) is item:
+            del self._inflight[item.key]
+        self.metrics.prompts_dropped.labels(reason=reason).inc()
+
+    def _read_disk(self, keys: list[str]) -> list[CachedEmbedding | None]:
+        return [self.disk_cache.get(k) for k in keys]
+
+    # -- model side ------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._model_loop(), name="encoder-model-loop")
+
+    async def _model_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._batcher.next_batch()
+            t_start = time.perf_counter_ns()
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, [i.prompt for i in batch])
+                self._batcher.record_batch_time((time.perf_counter_ns() - t_start) / 1e9)
+                for item, result in zip(batch, results, strict=True):
+                    self._finish(item, result, t_start)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must fail this batch, not hang every later request
+                log.exception("model loop failed on a batch of %d", len(batch))
+                for item in batch:
+                    self._finish(item, ServerError("internal error while encoding"), t_start)
+
+    def _compute(self, prompts: list[str]) -> list[tuple | BaseException]:
+        """Run on the model thread: one forward pass; if it fails, each prompt alone, so one
+        bad prompt (or an out-of-memory batch) fails only itself."""
+        try:
+            return self._forward(prompts)
+        except Exception as exc:
+            if len(prompts) == 1:
+                return [_as_reportable(exc)]
+            log.warning("batch of %d failed (%s); retrying prompts one by one", len(prompts), exc)
+        out: list[tuple | BaseException] = []
+        for p in prompts:
+            try:
+                out.extend(self._forward([p]))
+            except Exception as exc:
+                out.append(_as_reportable(exc))
+        return out
+
+    def _forward(self, prompts: list[str]) -> list[tuple]:
+        batch = self.backend.encode(prompts)
+        # Own copies: a view would keep the whole batch tensor alive in the cache.
+        rows = [row.clone() for row in batch.embeddings.unbind(0)]
+        self.metrics.prompts_computed.inc(len(prompts))
+        self.metrics.batch_size.observe(len(prompts))
+        self.metrics.batch_tokens.observe(len(prompts) * self._prompt_tokens)
+        self.metrics.tokenize_seconds.observe(batch.tokenization_ns / 1e9)
+        self.metrics.inference_seconds.observe(batch.inference_ns / 1e9)
+        return [
+            (CachedEmbedding(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
+             batch.tokenization_ns, batch.inference_ns, len(prompts))
+            for i, row in enumerate(rows)
+        ]
+
+    def _finish(self, item: WorkItem, result: tuple | BaseException, t_start: int) -> None:
+        if self._inflight.get(item.key) is item:
+            del self._inflight[item.key]
+        item.state = DONE
+        if isinstance(result, BaseException):
+            if not item.future.done():
+                item.future.set_exception(result)
+                item.future.exception()
+            return
+        entry, tokenization_ns, inference_ns, batch_size = result
+        queue_ns = t_start - item.enqueued_ns
+        self.metrics.queue_seconds.observe(queue_ns / 1e9)
+        if self.memory_cache is not None:
+            self.memory_cache.put(item.key, entry)
+        self._write_disk(item.key, entry)
+        if not item.future.done():
+            item.future.set_result(_Computed(entry, queue_ns, tokenization_ns, inference_ns, batch_size))
+
+    def _write_disk(self, key: str, entry: CachedEmbedding) -> None:
+        if self.disk_cache is None:
+            return
+        if not self._write_slots.acquire(blocking=False):
+            self.metrics.cache_write_errors.inc()
+            return
+
+        def write() -> None:
+            try:
+                self.disk_cache.put(key, entry)
+            except Exception as exc:  # a full or read-only disk must not fail requests
+                log.warning("disk cache write failed: %s", exc)
+                self.metrics.cache_write_errors.inc()
+            finally:
+                self._write_slots.release()
+
+        self._writer.submit(write)
+
+    # -- metrics ---------------------------------------------------------
+
+    def _bind_gauges(self) -> None:
+        m = self.metrics
+        m.bind_gauge(m.queue_size, lambda: self._batcher.queued)
+        for tier, cache in (("memory", self.memory_cache), ("disk", self.disk_cache)):
+            if cache is None:
+                continue
+            m.bind_gauge(m.cache_bytes.labels(tier=tier), lambda c=cache: c.nbytes)
+            m.bind_gauge(m.cache_entries.labels(tier=tier), lambda c=cache: len(c))
+            cache.on_evict = m.cache_evictions.labels(tier=tier).inc
+        if self.disk_cache is not None:
+            self.disk_cache.on_corrupt = m.cache_corrupt.inc
+
+
+def _as_reportable(exc: Exception) -> Flux2RemoteError:
+    """What a caller is told when a forward pass fails: our own errors as they are; anything
+    else (CUDA out of memory, a bug) as a ServerError naming only its type, details in the log."""
+    if isinstance(exc, Flux2RemoteError):
+        return exc
+    log.error("forward pass failed", exc_info=exc)
+    return ServerError(f"the forward pass failed ({type(exc).__name__}); the server log has details")

@@ -16,9 +16,14 @@ from common.config import ServerConfig
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from common.wire import dtype_to_wire
 from encoder_server import __version__
+from encoder_server.auth import Authenticator, AuthInterceptor, KeyStore, UsageLimiter
 from encoder_server.engine import EncodeEngine
+from encoder_server.http_endpoint import HTTPEndpoint
+from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
 from encoder_server.servicer import TextEncoderServicer
+from encoder_server.shutdown import InFlightCalls
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
+from encoder_server.tls import ServerTLS, load_server_tls
 from encoder_server.validation import tolerant_deserializer
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,21 @@ def build_info(config: ServerConfig, backend: EmbeddingBackend, *, model_id: str
     )
 
 
+@dataclass(frozen=True)
+class Security:
+    """Keys, per-user limits and TLS, read and checked once (before the model loads)."""
+
+    authenticator: Authenticator
+    limiter: UsageLimiter
+    tls: ServerTLS | None
+
+
+def load_security(config: ServerConfig) -> Security:
+    """Read the keys file and TLS files named in ``config``; raises a ConfigError subclass naming the problem."""
+    keys = KeyStore.from_file(config.auth.api_key_file) if config.auth.api_key_file else None
+    return Security(Authenticator(keys), UsageLimiter.from_config(config.auth), load_server_tls(config.tls))
+
+
 @dataclass
 class RunningServer:
     """A started server; ``port`` is the one actually bound (useful with port 0)."""
@@ -92,46 +112,111 @@ class RunningServer:
     port: int
     health: HealthServicer
     engine: EncodeEngine
+    metrics: EncoderMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    http: HTTPEndpoint | None = None
+    calls: InFlightCalls | None = None
 
     async def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` seconds, then stop."""
+        """Report NOT_SERVING, refuse new calls, let running work finish within ``grace`` seconds, then stop.
+
+        Only TextEncoder calls and HTTP requests are waited for; health
+        watchers and reflection streams, which never end on their own, are
+        closed once that work is done.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.http is not None:
+            self.http.begin_shutdown()
+        refusing = asyncio.ensure_future(self.server.stop(grace))  # new calls are refused from here on
+        await asyncio.gather(
+            self.calls.wait_idle(grace) if self.calls is not None else asyncio.sleep(0),
+            self.http.stop(grace) if self.http is not None else asyncio.sleep(0),
+        )
+        await self.server.stop(0)  # a second stop ends the calls still open now
+        await refusing
         self.engine.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
 
 async def start_server(
-    config: ServerConfig, backend: EmbeddingBackend, *, model_id: str = "", revision: str = "", demo: bool = False
+    config: ServerConfig,
+    backend: EmbeddingBackend,
+    *,
+    model_id: str = "",
+    revision: str = "",
+    demo: bool = False,
+    security: Security | None = None,
 ) -> RunningServer:
     """Start serving ``backend`` on ``config.address``; returns once the port is bound."""
-    engine = EncodeEngine(backend)
+    metrics = EncoderMetrics()
+    engine = EncodeEngine.from_config(config, backend, metrics=metrics)
     info = build_info(config, backend, model_id=model_id, revision=revision, demo=demo)
-    server = grpc.aio.server(interceptors=[TolerantDecodingInterceptor()], options=server_options(config))
-    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits), server)
+    security = security or load_security(config)
+    auth = AuthInterceptor(
+        security.authenticator, security.limiter, max_prompts_per_request=config.limits.max_prompts_per_request
+    )
+    calls = InFlightCalls()
+    server = grpc.aio.server(
+        interceptors=[calls, TolerantDecodingInterceptor(), auth], options=server_options(config)
+    )
+    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits, metrics), server)
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     service_names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)
 
-    port = server.add_insecure_port(config.address)
+    if security.tls is not None:
+        port = server.add_secure_port(config.address, security.tls.grpc_credentials())
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
     await server.start()
+    metrics_endpoint = None
+    if config.metrics_port is not None:
+        metrics_endpoint = MetricsEndpoint(metrics, config.host, config.metrics_port)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health, engine)
+    http = None
+    if config.http.port is not None:
+        http = HTTPEndpoint(
+            engine,
+            authenticator=security.authenticator,
+            limiter=security.limiter,
+            limits=config.limits,
+            fingerprint=backend.fingerprint,
+            ssl_context=security.tls.ssl_context() if security.tls is not None else None,
+        )
+        try:
+            await http.start(config.http.host, config.http.port)
+        except OSError as exc:
+            await RunningServer(server, port, health, engine, metrics, metrics_endpoint, calls=calls).stop(0)
+            raise OSError(f"could not bind the HTTP endpoint on {config.http.host}:{config.http.port}: {exc}") from None
+    return RunningServer(server, port, health, engine, metrics, metrics_endpoint, http, calls)
 
 
 async def serve(config: ServerConfig, *, on_ready=None) -> None:
     """Load the model, serve until SIGTERM/SIGINT, drain, exit. A second signal exits at once."""
+    security = load_security(config)  # a bad keys or TLS file fails before minutes of loading weights
+    if config.host not in ("127.0.0.1", "::1", "localhost") and not security.authenticator.required:
+        log.warning("listening on %s without --api-key-file: anyone who can reach the port may use it", config.host)
     backend, source = load_backend(config)
-    running = await start_server(config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo)
+    running = await start_server(
+        config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo, security=security
+    )
     log.info(
         "serving %s (fingerprint %s) on %s:%d, %s %s%s",
         source.model_id, backend.fingerprint, config.host, running.port, backend.device,
         next(k for k, v in DTYPES.items() if v == backend.dtype),
         " [DEMO MODEL: random weights]" if source.demo else "",
+    )
+    log.info(
+        "%s; %s; %s",
+        ("mutual TLS" if security.tls.mutual else "TLS") if security.tls else "plaintext (no TLS)",
+        "API keys required" if security.authenticator.required else "no API keys (every caller is 'anonymous')",
+        f"HTTP /predict on {config.http.host}:{running.http.port}" if running.http else "no HTTP endpoint",
     )
     if on_ready is not None:
         on_ready(running)

@@ -7,12 +7,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import grpc
+
 from common.config import Limits
 from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, status_of
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.engine import EncodedPrompt, EncodeEngine
 from encoder_server.identity import current_user
+from encoder_server.metrics import EncoderMetrics
 from encoder_server.validation import UndecodableRequest, validate_prompts
 
 log = logging.getLogger(__name__)
@@ -21,21 +24,30 @@ log = logging.getLogger(__name__)
 class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
     """Implements ``flux2.encoder.v1.TextEncoder`` on top of an :class:`EncodeEngine`."""
 
-    def __init__(self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits):
+    def __init__(
+        self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits, metrics: EncoderMetrics | None = None
+    ):
         self._engine = engine
         self._info = info
         self._limits = limits
         self._default_dtype = dtype_from_wire(info.dtype)
+        self._metrics = metrics
 
     async def GetInfo(self, request, context):
         return self._info
 
     async def Encode(self, request, context) -> AsyncIterator[pb2.EncodeResponse]:
+        user = current_user.get()
         try:
-            self._check_deadline(context)
-            responses = await self._encode_request(request)
+            deadline = self._check_deadline(context)
+            responses = await self._encode_request(request, deadline=deadline)
         except Flux2RemoteError as exc:
-            await context.abort(*status_of(exc))
+            self._count("Encode", exc.code, user)
+            await context.abort(*status_of(exc), trailing_metadata=_retry_metadata(exc))
+        except asyncio.CancelledError:
+            self._count("Encode", grpc.StatusCode.CANCELLED, user)
+            raise
+        self._count("Encode", grpc.StatusCode.OK, user)
         for msg in responses:
             yield msg
 
@@ -46,10 +58,15 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         ready: asyncio.Queue[list[pb2.EncodeResponse] | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
+        user = current_user.get()
+
         async def handle(request) -> None:
             try:
-                msgs = await self._encode_request(request)
+                # A full queue makes the stream wait (backpressure) instead of failing the request.
+                msgs = await self._encode_request(request, deadline=_deadline_of(context), wait_for_capacity=True)
+                self._count("EncodeStream", grpc.StatusCode.OK, user)
             except Flux2RemoteError as exc:
+                self._count("EncodeStream", exc.code, user)
                 code, message = status_of(exc)
                 msgs = [
                     pb2.EncodeResponse(
@@ -90,21 +107,35 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
 
     # -- helpers ---------------------------------------------------------
 
-    def _check_deadline(self, context) -> None:
+    def _check_deadline(self, context) -> float | None:
+        """The call's deadline as a ``time.monotonic()`` value; refuse one too short to meet."""
         remaining = context.time_remaining()
         if remaining is not None and remaining * 1000 < self._limits.min_deadline_ms:
             raise DeadlineExceeded(
                 f"deadline of {remaining * 1000:.1f} ms is too short: the server needs at least "
                 f"{self._limits.min_deadline_ms} ms to start encoding"
             )
+        return _deadline_of(context)
 
-    async def _encode_request(self, request) -> list[pb2.EncodeResponse]:
+    def _count(self, method: str, code: grpc.StatusCode, user: str) -> None:
+        if self._metrics is not None:
+            self._metrics.count_request(method, code.name, user)
+
+    async def _encode_request(
+        self, request, *, deadline: float | None = None, wait_for_capacity: bool = False
+    ) -> list[pb2.EncodeResponse]:
         if isinstance(request, UndecodableRequest):
             raise InvalidRequest(request.reason)
         t0 = time.perf_counter_ns()
         prompts = validate_prompts(list(request.prompts), self._limits)
         dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
-        results = await self._engine.encode(prompts, user=current_user.get(), cache_only=request.cache_only)
+        results = await self._engine.encode(
+            prompts,
+            user=current_user.get(),
+            cache_only=request.cache_only,
+            deadline=deadline,
+            wait_for_capacity=wait_for_capacity,
+        )
         total_ns = time.perf_counter_ns() - t0
         msgs: list[pb2.EncodeResponse] = []
         for index, result in enumerate(results):
@@ -136,3 +167,13 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
             msgs.append(msg)
         return msgs
 
+
+def _deadline_of(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling an overloaded caller when to come back."""
+    retry_ms = getattr(exc, "retry_after_ms", None)
+    return (("retry-after-ms", str(retry_ms)),) if retry_ms is not None else ()

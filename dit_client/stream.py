@@ -1,0 +1,392 @@
+"""Bulk encoding over one ``EncodeStream`` call: bounded in-flight work, retries, reconnects.
+
+:meth:`dit_client.remote.RemoteTextEncoder.encode_stream` is the public entry
+point; this module holds the machinery so the client class stays small.
+
+How it works: prompts are cut into requests of ``batch_size`` prompts, each
+tagged with a fresh ``request_id``. At most ``max_in_flight`` requests are
+outstanding; the next one is sent only when a response completes, and the
+prompt iterable is consumed lazily. The server sends each request's messages
+contiguously, so the client assembles one request (``batch_size`` embeddings)
+at a time while the others wait on the server, and gRPC flow control bounds
+what is in transit: client memory does not grow with the number of prompts. A request's
+embeddings are handed to the caller only once all of them arrived intact
+(size, CRC-32C, fingerprint): a request that fails half-way is retried whole,
+never half-served.
+
+Transient failures are retried with exponential backoff and jitter:
+
+* a request answered with ``RESOURCE_EXHAUSTED`` or ``UNAVAILABLE`` is sent again
+  on the same stream;
+* a stream that breaks (server restart, connection reset, ``max_connection_age``
+  GOAWAY, or no response for ``timeout`` seconds) is reopened and every request
+  that was in flight is sent again.
+
+Anything else (bad input, authentication, a different model fingerprint after
+a reconnect...) raises at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+import grpc
+import torch
+
+from common.errors import (
+    EncoderOverloaded,
+    EncoderUnavailable,
+    Flux2RemoteError,
+    IntegrityError,
+    InvalidRequest,
+    error_from_code,
+)
+from common.protocol import pb2
+from common.wire import DTYPE_NAMES, TensorAssembler, dtype_to_wire
+from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, _describe_rpc_error
+
+RETRYABLE = (EncoderUnavailable, EncoderOverloaded)
+
+# Defaults sized for FLUX.2-dev (15.7 MB per embedding): the client assembles one
+# request of 8 (126 MB) at a time; 8 requests in flight (the server's default
+# per-stream limit) are two of the server's 32-prompt batches, so the next batch
+# is already queued while the current one computes and travels.
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_IN_FLIGHT = 8
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, stalls) are retried.
+
+    Attributes:
+        max_attempts: tries per request (and consecutive stream reopenings
+            without progress) before the error is raised; 1 disables retries.
+        initial_backoff_s: wait before the first retry, in seconds.
+        max_backoff_s: cap on any single wait, in seconds.
+        multiplier: growth of the wait per attempt.
+    """
+
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    multiplier: float = 2.0
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based); jittered so clients do not retry in lockstep."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class StreamedEmbedding:
+    """One prompt's result from :meth:`RemoteTextEncoder.encode_stream`.
+
+    Attributes:
+        index: position of the prompt in the input iterable (0-based).
+        prompt: the prompt text.
+        embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor
+            (``[512, 15360]`` bfloat16 for FLUX.2-dev), exactly the bytes the server sent;
+            a view into its request's buffer (``clone()`` it to keep it on its own).
+        metadata: token count, timings, cache hit, fingerprint.
+    """
+
+    index: int
+    prompt: str
+    embedding: torch.Tensor
+    metadata: PromptMetadata
+
+
+@dataclass
+class _Request:
+    indices: list[int]
+    prompts: list[str]
+    attempts: int = 0
+
+
+@dataclass
+class _Receiving:
+    """A request on the wire: its buffer and the prompts assembled so far."""
+
+    request: _Request
+    out: torch.Tensor  # [n, L, D]
+    metadata: list = field(default_factory=list)
+    assembler: TensorAssembler | None = None
+    current: int = -1
+
+
+class _Watchdog:
+    """Cancels the call when requests are in flight but nothing arrives for ``idle_s`` seconds.
+
+    A half-open TCP connection or a wedged server would otherwise block the
+    response iterator forever.
+    """
+
+    def __init__(self, call: grpc.Call, idle_s: float):
+        self._call = call
+        self._idle_s = idle_s
+        self._last = time.monotonic()
+        self._armed = False
+        self._stop = threading.Event()
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="encode-stream-watchdog", daemon=True)
+        self._thread.start()
+
+    def poke(self, armed: bool) -> None:
+        self._last = time.monotonic()
+        self._armed = armed
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self._idle_s / 4)):
+            if self._armed and time.monotonic() - self._last > self._idle_s:
+                self.fired = True
+                self._call.cancel()
+                return
+
+
+_CLOSE = object()
+
+
+class _StreamJob:
+    """State of one ``encode_stream`` call across stream reopenings."""
+
+    def __init__(self, client, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry):
+        self.client = client
+        self.retry = retry or RetryPolicy()
+        self.cache_only = cache_only
+        self.info: EncoderInfo = client.info()
+        self.fingerprint = self.info.fingerprint
+        limits = self.info.limits
+        server_batch = int(limits.get("max_prompts_per_request") or DEFAULT_BATCH_SIZE)
+        server_in_flight = int(limits.get("max_in_flight_per_stream") or DEFAULT_MAX_IN_FLIGHT)
+        self.batch_size = batch_size or min(DEFAULT_BATCH_SIZE, server_batch)
+        self.max_in_flight = max_in_flight or min(DEFAULT_MAX_IN_FLIGHT, server_in_flight)
+        if not 1 <= self.batch_size <= server_batch:
+            raise InvalidRequest(
+                f"batch size {self.batch_size} is outside 1..{server_batch} (the server's max_prompts_per_request)"
+            )
+        if self.max_in_flight < 1:
+            raise InvalidRequest(f"max_in_flight must be at least 1, got {self.max_in_flight}")
+        self.dtype = dtype or self.info.dtype
+        if self.dtype not in DTYPE_NAMES:
+            raise InvalidRequest(f"dtype {self.dtype} is not supported; use one of {', '.join(DTYPE_NAMES.values())}")
+        self.max_chars = int(limits.get("max_prompt_chars") or 0)
+        self._fresh = self._batches(prompts)
+        self._fresh_done = False
+        self._retry_heap: list[tuple[float, int, _Request]] = []  # (ready_at, tiebreak, request)
+        self._tiebreak = itertools.count()
+        self._ids = itertools.count()
+        self._stream_failures = 0  # consecutive stream breaks without a completed request
+
+    # -- request supply ----------------------------------------------------
+
+    def _batches(self, prompts: Iterable[str]) -> Iterator[_Request]:
+        batch = _Request([], [])
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InvalidRequest(f"prompt {index} is a {type(prompt).__name__}, not a string")
+            # Checked here so a bad prompt names its position in the caller's
+            # input instead of failing a request far down the stream.
+            if self.max_chars and len(prompt) > self.max_chars:
+                raise InvalidRequest(
+                    f"prompt {index} has {len(prompt)} characters; the server accepts at most {self.max_chars}"
+                )
+            batch.indices.append(index)
+            batch.prompts.append(prompt)
+            if len(batch.prompts) == self.batch_size:
+                yield batch
+                batch = _Request([], [])
+        if batch.prompts:
+            yield batch
+
+    def _next_request(self) -> _Request | None:
+        if self._retry_heap and self._retry_heap[0][0] <= time.monotonic():
+            return heapq.heappop(self._retry_heap)[2]
+        if not self._fresh_done:
+            request = next(self._fresh, None)
+            if request is not None:
+                return request
+            self._fresh_done = True
+        return None
+
+    def _requeue(self, request: _Request, delay_s: float) -> None:
+        heapq.heappush(self._retry_heap, (time.monotonic() + delay_s, next(self._tiebreak), request))
+
+    def _retry_request(self, request: _Request, exc: Flux2RemoteError) -> None:
+        request.attempts += 1
+        if request.attempts >= self.retry.max_attempts:
+            raise type(exc)(f"{exc} (gave up after {request.attempts} attempts)") from None
+        self._requeue(request, self.retry.backoff(request.attempts))
+
+    # -- the streams -------------------------------------------------------
+
+    def run(self) -> Iterator[StreamedEmbedding]:
+        while True:
+            try:
+                yield from self._one_stream()
+                return
+            except _StreamBroken as broken:
+                self._stream_failures += 1
+                if self._stream_failures >= self.retry.max_attempts:
+                    raise type(broken.exc)(
+                        f"{broken.exc} (gave up after {self._stream_failures} attempts)"
+                    ) from None
+                time.sleep(self.retry.backoff(self._stream_failures))
+                # The stream broke, not the requests: resend them without spending their attempts.
+                for request in broken.in_flight:
+                    self._requeue(request, 0.0)
+                self._check_same_model()
+
+    def _check_same_model(self) -> None:
+        try:
+            info = self.client.info(refresh=True)
+        except RETRYABLE:
+            return  # still down: the next stream fails fast and backs off again
+        if info.fingerprint != self.fingerprint:
+            raise IntegrityError(
+                f"the encoder at {self.client.target} now serves fingerprint {info.fingerprint}, "
+                f"not {self.fingerprint} as when the job started: embeddings would be mixed"
+            )
+
+    def _one_stream(self) -> Iterator[StreamedEmbedding]:
+        client = self.client
+        outbox: queue.Queue = queue.Queue()
+        call = client._stub.EncodeStream(iter(outbox.get, _CLOSE), metadata=client._metadata)
+        watchdog = _Watchdog(call, client.timeout)
+        in_flight: dict[str, _Request] = {}
+        receiving: dict[str, _Receiving] = {}
+        try:
+            while True:
+                # 1. Top up the window of in-flight requests.
+                while len(in_flight) < self.max_in_flight and (request := self._next_request()) is not None:
+                    request_id = str(next(self._ids))
+                    in_flight[request_id] = request
+                    outbox.put(
+                        pb2.EncodeRequest(
+                            prompts=request.prompts,
+                            dtype=dtype_to_wire(self.dtype),
+                            cache_only=self.cache_only,
+                            request_id=request_id,
+                        )
+                    )
+                if not in_flight:
+                    if self._retry_heap:  # only backoffs left: wait for the earliest
+                        watchdog.poke(armed=False)
+                        time.sleep(max(0.0, self._retry_heap[0][0] - time.monotonic()))
+                        continue
+                    break  # everything answered
+                watchdog.poke(armed=True)
+
+                # 2. Read one message and route it to its request.
+                msg = next(call, None)
+                if msg is None:
+                    raise _StreamBroken(
+                        EncoderUnavailable(f"the encoder at {client.target} closed the stream early"),
+                        list(in_flight.values()),
+                    )
+                request = in_flight.get(msg.request_id)
+                if request is None:
+                    raise IntegrityError(f"response for unknown request_id {msg.request_id!r}")
+                if msg.HasField("error"):
+                    del in_flight[msg.request_id]
+                    receiving.pop(msg.request_id, None)
+                    exc = error_from_code(msg.error.code, msg.error.message)
+                    if not isinstance(exc, RETRYABLE):
+                        raise type(exc)(f"prompts {request.indices[0]}..{request.indices[-1]}: {exc}") from None
+                    self._retry_request(request, exc)
+                    continue
+                state = receiving.get(msg.request_id)
+                if state is None:
+                    out = torch.empty(
+                        (len(request.prompts), self.info.max_sequence_length, self.info.embedding_dim),
+                        dtype=self.dtype,
+                    )
+                    state = receiving[msg.request_id] = _Receiving(request, out, [None] * len(request.prompts))
+                _receive_message(state, msg, self.fingerprint)
+                if msg.request_done:
+                    if state.assembler is not None:
+                        state.assembler.finish()
+                    missing = [i for i, m in enumerate(state.metadata) if m is None]
+                    if missing:
+                        raise IntegrityError(f"request {msg.request_id} ended without prompt(s) {missing}")
+                    del in_flight[msg.request_id], receiving[msg.request_id]
+                    self._stream_failures = 0
+                    # The caller's time (writing a shard, a training step) is not the server's silence.
+                    watchdog.poke(armed=False)
+                    for i, index in enumerate(request.indices):
+                        yield StreamedEmbedding(index, request.prompts[i], state.out[i], state.metadata[i])
+            # 3. Half-close; the server ends the stream once it has nothing left.
+            outbox.put(_CLOSE)
+            for _ in call:
+                pass
+        except grpc.RpcError as err:
+            if watchdog.fired:
+                exc = EncoderUnavailable(f"no response from {client.target} for {client.timeout:.0f}s; reconnecting")
+            else:
+                exc = _describe_rpc_error(client.target, err)
+            if not isinstance(exc, RETRYABLE):
+                raise exc from None
+            raise _StreamBroken(exc, list(in_flight.values())) from None
+        finally:
+            watchdog.stop()
+            outbox.put(_CLOSE)  # unblocks gRPC's request-reading thread
+            call.cancel()
+
+
+class _StreamBroken(Exception):
+    """The stream itself failed transiently; ``in_flight`` requests must be sent again."""
+
+    def __init__(self, exc: Flux2RemoteError, in_flight: list[_Request]):
+        super().__init__(str(exc))
+        self.exc = exc
+        self.in_flight = in_flight
+
+
+def encode_stream(
+    client: RemoteTextEncoder,
+    prompts: Iterable[str],
+    *,
+    batch_size: int | None = None,
+    max_in_flight: int | None = None,
+    dtype: torch.dtype | None = None,
+    cache_only: bool = False,
+    retry: RetryPolicy | None = None,
+) -> Iterator[StreamedEmbedding]:
+    """See :meth:`dit_client.remote.RemoteTextEncoder.encode_stream`."""
+    job = _StreamJob(
+        client, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
+        cache_only=cache_only, retry=retry,
+    )
+    return job.run()
+
+
+def _receive_message(state: _Receiving, msg: pb2.EncodeResponse, fingerprint: str) -> None:
+    n = len(state.metadata)
+    if msg.HasField("header"):
+        if state.assembler is not None:
+            state.assembler.finish()
+        index = msg.prompt_index
+        if index >= n or state.metadata[index] is not None:
+            raise IntegrityError(f"unexpected prompt index {index} in request {msg.request_id}")
+        meta = PromptMetadata.from_proto(msg.header.metadata)
+        if meta.model_fingerprint != fingerprint:
+            raise IntegrityError(f"embedding made by {meta.model_fingerprint}, but the job started with {fingerprint}")
+        state.assembler = TensorAssembler(state.out[index], msg.header)
+        state.metadata[index] = meta
+        state.current = index
+    elif state.assembler is None or msg.prompt_index != state.current:
+        raise IntegrityError("chunk arrived before its header")
+    state.assembler.add(msg.chunk)

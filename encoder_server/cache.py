@@ -1,0 +1,326 @@
+"""Embedding caches: an in-memory LRU in front of a persistent, content-addressed disk cache.
+
+An entry is addressed by :func:`cache_key`, a SHA-256 of the model fingerprint
+(weights, tokenizer, recipe, dtype, quantization) and the prompt, so an entry
+can never be served for another model or recipe.
+
+Disk entries are safetensors files (never pickle) holding the embedding and,
+in the safetensors metadata, the key, token count, truncation flag and a
+CRC-32C of the tensor bytes. Writes go to a temporary file that is fsynced and
+renamed into place, so a crash leaves either the whole entry or none; reads
+check the key and the CRC, and a damaged entry is deleted and reported as a
+miss (the engine then recomputes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import safetensors.torch
+import torch
+
+from common.wire import tensor_bytes
+
+log = logging.getLogger(__name__)
+
+# Bump when the entry layout changes; old entries then simply miss.
+CACHE_FORMAT = "flux2-remote-embedding/1"
+_SUFFIX = ".safetensors"
+_TMP_PREFIX = ".tmp-"
+# Temporary files older than this are leftovers of a crashed writer (a live
+# writer renames its file within milliseconds).
+_STALE_TMP_S = 3600.0
+
+
+def cache_key(fingerprint: str, prompt: str) -> str:
+    """64 hex chars naming the embedding of ``prompt`` under the model ``fingerprint``.
+
+    Length-prefixed so no (fingerprint, prompt) pair can collide with another by concatenation.
+    """
+    h = hashlib.sha256()
+    for part in (CACHE_FORMAT, fingerprint, prompt):
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    """What a cache holds for one prompt.
+
+    Attributes:
+        embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor in the compute dtype
+            (owns its storage; never a view into a batch).
+        token_count: non-pad tokens after truncation.
+        truncated: the templated prompt was cut to ``max_sequence_length``.
+    """
+
+    embedding: torch.Tensor
+    token_count: int
+    truncated: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.numel() * self.embedding.element_size()
+
+
+class MemoryCache:
+    """Least-recently-used cache bounded in bytes. Thread-safe.
+
+    Args:
+        max_bytes: total embedding bytes kept; 0 keeps nothing.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CachedEmbedding] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+        # Set by the engine to count into its metrics; called with the number evicted.
+        self.on_evict: Callable[[int], None] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> CachedEmbedding | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: CachedEmbedding) -> None:
+        if entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+            evicted_count = 0
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                evicted_count += 1
+            self.evictions += evicted_count
+        if evicted_count and self.on_evict is not None:
+            self.on_evict(evicted_count)
+
+
+class DiskCache:
+    """Persistent cache in ``root``: one safetensors file per entry, LRU within ``max_bytes``.
+
+    Layout: ``root/<key[:2]>/<key>.safetensors``. Recency is the file's mtime,
+    refreshed on every hit, so the LRU order survives restarts. Several
+    processes may share a folder (writes are atomic renames); each keeps its
+    own size accounting, so the bound holds per process.
+
+    Args:
+        root: cache folder (created if missing).
+        max_bytes: bound on the total size of entry files.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+        self.corrupt = 0
+        # Set by the engine to count into its metrics.
+        self.on_evict: Callable[[int], None] | None = None
+        self.on_corrupt: Callable[[], None] | None = None
+        self._scan()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def path_of(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{_SUFFIX}"
+
+    # -- read ------------------------------------------------------------
+
+    def get(self, key: str) -> CachedEmbedding | None:
+        """The entry for ``key``, or None when absent or damaged (a damaged file is deleted)."""
+        path = self.path_of(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        try:
+            entry = _decode(data, key)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # any damage; BaseException: a Rust panic in a parser is not an Exception
+            log.warning("disk cache: dropping damaged entry %s: %s", path.name, exc)
+            self.corrupt += 1
+            if self.on_corrupt is not None:
+                self.on_corrupt()
+            self._remove(key)
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # recency is advisory
+        victims: list[str] = []
+        with self._lock:
+            if key not in self._index:
+                victims = self._add_locked(key, len(data))  # written by another process sharing the folder
+            else:
+                self._index.move_to_end(key)
+        for victim in victims:
+            self._unlink(victim)
+        return entry
+
+    # -- write -----------------------------------------------------------
+
+    def put(self, key: str, entry: CachedEmbedding) -> None:
+        """Write ``entry`` atomically: a reader sees the whole file or none."""
+        data = _encode(key, entry)
+        if len(data) > self.max_bytes:
+            return
+        path = self.path_of(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._bytes -= old
+            victims = self._add_locked(key, len(data))
+        for victim in victims:
+            self._unlink(victim)
+        if victims and self.on_evict is not None:
+            self.on_evict(len(victims))
+
+    # -- internals -------------------------------------------------------
+
+    def _add_locked(self, key: str, size: int) -> list[str]:
+        """Record ``key``; return the keys evicted to stay within the bound (files not yet deleted)."""
+        self._index[key] = size
+        self._bytes += size
+        victims = []
+        while self._bytes > self.max_bytes and len(self._index) > 1:
+            victim, vsize = self._index.popitem(last=False)
+            self._bytes -= vsize
+            self.evictions += 1
+            victims.append(victim)
+        return victims
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._bytes -= size
+
+    def _remove(self, key: str) -> None:
+        self._forget(key)
+        self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
+        try:
+            self.path_of(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _scan(self) -> None:
+        """Index existing entries oldest first; delete leftovers of crashed writers; apply the bound."""
+        found: list[tuple[float, str, int]] = []
+        now = time.time()
+        for path in self.root.glob("??/*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if path.name.startswith(_TMP_PREFIX):
+                if now - st.st_mtime > _STALE_TMP_S:
+                    path.unlink(missing_ok=True)
+                continue
+            if path.suffix == _SUFFIX and len(path.stem) == 64:
+                found.append((st.st_mtime, path.stem, st.st_size))
+        found.sort()
+        victims: list[str] = []
+        with self._lock:
+            for _, key, size in found:
+                victims.extend(self._add_locked(key, size))
+        for victim in victims:
+            self._unlink(victim)
+        if found:
+            log.info("disk cache %s: %d entries, %.1f MiB", self.root, len(self._index), self._bytes / 2**20)
+
+
+def _encode(key: str, entry: CachedEmbedding) -> bytes:
+    tensor = entry.embedding.detach().contiguous().cpu()
+    metadata = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "token_count": str(int(entry.token_count)),
+        "truncated": "1" if entry.truncated else "0",
+        "crc32c": str(_checksum(key, tensor, entry.token_count, entry.truncated)),
+    }
+    return safetensors.torch.save({"embedding": tensor}, metadata=metadata)
+
+
+def _decode(data: bytes, key: str) -> CachedEmbedding:
+    """Parse and verify one entry file; raise ValueError (or a safetensors error) on any mismatch."""
+    if len(data) < 8:
+        raise ValueError("file shorter than a safetensors header")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise ValueError("truncated header")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    if metadata.get("format") != CACHE_FORMAT:
+        raise ValueError(f"format {metadata.get('format')!r}, expected {CACHE_FORMAT!r}")
+    if metadata.get("key") != key:
+        raise ValueError("entry belongs to another key")
+    tensors = safetensors.torch.load(data)
+    if set(tensors) != {"embedding"}:
+        raise ValueError(f"unexpected tensors {sorted(tensors)}")
+    embedding = tensors["embedding"]
+    token_count, truncated = int(metadata["token_count"]), metadata["truncated"] == "1"
+    if str(_checksum(key, embedding, token_count, truncated)) != metadata.get("crc32c"):
+        raise ValueError("CRC-32C mismatch")
+    return CachedEmbedding(embedding=embedding, token_count=token_count, truncated=truncated)
+
+
+def _checksum(key: str, tensor: torch.Tensor, token_count: int, truncated: bool) -> int:
+    """CRC-32C over everything served from an entry: the bytes, and the dtype, shape and
+    metadata that give them meaning (a flipped shape or token count must not pass either)."""
+    described = f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|{int(token_count)}|{int(truncated)}".encode()
+    return google_crc32c.extend(google_crc32c.value(described), tensor_bytes(tensor).tobytes())

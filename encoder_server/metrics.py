@@ -1,0 +1,136 @@
+"""Prometheus metrics of one encoder server, and the ``--metrics-port`` endpoint.
+
+Every server gets its own ``CollectorRegistry`` (several servers run in one
+test process). Durations are in seconds, sizes in bytes, as Prometheus expects.
+
+The headline series:
+
+* ``flux2_encoder_prompts_computed_total``: prompts that actually ran through
+  the model (cache hits and shared computations are not counted).
+* ``flux2_encoder_requests_total{method,status,user}``: calls by outcome.
+* ``flux2_encoder_prompts_served_total{user,source}``: where each answered
+  prompt came from (``computed``, ``shared``, ``cache_memory``, ``cache_disk``).
+* ``flux2_encoder_queue_size``, ``flux2_encoder_batch_size``,
+  ``flux2_encoder_batch_tokens``, ``flux2_encoder_{queue,tokenize,inference}_duration_seconds``.
+* ``flux2_encoder_cache_{hits,misses}_total``, ``flux2_encoder_cache_bytes{tier}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+log = logging.getLogger(__name__)
+
+# From a cache hit (~1 ms) to a queue backed up for a minute.
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_BATCH_TOKEN_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class EncoderMetrics:
+    """All metrics of one server, registered in ``self.registry``.
+
+    Args:
+        registry: where to register; a fresh ``CollectorRegistry`` by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "flux2_encoder_requests", "Encode requests by RPC method, gRPC status and user.",
+            ["method", "status", "user"], registry=r,
+        )
+        self.prompts_served = Counter(
+            "flux2_encoder_prompts_served",
+            "Prompts answered, by user and source (computed, shared, cache_memory, cache_disk).",
+            ["user", "source"], registry=r,
+        )
+        self.prompts_computed = Counter(
+            "flux2_encoder_prompts_computed", "Prompts that actually ran through the model.", registry=r
+        )
+        self.prompts_dropped = Counter(
+            "flux2_encoder_prompts_dropped",
+            "Queued prompts dropped before reaching the model (reason: cancelled, deadline).",
+            ["reason"], registry=r,
+        )
+        self.queue_size = Gauge("flux2_encoder_queue_size", "Prompts waiting for a forward pass.", registry=r)
+        self.batch_size = Histogram(
+            "flux2_encoder_batch_size", "Prompts per forward pass.", buckets=_BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "flux2_encoder_batch_tokens", "Padded tokens per forward pass (prompts x max_sequence_length).",
+            buckets=_BATCH_TOKEN_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "flux2_encoder_queue_duration_seconds", "Time a computed prompt waited in the queue.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "flux2_encoder_tokenize_duration_seconds", "Tokenization time per forward pass.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "flux2_encoder_inference_duration_seconds", "Forward pass time (copy to CPU included).",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.cache_hits = Counter(
+            "flux2_encoder_cache_hits", "Prompts found in a cache, by tier (memory, disk).", ["tier"], registry=r
+        )
+        self.cache_misses = Counter(
+            "flux2_encoder_cache_misses", "Prompts found in no cache.", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "flux2_encoder_cache_bytes", "Bytes held by each cache tier.", ["tier"], registry=r
+        )
+        self.cache_entries = Gauge(
+            "flux2_encoder_cache_entries", "Entries held by each cache tier.", ["tier"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "flux2_encoder_cache_evictions", "Entries evicted to stay within a size bound.", ["tier"], registry=r
+        )
+        self.cache_corrupt = Counter(
+            "flux2_encoder_cache_corrupt", "Disk entries that failed their checks and were dropped.", registry=r
+        )
+        self.cache_write_errors = Counter(
+            "flux2_encoder_cache_write_errors", "Disk cache writes that failed or were skipped.", registry=r
+        )
+
+    def count_request(self, method: str, status: str, user: str) -> None:
+        """One finished request; ``status`` is a gRPC status name such as ``OK`` or ``RESOURCE_EXHAUSTED``."""
+        self.requests.labels(method=method, status=status, user=user).inc()
+
+    def bind_gauge(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Read ``gauge`` from ``read()`` at scrape time (``gauge`` may be a labelled child)."""
+        gauge.set_function(read)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one series (0 when absent); for tests and benchmarks."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
+
+
+class MetricsEndpoint:
+    """``GET /metrics`` (Prometheus text) on ``host:port`` in a background thread.
+
+    ``port`` is the one actually bound (useful with port 0).
+    """
+
+    def __init__(self, metrics: EncoderMetrics, host: str, port: int):
+        self._httpd, self._thread = start_http_server(port, addr=host.strip("[]"), registry=metrics.registry)
+        self.port = self._httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)

@@ -1,0 +1,82 @@
+"""Knowing when the real work is done, so a graceful stop need not wait for idle streams.
+
+``grpc.aio.Server.stop(grace)`` waits for *every* open call, including
+``grpc.health.v1.Health/Watch`` streams that load balancers keep open forever
+and reflection streams. Waiting on those would turn every restart into a full
+grace period. :class:`InFlightCalls` counts only TextEncoder calls; the server
+drains those, then ends whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import grpc
+
+from common.protocol import SERVICE_NAME
+
+
+class InFlightCalls(grpc.aio.ServerInterceptor):
+    """Counts running TextEncoder calls; :meth:`wait_idle` returns when none is left.
+
+    Put it first in the interceptor list so it wraps everything else.
+    """
+
+    def __init__(self):
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> None:
+        self._count += 1
+        self._idle.clear()
+        # Count the call until gRPC has sent its status, not just until the
+        # handler returns: stopping in between would cut off the final status.
+        context.add_done_callback(self._end)
+
+    def _end(self, _context) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: forever) for the count to reach 0; True if it did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(
+            **{k: self._wrap(getattr(handler, k), k) for k in kinds if getattr(handler, k) is not None}
+        )
+
+    def _wrap(self, behaviour, kind: str):
+        if kind in ("unary_stream", "stream_stream"):
+
+            async def wrapped(request, context):
+                self._begin(context)
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for message in result:
+                        yield message
+                else:
+                    await result
+
+        else:
+
+            async def wrapped(request, context):
+                self._begin(context)
+                return await behaviour(request, context)
+
+        return wrapped

@@ -1,0 +1,290 @@
+"""Embedding caches: keys, memory LRU, disk cache (atomic, checked, bounded), and through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import CacheConfig, ServerConfig
+from common.errors import NotCached
+from dit_client.remote import RemoteTextEncoder
+from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
+from encoder_server.engine import EncodeEngine
+from tests.helpers import ServerThread
+from tests.test_engine import FakeBackend, embedding_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry(seed: int, shape=(512, 48)) -> CachedEmbedding:
+    g = torch.Generator().manual_seed(seed)
+    return CachedEmbedding(torch.randn(shape, generator=g).to(torch.bfloat16), token_count=seed + 3, truncated=seed % 2 == 1)
+
+
+def same(a: CachedEmbedding, b: CachedEmbedding) -> bool:
+    return torch.equal(a.embedding, b.embedding) and (a.token_count, a.truncated) == (b.token_count, b.truncated)
+
+
+# -- keys and memory -------------------------------------------------------
+
+
+def test_keys_depend_on_fingerprint_and_prompt_without_collisions():
+    k = cache_key("flux2-dev:aaaa", "a fox")
+    assert len(k) == 64 and k == cache_key("flux2-dev:aaaa", "a fox")
+    assert k != cache_key("flux2-dev:bbbb", "a fox")
+    assert k != cache_key("flux2-dev:aaaa", "a fox ")
+    assert cache_key("ab", "c") != cache_key("a", "bc")
+
+
+def test_memory_cache_is_lru_within_its_byte_bound():
+    one = entry(0).nbytes
+    cache = MemoryCache(2 * one)
+    evicted = []
+    cache.on_evict = evicted.append
+    cache.put("a", entry(0))
+    cache.put("b", entry(1))
+    assert cache.get("a") is not None  # "a" is now the most recent
+    cache.put("c", entry(2))
+    assert cache.get("b") is None and same(cache.get("a"), entry(0)) and same(cache.get("c"), entry(2))
+    assert cache.nbytes == 2 * one and len(cache) == 2 and evicted == [1]
+    MemoryCache(one - 1).put("too big", entry(0))  # silently not kept
+
+
+# -- disk ------------------------------------------------------------------
+
+
+def test_disk_entries_survive_a_restart_bit_for_bit(tmp_path):
+    DiskCache(tmp_path, 10**9).put("k" * 64, entry(1))
+    reopened = DiskCache(tmp_path, 10**9)
+    assert len(reopened) == 1 and reopened.nbytes == reopened.path_of("k" * 64).stat().st_size
+    got = reopened.get("k" * 64)
+    assert got.embedding.dtype is torch.bfloat16 and same(got, entry(1))
+    assert reopened.get("0" * 64) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flip_data", "flip_header", "token_count", "shape", "truncate", "empty", "other_key"],
+)
+def test_damaged_disk_entries_are_dropped_not_served(tmp_path, damage):
+    cache = DiskCache(tmp_path, 10**9)
+    key = "a" * 64
+    cache.put(key, entry(2))
+    path = cache.path_of(key)
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    if damage == "flip_data":
+        data[-100] ^= 0x01  # one bit of the tensor
+    elif damage == "flip_header":
+        data[8 + header_len // 2] ^= 0x20
+    elif damage in ("token_count", "shape"):  # still valid safetensors, but not what was written
+        old, new = (b'"token_count":"5"', b'"token_count":"4"') if damage == "token_count" else (b"[512,48]", b"[48,512]")
+        assert data.count(old) == 1
+        data = data.replace(old, new)
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "other_key":  # a valid entry under the wrong name
+        cache.put("b" * 64, entry(3))
+        data = bytearray(cache.path_of("b" * 64).read_bytes())
+    path.write_bytes(bytes(data))
+    assert cache.get(key) is None
+    assert cache.corrupt == 1 and not path.exists()
+    assert key not in cache._index  # noqa: SLF001 - the size accounting forgot it too
+
+
+def test_a_writer_killed_mid_write_leaves_no_entry_that_is_served(tmp_path):
+    """SIGKILL a process while it writes an entry: the entry is absent, never half there."""
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from encoder_server.cache import CachedEmbedding, DiskCache
+        real_fsync = os.fsync
+        def stall(fd):  # the data is written but not yet renamed into place
+            print("writing", flush=True)
+            time.sleep(60)
+        os.fsync = stall
+        DiskCache({str(tmp_path)!r}, 10**9).put("c" * 64, CachedEmbedding(torch.ones(512, 48, dtype=torch.bfloat16), 5, False))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    leftovers = list(tmp_path.glob("??/.tmp-*"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the torn write is there...
+    cache = DiskCache(tmp_path, 10**9)
+    assert cache.get("c" * 64) is None and len(cache) == 0  # ...but never served
+    # An old leftover is cleaned up when a cache opens the folder.
+    os.utime(leftovers[0], (time.time() - 7200, time.time() - 7200))
+    DiskCache(tmp_path, 10**9)
+    assert not leftovers[0].exists()
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path, 10**9)
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        cache.put("d" * 64, entry(4))
+    monkeypatch.undo()
+    assert cache.get("d" * 64) is None and len(cache) == 0
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_disk_cache_evicts_least_recently_used_within_its_bound(tmp_path):
+    size = len(_encoded_size_probe(tmp_path))
+    cache = DiskCache(tmp_path / "c", 2 * size + size // 2)  # room for two entries
+    evicted = []
+    cache.on_evict = evicted.append
+    cache.put("1" * 64, entry(1))
+    cache.put("2" * 64, entry(2))
+    assert cache.get("1" * 64) is not None  # 1 is now more recent than 2
+    cache.put("3" * 64, entry(3))
+    assert not cache.path_of("2" * 64).exists() and evicted == [1]
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 2
+    # Recency survives a restart (file mtimes), and a smaller bound evicts the oldest at startup.
+    old = time.time() - 100
+    os.utime(cache.path_of("3" * 64), (old, old))
+    smaller = DiskCache(tmp_path / "c", size + size // 2)
+    assert len(smaller) == 1 and smaller.get("1" * 64) is not None
+    assert not cache.path_of("3" * 64).exists()
+
+
+def _encoded_size_probe(tmp_path) -> bytes:
+    probe = DiskCache(tmp_path / "probe", 10**9)
+    probe.put("p" * 64, entry(0))
+    return probe.path_of("p" * 64).read_bytes()
+
+
+# -- through the engine ----------------------------------------------------
+
+
+def _engine(backend, cache_dir, memory: bool = False) -> EncodeEngine:
+    return EncodeEngine.from_config(
+        ServerConfig(cache=CacheConfig(memory_mb=1 if memory else 0, dir=str(cache_dir), max_gb=1)), backend
+    )
+
+
+def test_engine_serves_from_disk_after_a_restart(tmp_path):
+    backend = FakeBackend()
+
+    async def session(prompts):
+        engine = _engine(backend, tmp_path)
+        try:
+            return await engine.encode(prompts), engine.metrics
+        finally:
+            engine.close()  # waits for the background disk writes
+
+    first, _ = asyncio.run(session(["persist me", "me too"]))
+    second, metrics = asyncio.run(session(["persist me", "me too", "new"]))
+    assert backend.computed == ["persist me", "me too", "new"]
+    assert [r.cache_hit for r in first] == [False, False]
+    assert [r.cache_hit for r in second] == [True, True, False]
+    assert torch.equal(second[0].embedding, embedding_of("persist me"))
+    assert second[1].token_count == len("me too")
+    assert metrics.sample("flux2_encoder_cache_hits_total", {"tier": "disk"}) == 2
+    assert metrics.sample("flux2_encoder_cache_misses_total") == 1
+
+
+def test_engine_recomputes_a_corrupted_entry_and_rewrites_it(tmp_path):
+    backend = FakeBackend()
+
+    async def session():
+        engine = _engine(backend, tmp_path)
+        try:
+            return await engine.encode(["fragile"]), engine.metrics
+        finally:
+            engine.close()
+
+    asyncio.run(session())
+    path = DiskCache(tmp_path, 10**9).path_of(cache_key(backend.fingerprint, "fragile"))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    result, metrics = asyncio.run(session())
+    assert backend.computed == ["fragile", "fragile"]
+    assert not result[0].cache_hit and torch.equal(result[0].embedding, embedding_of("fragile"))
+    assert metrics.sample("flux2_encoder_cache_corrupt_total") == 1
+    assert same(DiskCache(tmp_path, 10**9).get(path.stem), CachedEmbedding(embedding_of("fragile"), 7, False))
+
+
+def test_memory_hits_skip_the_disk(tmp_path):
+    backend = FakeBackend()
+
+    async def main():
+        engine = _engine(backend, tmp_path, memory=True)
+        try:
+            await engine.encode(["hot"])
+            again = await engine.encode(["hot", "hot"])
+            return again, engine.metrics
+        finally:
+            engine.close()
+
+    again, metrics = asyncio.run(main())
+    assert [r.cache_hit for r in again] == [True, True] and backend.computed == ["hot"]
+    assert metrics.sample("flux2_encoder_cache_hits_total", {"tier": "memory"}) == 1  # one distinct prompt
+    assert metrics.sample("flux2_encoder_cache_hits_total", {"tier": "disk"}) == 0
+
+
+def test_client_cache_only_and_cache_hit_flag_over_grpc(tiny_backend, tmp_path):
+    config = replace(ServerConfig(), cache=CacheConfig(memory_mb=64, dir=str(tmp_path)))
+    prompts = ["a cached fox", "a cached owl"]
+    with ServerThread(tiny_backend, config) as server, RemoteTextEncoder(server.target) as enc:
+        with pytest.raises(NotCached, match="not cached"):
+            enc.encode(prompts, cache_only=True)
+        computed, meta1 = enc.encode_with_metadata(prompts)
+        cached = enc.encode(prompts, cache_only=True)
+        _, meta2 = enc.encode_with_metadata(prompts)
+    assert [m.cache_hit for m in meta1] == [False, False]
+    assert [m.cache_hit for m in meta2] == [True, True]
+    assert torch.equal(cached, computed) and torch.equal(computed, tiny_backend.encode(prompts).embeddings)
+    assert [m.token_count for m in meta2] == [m.token_count for m in meta1]
+
+
+def test_work_finished_during_a_disk_read_is_not_computed_again(tmp_path):
+    backend = FakeBackend()
+    first_done = threading.Event()
+    reads = []
+
+    async def main():
+        engine = _engine(backend, tmp_path, memory=True)
+        real_read = engine._read_disk
+
+        def slow_read(keys):  # the first lookup is still reading while another request computes
+            reads.append(keys)
+            if len(reads) == 1:
+                assert first_done.wait(30)
+            return real_read(keys)
+
+        engine._read_disk = slow_read
+        try:
+            slow = asyncio.create_task(engine.encode(["raced"]))
+            while not reads:
+                await asyncio.sleep(0.01)
+            fast = await engine.encode(["raced"])
+            first_done.set()
+            return fast, await slow
+        finally:
+            engine.close()
+
+    fast, slow = asyncio.run(main())
+    assert backend.computed == ["raced"]
+    assert not fast[0].cache_hit and slow[0].cache_hit
+    assert torch.equal(slow[0].embedding, embedding_of("raced"))

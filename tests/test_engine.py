@@ -1,0 +1,543 @@
+"""EncodeEngine: batching, compute-once, admission control, drops, deadlines, fair scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+
+from common.config import BatchingConfig, CacheConfig, ServerConfig
+from common.encoder_spec import EncoderSpec
+from common.errors import DeadlineExceeded, EncoderOverloaded, NotCached, ServerError
+from common.protocol import pb2, pb2_grpc
+from encoder_server.batcher import QueueFull
+from encoder_server.cache import MemoryCache
+from encoder_server.engine import EncodeEngine
+from encoder_server.text_encoder import EncodedBatch
+from tests.helpers import ServerThread
+
+FAKE_SPEC = EncoderSpec(name="fake/recipe", hidden_states_layers=(1,), max_sequence_length=8, system_message="")
+
+
+class FakeBackend:
+    """A backend whose embedding of a prompt is a pure function of its text.
+
+    Records every forward pass (``batches``). With ``hold()`` the next forward
+    pass blocks until ``release()``, so a test can fill the queue behind it.
+    """
+
+    spec = FAKE_SPEC
+    fingerprint = "fake:0000000000000000"
+    hidden_size = 4
+    dtype = torch.float32
+    device = "cpu"
+
+    def __init__(self, fail_on: str | None = None):
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self._gate = threading.Event()
+        self._gate.set()
+        self.fail_on = fail_on
+
+    def hold(self) -> None:
+        self._gate.clear()
+        self.started.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    @property
+    def computed(self) -> list[str]:
+        return [p for b in self.batches for p in b]
+
+    def encode(self, prompts: list[str]) -> EncodedBatch:
+        self.batches.append(list(prompts))
+        self.started.set()
+        self._gate.wait(30)
+        if self.fail_on is not None and self.fail_on in prompts:
+            raise RuntimeError("simulated kernel failure")
+        rows = [embedding_of(p) for p in prompts]
+        return EncodedBatch(
+            embeddings=torch.stack(rows),
+            token_counts=[len(p) for p in prompts],
+            truncated=[False] * len(prompts),
+            tokenization_ns=1000,
+            inference_ns=2000,
+        )
+
+
+def embedding_of(prompt: str) -> torch.Tensor:
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(prompt))
+    return torch.arange(32, dtype=torch.float32).reshape(8, 4) + seed
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def wait_started(backend: FakeBackend) -> None:
+    """Until the held forward pass has begun (it runs on the model thread)."""
+    for _ in range(2000):
+        if backend.started.is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the model never started")
+
+
+async def settle() -> None:
+    """Let queued callbacks and tasks run."""
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+def engine_for(backend, memory_mb: int | None = None, **batching) -> EncodeEngine:
+    memory = MemoryCache(memory_mb * 2**20) if memory_mb else None
+    return EncodeEngine(backend, batching=BatchingConfig(**batching), memory_cache=memory)
+
+
+# -- batching ------------------------------------------------------------
+
+
+def test_batching_does_not_change_a_prompt_bits(tiny_backend):
+    """On CPU a prompt's embedding is bit-identical whatever batch it rides in, at any position."""
+    target = "a lighthouse at dusk, oil painting"
+    others = ["", "short", "東京の夜景 🦊", "a much longer prompt " * 20, "x", "two words"]
+    alone = tiny_backend.encode([target]).embeddings[0]
+
+    async def main():
+        engine = engine_for(tiny_backend, max_batch_prompts=8, max_queue_delay_ms=200)
+        try:
+            seen = []
+            for companions in (others[:1], others[:3], others):
+                # Separate concurrent requests; the caches are off, so each round recomputes.
+                reqs = [engine.encode([p]) for p in companions[: len(companions) // 2]]
+                reqs.append(engine.encode([target]))
+                reqs += [engine.encode([p]) for p in companions[len(companions) // 2 :]]
+                results = await asyncio.gather(*reqs)
+                mine = results[len(companions) // 2][0]
+                seen.append((mine.batch_size, mine.embedding))
+            return seen
+        finally:
+            engine.close()
+
+    seen = run(main())
+    assert [size for size, _ in seen] == [2, 4, 7]  # the prompts really shared forward passes
+    for _, emb in seen:
+        assert emb.dtype is torch.bfloat16
+        assert torch.equal(emb, alone)
+
+
+def test_prompts_from_different_requests_share_a_forward_pass():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_batch_prompts=8, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            first = asyncio.create_task(engine.encode(["first"]))
+            await wait_started(backend)
+            rest = [asyncio.create_task(engine.encode([p], user=u)) for p, u in (("a", "ann"), ("b", "bob"), ("c", "ann"))]
+            await settle()
+            backend.release()
+            await first
+            return [r[0] for r in await asyncio.gather(*rest)]
+        finally:
+            engine.close()
+
+    results = run(main())
+    assert backend.batches == [["first"], ["a", "b", "c"]]
+    assert [r.batch_size for r in results] == [3, 3, 3]
+    assert all(r.queue_ns > 0 and r.inference_ns == 2000 for r in results)
+    assert torch.equal(results[1].embedding, embedding_of("b"))
+
+
+def test_batches_respect_the_prompt_and_token_limits():
+    backend = FakeBackend()
+
+    async def main(**limits):
+        backend.batches.clear()
+        engine = engine_for(backend, max_queue_delay_ms=1, **limits)
+        try:
+            backend.hold()
+            first = asyncio.create_task(engine.encode(["first"]))
+            await wait_started(backend)
+            rest = asyncio.create_task(engine.encode([f"p{i}" for i in range(10)]))
+            await settle()
+            backend.release()
+            await first
+            await rest
+        finally:
+            engine.close()
+
+    run(main(max_batch_prompts=4))
+    assert [len(b) for b in backend.batches] == [1, 4, 4, 2]
+    # FAKE_SPEC pads to 8 tokens: a 24-token budget holds 3 prompts.
+    run(main(max_batch_prompts=100, max_batch_tokens=24))
+    assert [len(b) for b in backend.batches] == [1, 3, 3, 3, 1]
+
+
+def test_a_lone_prompt_waits_at_most_the_queue_delay():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_batch_prompts=64, max_queue_delay_ms=50)
+        try:
+            t0 = time.perf_counter()
+            await engine.encode(["alone"])
+            return time.perf_counter() - t0
+        finally:
+            engine.close()
+
+    elapsed = run(main())
+    assert 0.04 <= elapsed < 1.0
+
+
+# -- compute once --------------------------------------------------------
+
+
+def test_identical_concurrent_prompts_are_computed_once():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend)  # no cache: sharing must come from the in-flight table
+        try:
+            backend.hold()
+            tasks = [asyncio.create_task(engine.encode(["same prompt"], user=f"u{i % 3}")) for i in range(10)]
+            tasks.append(asyncio.create_task(engine.encode(["same prompt", "other", "same prompt"])))
+            await wait_started(backend)
+            await settle()
+            backend.release()
+            return await asyncio.gather(*tasks), engine.metrics
+        finally:
+            engine.close()
+
+    results, metrics = run(main())
+    assert sorted(backend.computed) == ["other", "same prompt"]
+    assert metrics.sample("flux2_encoder_prompts_computed_total") == 2
+    assert sum(metrics.sample("flux2_encoder_prompts_served_total", {"user": f"u{i}", "source": "shared"})
+               for i in range(3)) == 9
+    for res in results:
+        assert all(torch.equal(r.embedding, embedding_of("same prompt")) for r in res if r.token_count == 11)
+    assert torch.equal(results[-1][1].embedding, embedding_of("other"))
+    assert torch.equal(results[-1][0].embedding, results[-1][2].embedding)
+
+
+def test_a_shared_prompt_survives_one_waiter_leaving():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            quitter = asyncio.create_task(engine.encode(["shared"]))
+            stayer = asyncio.create_task(engine.encode(["shared"]))
+            await settle()
+            quitter.cancel()
+            await settle()
+            backend.release()
+            await blocker
+            return await stayer
+        finally:
+            engine.close()
+
+    result = run(main())
+    assert torch.equal(result[0].embedding, embedding_of("shared"))
+    assert backend.computed == ["blocker", "shared"]
+
+
+# -- admission control, drops and deadlines ------------------------------
+
+
+def test_full_queue_refuses_unary_work_at_once_with_a_retry_hint():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_queue_prompts=2, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            queued = asyncio.create_task(engine.encode(["q1", "q2"]))
+            await settle()
+            t0 = time.perf_counter()
+            with pytest.raises(QueueFull) as info:
+                await engine.encode(["one too many"])
+            refused_in = time.perf_counter() - t0
+            # A prompt already queued is shared, not refused: it needs no room.
+            shared = asyncio.create_task(engine.encode(["q1"]))
+            await settle()
+            backend.release()
+            await asyncio.gather(blocker, queued, shared)
+            return info.value, refused_in, engine.metrics
+        finally:
+            engine.close()
+
+    exc, refused_in, metrics = run(main())
+    assert isinstance(exc, EncoderOverloaded)
+    assert refused_in < 0.5
+    assert 10 <= exc.retry_after_ms <= 60_000
+    assert "queue is full" in str(exc) and "retry" in str(exc)
+    assert "one too many" not in backend.computed
+    assert metrics.sample("flux2_encoder_prompts_computed_total") == 3
+
+
+def test_waiting_for_capacity_gives_backpressure_instead_of_an_error():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_queue_prompts=2, max_batch_prompts=2, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            first = asyncio.create_task(engine.encode(["a", "b"]))
+            waiting = asyncio.create_task(engine.encode(["c", "d"], wait_for_capacity=True))
+            await settle()
+            assert not waiting.done() and engine.queued == 2  # waits, does not fail
+            backend.release()
+            await asyncio.gather(blocker, first)
+            return await waiting
+        finally:
+            engine.close()
+
+    result = run(main())
+    assert [r.token_count for r in result] == [1, 1]
+    assert backend.batches == [["blocker"], ["a", "b"], ["c", "d"]]
+
+
+def test_cancelled_requests_never_reach_the_model():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            doomed = asyncio.create_task(engine.encode(["cancel me", "me too"]))
+            await settle()
+            assert engine.queued == 2
+            doomed.cancel()
+            await settle()
+            assert engine.queued == 0  # left the queue at once, freeing its room
+            backend.release()
+            await blocker
+            after = await engine.encode(["after"])
+            return after, engine.metrics
+        finally:
+            engine.close()
+
+    after, metrics = run(main())
+    assert backend.computed == ["blocker", "after"]
+    assert metrics.sample("flux2_encoder_prompts_dropped_total", {"reason": "cancelled"}) == 2
+    assert torch.equal(after[0].embedding, embedding_of("after"))
+
+
+def test_expired_requests_are_dropped_before_the_model():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, max_queue_delay_ms=1)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await engine.encode(["already late"], deadline=time.monotonic() - 1)
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            t0 = time.perf_counter()
+            with pytest.raises(DeadlineExceeded):
+                await engine.encode(["too slow"], deadline=time.monotonic() + 0.2)
+            waited = time.perf_counter() - t0
+            backend.release()
+            await blocker
+            await engine.encode(["after"])
+            return waited, engine.metrics
+        finally:
+            engine.close()
+
+    waited, metrics = run(main())
+    assert 0.15 <= waited < 2.0  # honoured the deadline, did not wait for the model
+    assert backend.computed == ["blocker", "after"]
+    assert metrics.sample("flux2_encoder_prompts_dropped_total", {"reason": "deadline"}) == 1
+
+
+def test_a_failing_prompt_fails_alone():
+    backend = FakeBackend(fail_on="boom")
+
+    async def main():
+        engine = engine_for(backend, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            good = asyncio.create_task(engine.encode(["good"]))
+            bad = asyncio.create_task(engine.encode(["boom"]))
+            await settle()
+            backend.release()
+            await blocker
+            return await good, await asyncio.gather(bad, return_exceptions=True)
+        finally:
+            engine.close()
+
+    good, (bad,) = run(main())
+    assert torch.equal(good[0].embedding, embedding_of("good"))
+    assert isinstance(bad, ServerError) and "RuntimeError" in str(bad)
+    assert backend.batches[1] == ["good", "boom"] and ["good"] in backend.batches[2:]
+
+
+# -- fair scheduling -----------------------------------------------------
+
+
+def _interactive_batch_index(fair: bool) -> int:
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, fair=fair, max_batch_prompts=4, max_queue_delay_ms=1)
+        try:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"], user="bulk"))
+            await wait_started(backend)
+            bulk = [asyncio.create_task(engine.encode([f"caption {i}"], user="bulk")) for i in range(40)]
+            await settle()
+            interactive = asyncio.create_task(engine.encode(["my one prompt"], user="artist"))
+            await settle()
+            backend.release()
+            await asyncio.gather(blocker, interactive, *bulk)
+        finally:
+            engine.close()
+
+    run(main())
+    return next(i for i, b in enumerate(backend.batches) if "my one prompt" in b)
+
+
+def test_fair_scheduling_serves_another_user_within_one_batch():
+    # Batch 0 was already running; the very next batch takes the interactive prompt.
+    assert _interactive_batch_index(fair=True) == 1
+    # First-come-first-served makes it wait behind all 40 bulk prompts (10 batches of 4).
+    assert _interactive_batch_index(fair=False) == 11
+
+
+# -- caches through the engine -------------------------------------------
+
+
+def test_cache_only_answers_hits_and_refuses_misses():
+    backend = FakeBackend()
+
+    async def main():
+        engine = engine_for(backend, memory_mb=1)
+        try:
+            with pytest.raises(NotCached, match="1 of 1"):
+                await engine.encode(["new"], cache_only=True)
+            computed = await engine.encode(["new"])
+            hit = await engine.encode(["new"], cache_only=True)
+            with pytest.raises(NotCached, match=r"indices \[1\]"):
+                await engine.encode(["new", "still new"], cache_only=True)
+            return computed[0], hit[0]
+        finally:
+            engine.close()
+
+    computed, hit = run(main())
+    assert not computed.cache_hit and computed.batch_size == 1
+    assert hit.cache_hit and hit.batch_size == 0 and hit.inference_ns == 0
+    assert torch.equal(hit.embedding, computed.embedding)
+    assert backend.computed == ["new"]
+
+
+# -- through gRPC ----------------------------------------------------------
+
+
+def _config(**batching) -> ServerConfig:
+    return ServerConfig(batching=BatchingConfig(**batching), cache=CacheConfig(memory_mb=0))
+
+
+def test_grpc_unary_gets_resource_exhausted_with_retry_after_metadata():
+    backend = FakeBackend()
+    with ServerThread(backend, _config(max_queue_prompts=1, max_queue_delay_ms=1)) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb2_grpc.TextEncoderStub(channel)
+            backend.hold()
+            running = stub.Encode(pb2.EncodeRequest(prompts=["blocker"]), timeout=30)  # starts the call
+            assert backend.started.wait(10)
+            queued = stub.Encode(pb2.EncodeRequest(prompts=["queued"]), timeout=30)
+            for _ in range(200):  # until the queued call reached the engine
+                if server.running.engine.queued == 1:
+                    break
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Encode(pb2.EncodeRequest(prompts=["refused"]), timeout=30))
+            backend.release()
+            list(running)
+            list(queued)
+    err = info.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full" in err.details()
+    trailers = dict(err.trailing_metadata())
+    assert int(trailers["retry-after-ms"]) >= 10
+    assert "refused" not in backend.computed
+
+
+def test_grpc_stream_waits_when_the_queue_is_full():
+    backend = FakeBackend()
+    with ServerThread(backend, _config(max_queue_prompts=1, max_batch_prompts=1, max_queue_delay_ms=1)) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb2_grpc.TextEncoderStub(channel)
+            requests = [pb2.EncodeRequest(prompts=[f"p{i}"], request_id=str(i)) for i in range(12)]
+            responses = list(stub.EncodeStream(iter(requests), timeout=60))
+    assert not [r for r in responses if r.HasField("error")]
+    done = {r.request_id for r in responses if r.request_done}
+    assert done == {str(i) for i in range(12)}
+    assert sorted(backend.computed) == sorted(f"p{i}" for i in range(12))
+
+
+def test_grpc_deadline_reaches_the_engine():
+    backend = FakeBackend()
+    with ServerThread(backend, _config(max_queue_delay_ms=1)) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb2_grpc.TextEncoderStub(channel)
+            backend.hold()
+            running = stub.Encode(pb2.EncodeRequest(prompts=["blocker"]), timeout=30)  # starts the call
+            assert backend.started.wait(10)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Encode(pb2.EncodeRequest(prompts=["late"]), timeout=0.3))
+            time.sleep(0.2)  # let the server notice the expiry and drop the work
+            backend.release()
+            list(running)
+            assert server.running.engine.queued == 0
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "late" not in backend.computed
+
+
+def test_cli_flags_reach_the_config():
+    from encoder_server.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "serve", "--max-batch-tokens", "4096", "--max-batch-prompts", "6", "--max-queue-delay-ms", "2.5",
+        "--max-queue-prompts", "99", "--cache-dir", "/tmp/x", "--cache-max-gb", "1.5",
+        "--memory-cache-mb", "0", "--metrics-port", "9100", "--scheduling", "fifo",
+    ])  # fmt: skip
+    config = config_from_args(args)
+    assert config.batching == replace(
+        BatchingConfig(), max_batch_tokens=4096, max_batch_prompts=6, max_queue_delay_ms=2.5, max_queue_prompts=99,
+        fair=False,
+    )
+    assert config.cache == CacheConfig(memory_mb=0, dir="/tmp/x", max_gb=1.5)
+    assert config.metrics_port == 9100
+    default = config_from_args(build_parser().parse_args(["serve"]))
+    assert default.cache.memory_mb > 0 and default.cache.dir is None and default.metrics_port is None
+    assert default.batching == BatchingConfig() and default.batching.fair
+
+
+def test_cli_rejects_nonsense_limits(capsys):
+    from encoder_server.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "--max-batch-prompts", "0"])
+    assert info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
