@@ -7,9 +7,12 @@ import sys
 
 from common.errors import Flux2RemoteError
 from dit_client.commands import encode
+from dit_client.commands import generate as generate_cmd
+from dit_client.commands import plan as plan_cmd
+from dit_client.commands import precompute as precompute_cmd
 
 # Each module adds one sub-command.
-COMMANDS = [encode]
+COMMANDS = [encode, generate_cmd, plan_cmd, precompute_cmd]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

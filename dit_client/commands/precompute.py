@@ -1,0 +1,75 @@
+"""``flux2-dit precompute``: encode a dataset's captions once into an embedding store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dit_client.commands.common_args import add_encoder_args, encoder_from_args
+from dit_client.stream import RetryPolicy
+from dit_client.training.store import DEFAULT_SHARD_BYTES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "precompute",
+        help="encode every caption of a dataset once into a resumable embedding store",
+        description="Encode every distinct caption of --captions through the encoder service into sharded "
+        "safetensors under --out. Safe to interrupt and rerun: finished shards are kept, the rest is redone.",
+    )
+    add_encoder_args(p)
+    p.add_argument("--captions", required=True, metavar="PATH",
+                   help=".txt (one per line), .jsonl, .csv, .parquet, an image folder (sidecar .txt or "
+                        "metadata.jsonl) or a datasets save_to_disk folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="embedding store directory (created if missing)")
+    p.add_argument("--caption-field", metavar="NAME",
+                   help="field/column holding the caption (default: guessed: caption, text, prompt...)")
+    p.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
+                   help="requests in flight on the stream (default: min(8, server limit))")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="captions per request (default: min(8, server limit))")
+    p.add_argument("--shard-size-mb", type=_positive_float, default=DEFAULT_SHARD_BYTES / 2**20, metavar="MB",
+                   help="target shard size in MiB; the client holds two shard buffers, and an interruption loses "
+                        "at most two shards of work (default: %(default).0f)")
+    p.add_argument("--max-attempts", type=_positive_int, default=RetryPolicy.max_attempts, metavar="N",
+                   help="tries per request on UNAVAILABLE / RESOURCE_EXHAUSTED before giving up")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dit_client.training.precompute import precompute
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with encoder_from_args(args) as enc:
+        report = precompute(
+            enc,
+            args.captions,
+            args.out,
+            caption_field=args.caption_field,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            shard_bytes=int(args.shard_size_mb * 1024 * 1024),
+            retry=RetryPolicy(max_attempts=args.max_attempts),
+            progress=not args.no_progress,
+        )
+    print(
+        f"{report.store}: {report.unique} distinct captions ({report.captions_read} read), "
+        f"{report.already_stored} already stored, {report.encoded} encoded in {report.elapsed_s:.1f}s "
+        f"({report.captions_per_s:.1f}/s), {report.shards} shards, fingerprint {report.fingerprint}"
+    )
+    return 0

@@ -1,0 +1,156 @@
+"""Encode a dataset's captions once, through the shared service, into an :class:`EmbeddingStore`.
+
+``flux2-dit precompute`` is a thin wrapper around :func:`precompute`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from common.errors import InvalidRequest
+from dit_client.remote import RemoteTextEncoder
+from dit_client.stream import RetryPolicy
+from dit_client.training.captions import iter_captions
+from dit_client.training.store import DEFAULT_SHARD_BYTES, StoreInfo, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrecomputeReport:
+    """What a :func:`precompute` run did.
+
+    Attributes:
+        store: the store directory.
+        fingerprint: model fingerprint of every embedding in the store.
+        captions_read: captions in the source, duplicates included.
+        unique: distinct captions in the source.
+        already_stored: distinct captions found in the store from earlier runs (skipped).
+        encoded: captions encoded and written by this run.
+        shards: shard files the store holds now.
+        elapsed_s: wall time of the encoding phase, in seconds.
+    """
+
+    store: Path
+    fingerprint: str
+    captions_read: int
+    unique: int
+    already_stored: int
+    encoded: int
+    shards: int
+    elapsed_s: float
+
+    @property
+    def captions_per_s(self) -> float:
+        return self.encoded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _check_caption(caption: object, position: int, max_chars: int) -> None:
+    if not isinstance(caption, str):
+        raise InvalidRequest(f"caption {position} is a {type(caption).__name__}, not text")
+    if max_chars and len(caption) > max_chars:
+        raise InvalidRequest(
+            f"caption {position} has {len(caption)} characters; the encoder accepts at most {max_chars} "
+            f"(only the first 512 tokens count anyway): {caption[:60]!r}..."
+        )
+    if "\x00" in caption:
+        raise InvalidRequest(f"caption {position} contains a NUL character: {caption[:60]!r}")
+
+
+def precompute(
+    encoder: RemoteTextEncoder,
+    captions: str | os.PathLike | Iterable[str],
+    out: str | os.PathLike,
+    *,
+    caption_field: str | None = None,
+    concurrency: int | None = None,
+    batch_size: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    retry: RetryPolicy | None = None,
+    progress: bool = True,
+) -> PrecomputeReport:
+    """Encode every distinct caption of ``captions`` that ``out`` does not hold yet.
+
+    Resumable: run it again after any interruption (``kill -9`` included) and
+    it skips what is stored, discards unfinished shards, and ends with every
+    caption stored exactly once. A store made by another model fingerprint is
+    refused.
+
+    Args:
+        encoder: client of the encoder service.
+        captions: a caption source path (see :mod:`dit_client.training.captions`)
+            or an iterable of caption strings (stored exactly as given).
+        out: store directory (created if missing).
+        caption_field: field/column holding captions in structured sources.
+        concurrency: requests in flight on the stream (default: ``min(8, server limit)``).
+        batch_size: captions per request (default: ``min(8, server limit)``).
+        shard_bytes: target shard size in bytes; a kill loses at most one shard of work.
+        retry: retry policy for transient failures.
+        progress: show a tqdm bar (rate and ETA).
+
+    Returns:
+        A :class:`PrecomputeReport`.
+
+    Raises:
+        FileNotFoundError, CaptionSourceError: the caption source cannot be read.
+        InvalidRequest: a caption the service would refuse (too long, NUL); nothing is encoded.
+        IntegrityError: ``out`` holds another model's embeddings.
+        StoreError: ``out`` is locked by another writer or is not a store.
+        Flux2RemoteError: the service failed in a way retries did not fix.
+    """
+    # 1. What the service makes.
+    info = encoder.info()
+    store_info = StoreInfo(
+        info.fingerprint, info.dtype, (info.max_sequence_length, info.embedding_dim), info.model_id
+    )
+    source = iter_captions(captions, caption_field) if isinstance(captions, (str, os.PathLike)) else captions
+
+    with StoreWriter(out, store_info, shard_bytes=shard_bytes) as writer:
+        # 2. Distinct captions the store lacks, in source order.
+        max_chars = int(info.limits.get("max_prompt_chars") or 0)
+        seen: set[str] = set()
+        todo: list[str] = []
+        read = 0
+        for caption in source:
+            read += 1
+            if caption not in seen:
+                seen.add(caption)
+                if caption not in writer:
+                    # Checked before any work, so a bad caption cannot stop a long run near its end.
+                    _check_caption(caption, read, max_chars)
+                    todo.append(caption)
+        already = len(seen) - len(todo)
+        del seen
+        log.info(
+            "%d captions, %d distinct, %d already stored, %d to encode", read, already + len(todo), already, len(todo)
+        )
+
+        # 3. Stream them through the service into shards.
+        t0 = time.perf_counter()
+        with tqdm(total=len(todo), unit="caption", desc="precompute", disable=not progress, smoothing=0.05) as bar:
+            if todo:
+                for result in encoder.encode_stream(
+                    todo, batch_size=batch_size, max_in_flight=concurrency, retry=retry
+                ):
+                    writer.add(result.prompt, result.embedding)
+                    bar.update(1)
+        elapsed = time.perf_counter() - t0
+    if info.demo:
+        log.warning("the encoder runs the DEMO model: its weights are random and these embeddings are noise")
+    return PrecomputeReport(
+        store=Path(out),
+        fingerprint=info.fingerprint,
+        captions_read=read,
+        unique=already + len(todo),
+        already_stored=already,
+        encoded=len(todo),
+        shards=writer.shard_count,
+        elapsed_s=elapsed,
+    )
