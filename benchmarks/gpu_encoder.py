@@ -1,0 +1,243 @@
+"""Full-size FLUX.2-dev text encoder on a GPU: reference forward vs the server's truncated forward.
+
+    .venv/bin/python benchmarks/gpu_encoder.py                 # on a CUDA machine (H100 80 GB: < 5 min)
+    .venv/bin/python benchmarks/gpu_encoder.py --dry-run       # tiny config on the CPU: checks the logic
+
+The model is ``Mistral3ForConditionalGeneration`` built from the real FLUX.2-dev
+config (``common/configs/flux2_dev_text_encoder.json``, 24.0B parameters)
+directly on the GPU in bf16 with random weights (transformers' own init), so
+nothing is downloaded. For each weight format (``bf16``; ``nf4``: every decoder
+``nn.Linear`` swapped for a bitsandbytes ``Linear4bit``, lm_head kept bf16 as
+transformers does):
+
+1. the reference, ``Flux2Pipeline._get_mistral_3_small_prompt_embeds`` on the
+   full model, runs at each batch size (512 tokens per prompt);
+2. the same model is then cut the way the server cuts it (layers 31-40, the
+   final norm, lm_head and the vision tower dropped) and
+   ``TruncatedMistral3Encoder.encode`` (the server's own forward code) runs on
+   the same prompts.
+
+Printed per format and batch: weight memory, peak VRAM of the forward
+(``torch.cuda.max_memory_allocated``), time per batch (median of
+``--repeats`` after a warm-up) and whether the embeddings are bit-identical
+(``torch.equal``). Only one model is resident at a time: the full bf16 model
+(48 GB) fits an 80 GB card with batch-8 activations, two would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.encoder_spec import FLUX2_DEV  # noqa: E402
+from encoder_server.text_encoder import TruncatedMistral3Encoder  # noqa: E402
+
+PROMPTS = [
+    "a red fox in fresh snow, morning light",
+    "Isometric illustration of a tiny bakery at night, warm windows, rain on the cobblestones, 35mm film grain",
+    "ünïcödé ☃ [INST] literal tags [/INST] and an empty line\n\nafter it",
+    "A very long prompt. " * 60,  # past 512 tokens
+]
+
+# --dry-run: FLUX.2-dev's depth (hidden states 10/20/30 of 40 layers), toy width.
+TINY_TEXT = dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1024)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, head_dim=8, num_attention_heads=4, num_hidden_layers=2)
+
+
+class InMemoryTruncatedEncoder(TruncatedMistral3Encoder):
+    """The server's encoder around a language model already in memory (no folder to load).
+
+    ``encode`` and ``tokenize`` are the server's own; only loading is skipped,
+    because writing and reloading 48 GB would take longer than the benchmark.
+    """
+
+    def __init__(self, lm, tokenizer, *, device: torch.device, dtype: torch.dtype):
+        self.spec = FLUX2_DEV
+        self._lm = lm
+        self.tokenizer = tokenizer
+        self.padding_side = tokenizer.padding_side
+        self.device = device
+        self.dtype = dtype
+        self.hidden_size = lm.config.hidden_size
+
+
+def build_full_model(config, device: torch.device, seed: int):
+    """Random-weight ``Mistral3ForConditionalGeneration`` in bf16, built directly on ``device``."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    config = copy.deepcopy(config)  # truncate() edits the model's config; the next build needs all layers
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what from_pretrained(dtype=bf16) does while building
+    try:
+        with torch.device(device):
+            model = Mistral3ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def quantize_nf4(module: torch.nn.Module) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for a bitsandbytes NF4 ``Linear4bit``; returns how many."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        if type(child) is not torch.nn.Linear:
+            continue
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=False, quant_type="nf4",
+                              device="meta")
+        # Params4bit quantizes when moved to a device: same settings as the server's BitsAndBytesConfig.
+        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=False).to(child.weight.device)
+        if child.bias is not None:
+            q.bias = child.bias
+        module.set_submodule(name, q)
+        swapped += 1
+    return swapped
+
+
+def truncate(model, layers: int):
+    """Cut ``model`` the way TruncatedMistral3Encoder loads it; returns the language model."""
+    lm = model.model.language_model
+    lm.layers = lm.layers[:layers]
+    lm.config.num_hidden_layers = layers
+    lm.norm = torch.nn.Identity()  # hidden_states[-1] must stay un-normed (see text_encoder.py)
+    del model.lm_head, model.model.vision_tower, model.model.multi_modal_projector
+    return lm
+
+
+def allocated(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, int, torch.Tensor]:
+    """Median seconds of ``repeats`` calls after a warm-up, peak bytes allocated, last output (on CPU)."""
+    out = fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), peak, out.to("cpu")
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(args) -> list[dict]:
+    from diffusers import Flux2Pipeline
+
+    from common.demo import TinyFlux2Spec, build_tiny_flux2
+    from encoder_server.memory import load_config
+    from encoder_server.text_encoder import load_tokenizer
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    config = load_config(args.config)
+    if args.dry_run:
+        config.text_config.update(TINY_TEXT)
+        config.vision_config.update(TINY_VISION)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Byte-level demo tokenizer with Mistral control tokens and chat template; its ids fit any vocab here.
+        folder = build_tiny_flux2(Path(tmp), TinyFlux2Spec(with_dit=False, text_layers=1))
+        tokenizer = load_tokenizer(folder / "tokenizer")
+
+    rows = []
+    for fmt in args.formats:
+        free(device)
+        base = allocated(device)
+        model = build_full_model(config, device, args.seed)
+        if fmt == "nf4":
+            n = quantize_nf4(model.model.language_model.layers)
+            print(f"nf4: {n} linear layers quantized", file=sys.stderr)
+        ref_weights = allocated(device) - base if device.type == "cuda" else param_bytes(model)
+        reference = {}
+        for batch in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            with torch.inference_mode():
+                t, peak, out = timed(
+                    # .cpu(): the server's encode() also returns the embeddings on the CPU
+                    lambda m=model, p=prompts: Flux2Pipeline._get_mistral_3_small_prompt_embeds(m, tokenizer, p).cpu(),
+                    device, args.repeats)
+            reference[batch] = out
+            rows.append(dict(format=fmt, variant="reference (40 layers + lm_head)", batch=batch, seconds=t,
+                             weights=ref_weights, peak=peak - base, exact=None))
+            print(f"{fmt} reference batch {batch}: {t:.3f}s", file=sys.stderr, flush=True)
+        lm = truncate(model, FLUX2_DEV.computed_layers)
+        del model
+        free(device)
+        ours = InMemoryTruncatedEncoder(lm, tokenizer, device=device, dtype=torch.bfloat16)
+        our_weights = allocated(device) - base if device.type == "cuda" else param_bytes(lm)
+        for batch in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
+            exact = torch.equal(out, reference[batch])
+            rows.append(dict(format=fmt, variant=f"truncated ({FLUX2_DEV.computed_layers} layers)", batch=batch,
+                             seconds=t, weights=our_weights, peak=peak - base, exact=exact))
+            print(f"{fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
+        del ours, lm, reference
+        free(device)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--formats", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=None, help="Mistral3 config.json (default: FLUX.2-dev's)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny config on the CPU (no GPU needed)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_encoder.py needs a CUDA GPU; use --dry-run to check the script on a CPU", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    rows = run(args)
+    where = "CPU, tiny config (dry run: not a measurement)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"# GPU encoder: {where}; torch {torch.__version__}; 512 tokens/prompt; median of {args.repeats}; "
+          f"total {time.perf_counter() - t0:.0f}s")
+    print()
+    print("| format | forward | batch | weights GB | peak during forward GB | s/batch | prompts/s | bit-exact |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        exact = "" if r["exact"] is None else ("yes" if r["exact"] else "NO")
+        print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['weights'] / 1e9:.2f} | {r['peak'] / 1e9:.2f} | "
+              f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:.1f} | {exact} |")
+    return 0 if all(r["exact"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
