@@ -37,7 +37,11 @@ class BatchingConfig:
             to ``max_sequence_length`` (512) tokens, so this is 512 x prompts.
         max_batch_prompts: prompts per forward pass.
         max_queue_delay_ms: how long the oldest queued prompt may wait for
-            others to fill its batch before it runs anyway.
+            others to fill its batch before it runs anyway. 0 by default: the
+            model takes a batch only when it is idle, so under load prompts
+            that arrive during a forward pass share the next one anyway, and a
+            window would only delay a lone prompt (5 ms cost ~35% of the wire
+            throughput of one embedding, benchmarks/wire.py).
         max_queue_prompts: prompts that may wait in the queue; past it unary
             calls get RESOURCE_EXHAUSTED and streams wait (backpressure).
         fair: take work round-robin across users (False: first come, first
@@ -46,7 +50,7 @@ class BatchingConfig:
 
     max_batch_tokens: int = 8192
     max_batch_prompts: int = 32
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = 0.0
     max_queue_prompts: int = 1024
     fair: bool = True
 

@@ -21,8 +21,8 @@ from common.errors import (
     InvalidRequest,
     error_from_code,
 )
-from common.protocol import pb2, pb2_grpc
-from common.wire import DTYPE_NAMES, TensorAssembler, dtype_from_wire, dtype_to_wire
+from common.protocol import SERVICE_NAME, pb2, pb2_grpc
+from common.wire import DTYPE_NAMES, TensorAssembler, decode_response_frame, dtype_from_wire, dtype_to_wire
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -159,6 +159,13 @@ class RemoteTextEncoder:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb2_grpc.TextEncoderStub(self._channel)
+        # Encode responses arrive as raw bytes and are split by common.wire, so
+        # chunk bytes are copied once, into the output tensor (protobuf would copy them twice more).
+        self._encode_raw = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/Encode",
+            request_serializer=pb2.EncodeRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._info: EncoderInfo | None = None
 
@@ -227,7 +234,7 @@ class RemoteTextEncoder:
             part = prompts[start : start + step]
             request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only)
             try:
-                responses = self._stub.Encode(request, timeout=self.timeout, metadata=self._metadata)
+                responses = self._encode_raw(request, timeout=self.timeout, metadata=self._metadata)
                 metadata.extend(self._receive(responses, out[start : start + len(part)], info))
             except grpc.RpcError as err:
                 raise _describe_rpc_error(self.target, err) from None
@@ -235,14 +242,13 @@ class RemoteTextEncoder:
 
     # -- internals -------------------------------------------------------
 
-    def _receive(
-        self, responses: Iterator[pb2.EncodeResponse], out: torch.Tensor, info: EncoderInfo
-    ) -> list[PromptMetadata]:
+    def _receive(self, responses: Iterator[bytes], out: torch.Tensor, info: EncoderInfo) -> list[PromptMetadata]:
         """Reassemble the chunks of ``len(out)`` prompts into ``out``; verify sizes, CRC and fingerprint."""
         metadata: list[PromptMetadata | None] = [None] * len(out)
         assembler: TensorAssembler | None = None
         current = -1
-        for msg in responses:
+        for raw in responses:
+            msg, offset, data = decode_response_frame(raw)
             if msg.HasField("error"):
                 raise error_from_code(msg.error.code, msg.error.message)
             if msg.HasField("header"):
@@ -260,7 +266,7 @@ class RemoteTextEncoder:
                 metadata[current] = meta
             elif assembler is None or msg.prompt_index != current:
                 raise IntegrityError("chunk arrived before its header")
-            assembler.add(msg.chunk)
+            assembler.add_bytes(offset, data)
         if assembler is not None:
             assembler.finish()
         missing = [i for i, m in enumerate(metadata) if m is None]

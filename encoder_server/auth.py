@@ -442,8 +442,8 @@ def _replace_behaviours(handler, make: Callable):
 
 
 class UserLogFilter(logging.Filter):
-    """Adds ``%(user)s`` (the caller of the current request; ``anonymous`` outside one) to every log record."""
+    """Adds ``%(user)s`` to every log record: the caller of the current request, ``-`` outside one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.user = current_user.get()
+        record.user = current_user.get("-")
         return True

@@ -26,11 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import safetensors.torch
 import torch
 
-from common.wire import tensor_bytes
+from common.wire import crc32c, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -323,4 +322,4 @@ def _checksum(key: str, tensor: torch.Tensor, token_count: int, truncated: bool)
     """CRC-32C over everything served from an entry: the bytes, and the dtype, shape and
     metadata that give them meaning (a flipped shape or token count must not pass either)."""
     described = f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|{int(token_count)}|{int(truncated)}".encode()
-    return google_crc32c.extend(google_crc32c.value(described), tensor_bytes(tensor).tobytes())
+    return crc32c(tensor_bytes(tensor), crc32c(described))

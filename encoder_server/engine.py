@@ -345,8 +345,10 @@ class EncodeEngine:
 
     def _forward(self, prompts: list[str]) -> list[tuple]:
         batch = self.backend.encode(prompts)
-        # Own copies: a view would keep the whole batch tensor alive in the cache.
-        rows = [row.clone() for row in batch.embeddings.unbind(0)]
+        rows = list(batch.embeddings.unbind(0))
+        if len(rows) > 1:
+            # Own copies: a view would keep the whole batch tensor alive in the cache.
+            rows = [row.clone() for row in rows]
         self.metrics.prompts_computed.inc(len(prompts))
         self.metrics.batch_size.observe(len(prompts))
         self.metrics.batch_tokens.observe(len(prompts) * self._prompt_tokens)

@@ -47,17 +47,27 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-class TolerantDecodingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns unparseable TextEncoder requests into INVALID_ARGUMENT instead of INTERNAL."""
+# Methods whose servicer yields already-serialized messages (common/wire.py framing).
+_PRESERIALIZED = {f"/{SERVICE_NAME}/Encode", f"/{SERVICE_NAME}/EncodeStream"}
+
+
+class TextEncoderCodecInterceptor(grpc.aio.ServerInterceptor):
+    """How TextEncoder messages are (de)serialized.
+
+    Requests: an unparseable one (e.g. a prompt that is not UTF-8) reaches the
+    servicer as an UndecodableRequest and is answered INVALID_ARGUMENT, not INTERNAL.
+    Responses of Encode/EncodeStream are bytes the servicer framed itself.
+    """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if (
-            handler is not None
-            and handler_call_details.method.startswith(f"/{SERVICE_NAME}/")
-            and handler.request_deserializer is not None
-        ):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=tolerant_deserializer(handler.request_deserializer))
+        if method in _PRESERIALIZED:
+            handler = handler._replace(response_serializer=None)
         return handler
 
 
@@ -127,13 +137,15 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.begin_shutdown()
-        refusing = asyncio.ensure_future(self.server.stop(grace))  # new calls are refused from here on
+        if self.calls is not None:
+            self.calls.close()  # new TextEncoder calls get UNAVAILABLE from here on
         await asyncio.gather(
             self.calls.wait_idle(grace) if self.calls is not None else asyncio.sleep(0),
             self.http.stop(grace) if self.http is not None else asyncio.sleep(0),
         )
-        await self.server.stop(0)  # a second stop ends the calls still open now
-        await refusing
+        # One stop only: overlapping grpc.aio stop() calls crashed the process
+        # (segfault inside grpc's shutdown) about one run in three.
+        await self.server.stop(0)
         self.engine.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -158,7 +170,7 @@ async def start_server(
     )
     calls = InFlightCalls()
     server = grpc.aio.server(
-        interceptors=[calls, TolerantDecodingInterceptor(), auth], options=server_options(config)
+        interceptors=[calls, TextEncoderCodecInterceptor(), auth], options=server_options(config)
     )
     pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits, metrics), server)
 

@@ -27,6 +27,17 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
         self._count = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closing = False
+
+    def close(self) -> None:
+        """Refuse new TextEncoder calls with UNAVAILABLE from now on; running ones go on."""
+        self._closing = True
+
+    async def _refuse_if_closing(self, context: grpc.aio.ServicerContext) -> None:
+        if self._closing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica or later"
+            )
 
     @property
     def count(self) -> int:
@@ -65,6 +76,7 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
         if kind in ("unary_stream", "stream_stream"):
 
             async def wrapped(request, context):
+                await self._refuse_if_closing(context)
                 self._begin(context)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):
@@ -76,6 +88,7 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
         else:
 
             async def wrapped(request, context):
+                await self._refuse_if_closing(context)
                 self._begin(context)
                 return await behaviour(request, context)
 
