@@ -166,6 +166,11 @@ class RemoteTextEncoder:
             request_serializer=pb2.EncodeRequest.SerializeToString,
             response_deserializer=None,
         )
+        self._encode_stream_raw = self._channel.stream_stream(
+            f"/{SERVICE_NAME}/EncodeStream",
+            request_serializer=pb2.EncodeRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._info: EncoderInfo | None = None
 

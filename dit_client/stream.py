@@ -48,7 +48,7 @@ from common.errors import (
     error_from_code,
 )
 from common.protocol import pb2
-from common.wire import DTYPE_NAMES, TensorAssembler, dtype_to_wire
+from common.wire import DTYPE_NAMES, TensorAssembler, decode_response_frame, dtype_to_wire
 from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, _describe_rpc_error
 
 RETRYABLE = (EncoderUnavailable, EncoderOverloaded)
@@ -264,7 +264,8 @@ class _StreamJob:
     def _one_stream(self) -> Iterator[StreamedEmbedding]:
         client = self.client
         outbox: queue.Queue = queue.Queue()
-        call = client._stub.EncodeStream(iter(outbox.get, _CLOSE), metadata=client._metadata)
+        # Raw frames, split by common.wire: chunk bytes are copied once, into the output tensor.
+        call = client._encode_stream_raw(iter(outbox.get, _CLOSE), metadata=client._metadata)
         watchdog = _Watchdog(call, client.timeout)
         in_flight: dict[str, _Request] = {}
         receiving: dict[str, _Receiving] = {}
@@ -291,12 +292,13 @@ class _StreamJob:
                 watchdog.poke(armed=True)
 
                 # 2. Read one message and route it to its request.
-                msg = next(call, None)
-                if msg is None:
+                raw = next(call, None)
+                if raw is None:
                     raise _StreamBroken(
                         EncoderUnavailable(f"the encoder at {client.target} closed the stream early"),
                         list(in_flight.values()),
                     )
+                msg, offset, data = decode_response_frame(raw)
                 request = in_flight.get(msg.request_id)
                 if request is None:
                     raise IntegrityError(f"response for unknown request_id {msg.request_id!r}")
@@ -315,7 +317,7 @@ class _StreamJob:
                         dtype=self.dtype,
                     )
                     state = receiving[msg.request_id] = _Receiving(request, out, [None] * len(request.prompts))
-                _receive_message(state, msg, self.fingerprint)
+                _receive_message(state, msg, offset, data, self.fingerprint)
                 if msg.request_done:
                     if state.assembler is not None:
                         state.assembler.finish()
@@ -373,7 +375,9 @@ def encode_stream(
     return job.run()
 
 
-def _receive_message(state: _Receiving, msg: pb2.EncodeResponse, fingerprint: str) -> None:
+def _receive_message(
+    state: _Receiving, msg: pb2.EncodeResponse, offset: int, data: memoryview, fingerprint: str
+) -> None:
     n = len(state.metadata)
     if msg.HasField("header"):
         if state.assembler is not None:
@@ -389,4 +393,4 @@ def _receive_message(state: _Receiving, msg: pb2.EncodeResponse, fingerprint: st
         state.current = index
     elif state.assembler is None or msg.prompt_index != state.current:
         raise IntegrityError("chunk arrived before its header")
-    state.assembler.add(msg.chunk)
+    state.assembler.add_bytes(offset, data)
