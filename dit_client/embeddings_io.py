@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_write
+
 
 def save_embeddings(path: str | os.PathLike, embeds: torch.Tensor, *, prompts: list[str], fingerprint: str) -> Path:
     """Write ``{"prompt_embeds": [B, L, D]}`` with prompts and fingerprint in the metadata, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(
-            {"prompt_embeds": embeds.contiguous()},
-            tmp,
-            metadata={"prompts": json.dumps(prompts, ensure_ascii=False), "fingerprint": fingerprint},
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    metadata = {"prompts": json.dumps(prompts, ensure_ascii=False), "fingerprint": fingerprint}
+    atomic_write(path, lambda tmp: save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata=metadata))
+    return Path(path)
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
 from common.errors import IntegrityError
 from common.model_source import DEFAULT_MODEL, ModelSource, resolve_model
 from dit_client.remote import RemoteTextEncoder, TLSConfig
@@ -303,15 +303,7 @@ def save_images(images: Sequence, out: str | os.PathLike, *, metadata: Mapping[s
     if metadata:
         info.add_itxt("flux2-remote", json.dumps(dict(metadata), ensure_ascii=False))
     for image, path in zip(images, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG", pnginfo=info), durable=False)
     return paths
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -23,6 +24,9 @@ from common.errors import (
 )
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from common.wire import DTYPE_NAMES, TensorAssembler, decode_response_frame, dtype_from_wire, dtype_to_wire
+
+if TYPE_CHECKING:  # stream.py imports this module; annotations only
+    from dit_client.stream import RetryPolicy, StreamedEmbedding
 
 DEFAULT_TIMEOUT_S = 300.0
 

@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.atomic import TMP_SUFFIX, atomic_write
 from common.errors import IntegrityError
 from common.wire import DTYPE_NAMES
 
@@ -55,7 +56,6 @@ LOCK_NAME = ".lock"
 TENSOR_KEY = "embeddings"
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
-TMP_SUFFIX = ".tmp"
 # 8 FLUX.2-dev embeddings (15.7 MB each) per shard: a kill loses at most two
 # shards of work (one filling, one being written); the writer holds two buffers.
 DEFAULT_SHARD_BYTES = 128 * 1024 * 1024
@@ -121,35 +121,6 @@ class _ShardEntry:
 # -- files -------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-
-
-def _write_atomic(final: Path, write) -> None:
-    """Run ``write(tmp_path)``, fsync it, rename it over ``final``, fsync the directory."""
-    tmp = _tmp_path(final)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-
-
 def _read_index(path: Path) -> tuple[StoreInfo, list[_ShardEntry]] | None:
     index = path / INDEX_NAME
     if not index.is_file():
@@ -181,7 +152,7 @@ def _write_index(path: Path, info: StoreInfo, shards: list[_ShardEntry]) -> None
         "count": sum(s.count for s in shards),
         "shards": [{"file": s.file, "count": s.count, "bytes": s.bytes} for s in shards],
     }
-    _write_atomic(path / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
+    atomic_write(path / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
 
 
 def _read_shard_header(file: Path, info: StoreInfo) -> list[str]:
@@ -534,7 +505,7 @@ class StoreWriter:
             "captions": json.dumps(captions, ensure_ascii=False),
         }
         rows = buffer[:n]
-        _write_atomic(final, lambda tmp: save_file({TENSOR_KEY: rows}, str(tmp), metadata=metadata))
+        atomic_write(final, lambda tmp: save_file({TENSOR_KEY: rows}, str(tmp), metadata=metadata))
         self._shards.append(_ShardEntry(name, n, final.stat().st_size))
         _write_index(self.path, self.info, self._shards)
 
