@@ -233,11 +233,6 @@ class WireTensor:
         n = len(self.data)
         return [(off, self.data[off : off + chunk_bytes]) for off in range(0, n, chunk_bytes)] or [(0, self.data)]
 
-    def iter_chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb2.TensorChunk]:
-        """The same pieces as protobuf messages (simple, but each one copies its bytes)."""
-        for off, piece in self.spans(chunk_bytes):
-            yield pb2.TensorChunk(offset=off, data=bytes(piece))
-
     def frames(
         self,
         *,
@@ -261,21 +256,6 @@ class WireTensor:
             )
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a receiver expects: it allocates the buffer from this, never from the sender's claims alone."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
-
-
 class TensorAssembler:
     """Writes incoming chunks of one tensor straight into ``out`` (a preallocated CPU tensor).
 
@@ -295,11 +275,6 @@ class TensorAssembler:
         self._expected_crc = header.crc32c
         self._crc = 0
         self._filled = 0
-
-    def add(self, chunk: pb2.TensorChunk) -> None:
-        """Take one chunk message."""
-        # Each read of a upb bytes field builds a new bytes object (a full copy): read it once.
-        self.add_bytes(chunk.offset, chunk.data)
 
     def add_bytes(self, offset: int, data: bytes | memoryview) -> None:
         """Take the chunk at ``offset`` (e.g. a view from :func:`decode_response_frame`)."""

@@ -119,6 +119,53 @@ class PromptMetadata:
         return cls(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
 
 
+class ResponseAssembler:
+    """Reassembles the prompts of one request from its response frames into ``out``.
+
+    Used by ``Encode`` and ``EncodeStream`` alike. Checks prompt indices, the
+    fingerprint on every header, byte counts and CRCs; any mismatch raises
+    :class:`IntegrityError`.
+
+    Args:
+        out: ``[n_prompts, max_sequence_length, embedding_dim]`` buffer to fill.
+        fingerprint: the model fingerprint every embedding must carry.
+    """
+
+    def __init__(self, out: torch.Tensor, fingerprint: str):
+        self.out = out
+        self.fingerprint = fingerprint
+        self.metadata: list[PromptMetadata | None] = [None] * len(out)
+        self._tensor: TensorAssembler | None = None
+        self._current = -1
+
+    def add(self, msg: pb2.EncodeResponse, offset: int, data: bytes | memoryview) -> None:
+        """Take one frame, split by :func:`common.wire.decode_response_frame`."""
+        if msg.HasField("header"):
+            if self._tensor is not None:
+                self._tensor.finish()
+            index = msg.prompt_index
+            if index >= len(self.out) or self.metadata[index] is not None:
+                raise IntegrityError(f"unexpected prompt index {index} in the response")
+            meta = PromptMetadata.from_proto(msg.header.metadata)
+            if meta.model_fingerprint != self.fingerprint:
+                raise IntegrityError(f"embedding made by {meta.model_fingerprint}, expected {self.fingerprint}")
+            self._tensor = TensorAssembler(self.out[index], msg.header)
+            self.metadata[index] = meta
+            self._current = index
+        elif self._tensor is None or msg.prompt_index != self._current:
+            raise IntegrityError("chunk arrived before its header")
+        self._tensor.add_bytes(offset, data)
+
+    def finish(self) -> list[PromptMetadata]:
+        """Check the last prompt and that every prompt arrived; return their metadata in order."""
+        if self._tensor is not None:
+            self._tensor.finish()
+        missing = [i for i, m in enumerate(self.metadata) if m is None]
+        if missing:
+            raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
+        return self.metadata  # type: ignore[return-value]
+
+
 def _describe_rpc_error(target: str, err: grpc.RpcError) -> Flux2RemoteError:
     code, details = err.code(), err.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -253,35 +300,13 @@ class RemoteTextEncoder:
 
     def _receive(self, responses: Iterator[bytes], out: torch.Tensor, info: EncoderInfo) -> list[PromptMetadata]:
         """Reassemble the chunks of ``len(out)`` prompts into ``out``; verify sizes, CRC and fingerprint."""
-        metadata: list[PromptMetadata | None] = [None] * len(out)
-        assembler: TensorAssembler | None = None
-        current = -1
+        assembler = ResponseAssembler(out, info.fingerprint)
         for raw in responses:
             msg, offset, data = decode_response_frame(raw)
             if msg.HasField("error"):
                 raise error_from_code(msg.error.code, msg.error.message)
-            if msg.HasField("header"):
-                if assembler is not None:
-                    assembler.finish()
-                current = msg.prompt_index
-                if current >= len(out) or metadata[current] is not None:
-                    raise IntegrityError(f"unexpected prompt index {current} in the response")
-                assembler = TensorAssembler(out[current], msg.header)
-                meta = PromptMetadata.from_proto(msg.header.metadata)
-                if meta.model_fingerprint != info.fingerprint:
-                    raise IntegrityError(
-                        f"embedding made by {meta.model_fingerprint}, but the server announced {info.fingerprint}"
-                    )
-                metadata[current] = meta
-            elif assembler is None or msg.prompt_index != current:
-                raise IntegrityError("chunk arrived before its header")
-            assembler.add_bytes(offset, data)
-        if assembler is not None:
-            assembler.finish()
-        missing = [i for i, m in enumerate(metadata) if m is None]
-        if missing:
-            raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
-        return metadata  # type: ignore[return-value]
+            assembler.add(msg, offset, data)
+        return assembler.finish()
 
     # -- bulk streaming (EncodeStream) -------------------------------------
 

@@ -35,7 +35,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import grpc
 import torch
 
@@ -48,8 +48,8 @@ from common.errors import (
     error_from_code,
 )
 from common.protocol import pb2
-from common.wire import DTYPE_NAMES, TensorAssembler, decode_response_frame, dtype_to_wire
-from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, _describe_rpc_error
+from common.wire import DTYPE_NAMES, decode_response_frame, dtype_to_wire
+from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, ResponseAssembler, _describe_rpc_error
 
 RETRYABLE = (EncoderUnavailable, EncoderOverloaded)
 
@@ -115,16 +115,6 @@ class _Request:
 
 
 @dataclass
-class _Receiving:
-    """A request on the wire: its buffer and the prompts assembled so far."""
-
-    request: _Request
-    out: torch.Tensor  # [n, L, D]
-    metadata: list = field(default_factory=list)
-    assembler: TensorAssembler | None = None
-    current: int = -1
-
-
 class _Watchdog:
     """Cancels the call when requests are in flight but nothing arrives for ``idle_s`` seconds.
 
@@ -268,7 +258,7 @@ class _StreamJob:
         call = client._encode_stream_raw(iter(outbox.get, _CLOSE), metadata=client._metadata)
         watchdog = _Watchdog(call, client.timeout)
         in_flight: dict[str, _Request] = {}
-        receiving: dict[str, _Receiving] = {}
+        receiving: dict[str, ResponseAssembler] = {}
         try:
             while True:
                 # 1. Top up the window of in-flight requests.
@@ -310,26 +300,22 @@ class _StreamJob:
                         raise type(exc)(f"prompts {request.indices[0]}..{request.indices[-1]}: {exc}") from None
                     self._retry_request(request, exc)
                     continue
-                state = receiving.get(msg.request_id)
-                if state is None:
+                assembler = receiving.get(msg.request_id)
+                if assembler is None:
                     out = torch.empty(
                         (len(request.prompts), self.info.max_sequence_length, self.info.embedding_dim),
                         dtype=self.dtype,
                     )
-                    state = receiving[msg.request_id] = _Receiving(request, out, [None] * len(request.prompts))
-                _receive_message(state, msg, offset, data, self.fingerprint)
+                    assembler = receiving[msg.request_id] = ResponseAssembler(out, self.fingerprint)
+                assembler.add(msg, offset, data)
                 if msg.request_done:
-                    if state.assembler is not None:
-                        state.assembler.finish()
-                    missing = [i for i, m in enumerate(state.metadata) if m is None]
-                    if missing:
-                        raise IntegrityError(f"request {msg.request_id} ended without prompt(s) {missing}")
+                    metadata = assembler.finish()
                     del in_flight[msg.request_id], receiving[msg.request_id]
                     self._stream_failures = 0
                     # The caller's time (writing a shard, a training step) is not the server's silence.
                     watchdog.poke(armed=False)
                     for i, index in enumerate(request.indices):
-                        yield StreamedEmbedding(index, request.prompts[i], state.out[i], state.metadata[i])
+                        yield StreamedEmbedding(index, request.prompts[i], assembler.out[i], metadata[i])
             # 3. Half-close; the server ends the stream once it has nothing left.
             outbox.put(_CLOSE)
             for _ in call:
@@ -373,24 +359,3 @@ def encode_stream(
         cache_only=cache_only, retry=retry,
     )
     return job.run()
-
-
-def _receive_message(
-    state: _Receiving, msg: pb2.EncodeResponse, offset: int, data: memoryview, fingerprint: str
-) -> None:
-    n = len(state.metadata)
-    if msg.HasField("header"):
-        if state.assembler is not None:
-            state.assembler.finish()
-        index = msg.prompt_index
-        if index >= n or state.metadata[index] is not None:
-            raise IntegrityError(f"unexpected prompt index {index} in request {msg.request_id}")
-        meta = PromptMetadata.from_proto(msg.header.metadata)
-        if meta.model_fingerprint != fingerprint:
-            raise IntegrityError(f"embedding made by {meta.model_fingerprint}, but the job started with {fingerprint}")
-        state.assembler = TensorAssembler(state.out[index], msg.header)
-        state.metadata[index] = meta
-        state.current = index
-    elif state.assembler is None or msg.prompt_index != state.current:
-        raise IntegrityError("chunk arrived before its header")
-    state.assembler.add_bytes(offset, data)

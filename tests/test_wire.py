@@ -25,8 +25,8 @@ def test_round_trip_is_bit_exact(dtype):
     assert wire.nbytes == t.numel() * t.element_size()
     out = torch.empty_like(t)
     asm = TensorAssembler(out, wire.header())
-    for chunk in wire.iter_chunks(64 * 1024):
-        asm.add(chunk)
+    for offset, piece in wire.spans(64 * 1024):
+        asm.add_bytes(offset, piece)
     asm.finish()
     assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
 
@@ -39,11 +39,11 @@ def test_bytes_are_little_endian_raw_memory():
 
 def _assemble(wire, out, mutate=None):
     asm = TensorAssembler(out, wire.header())
-    for i, chunk in enumerate(wire.iter_chunks(1024)):
+    for i, chunk in enumerate(wire.spans(1024)):
         if mutate:
             chunk = mutate(i, chunk)
         if chunk is not None:
-            asm.add(chunk)
+            asm.add_bytes(*chunk)
     asm.finish()
 
 
@@ -53,9 +53,9 @@ def test_flipped_byte_fails_crc():
 
     def flip(i, c):
         if i == 2:
-            data = bytearray(c.data)
+            offset, data = c[0], bytearray(c[1])
             data[5] ^= 1
-            return pb2.TensorChunk(offset=c.offset, data=bytes(data))
+            return offset, bytes(data)
         return c
 
     with pytest.raises(IntegrityError, match="CRC"):
@@ -82,7 +82,7 @@ def test_overlong_chunk_is_refused():
     wire = WireTensor.from_tensor(t)
     asm = TensorAssembler(torch.empty_like(t), wire.header())
     with pytest.raises(IntegrityError, match="more bytes"):
-        asm.add(pb2.TensorChunk(offset=0, data=b"\0" * (t.numel() * 4 + 1)))
+        asm.add_bytes(0, b"\0" * (t.numel() * 4 + 1))
 
 
 @pytest.mark.parametrize(
