@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +28,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from common.atomic import TMP_SUFFIX, atomic_write
 from common.wire import crc32c, tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 # Bump when the entry layout changes; old entries then simply miss.
 CACHE_FORMAT = "flux2-remote-embedding/1"
 _SUFFIX = ".safetensors"
-_TMP_PREFIX = ".tmp-"
 # Temporary files older than this are leftovers of a crashed writer (a live
 # writer renames its file within milliseconds).
 _STALE_TMP_S = 3600.0
@@ -204,20 +203,7 @@ class DiskCache:
         if len(data) > self.max_bytes:
             return
         path = self.path_of(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         with self._lock:
             old = self._index.pop(key, None)
             if old is not None:
@@ -267,7 +253,7 @@ class DiskCache:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            if path.name.startswith(_TMP_PREFIX):
+            if path.name.startswith(".") and path.name.endswith(TMP_SUFFIX):  # common.atomic's temporaries
                 if now - st.st_mtime > _STALE_TMP_S:
                     path.unlink(missing_ok=True)
                 continue

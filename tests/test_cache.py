@@ -123,7 +123,7 @@ def test_a_writer_killed_mid_write_leaves_no_entry_that_is_served(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
-    leftovers = list(tmp_path.glob("??/.tmp-*"))
+    leftovers = list(tmp_path.glob("??/.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the torn write is there...
     cache = DiskCache(tmp_path, 10**9)
     assert cache.get("c" * 64) is None and len(cache) == 0  # ...but never served
