@@ -205,13 +205,16 @@ def test_second_signal_exits_at_once(tmp_path, channel_to):
 # -- in process: HTTP and gRPC requests in flight during stop() -----------
 
 
-class SlowBackend:
-    """The tiny backend, but each forward pass first waits ``delay_s`` and reports that it started."""
+class GatedBackend:
+    """The tiny backend, but every forward pass waits until the test opens the gate.
 
-    def __init__(self, backend, delay_s: float):
+    A gate, not a fixed delay: on a loaded CI machine a 2 s sleep could run
+    out before the test had looked at the stopping server.
+    """
+
+    def __init__(self, backend):
         self._backend = backend
-        self._delay_s = delay_s
-        self.started = threading.Event()
+        self.gate = threading.Event()
         self.seen: list[str] = []
 
     def __getattr__(self, name):
@@ -219,14 +222,13 @@ class SlowBackend:
 
     def encode(self, prompts):
         self.seen.extend(prompts)
-        self.started.set()
-        time.sleep(self._delay_s)
+        assert self.gate.wait(60), "the test never opened the gate"
         return self._backend.encode(prompts)
 
 
 def test_stop_lets_http_and_grpc_requests_finish_and_refuses_new_http_with_503(tiny_backend):
-    slow = SlowBackend(tiny_backend, delay_s=2.0)
-    with ServerThread(slow, ServerConfig(http=HTTPConfig(port=0))) as s:
+    gated = GatedBackend(tiny_backend)
+    with ServerThread(gated, ServerConfig(http=HTTPConfig(port=0))) as s:
         url = f"http://127.0.0.1:{s.running.http.port}"
         with RemoteTextEncoder(s.target) as enc:
             enc.info()
@@ -241,27 +243,30 @@ def test_stop_lets_http_and_grpc_requests_finish_and_refuses_new_http_with_503(t
             threads = [threading.Thread(target=grpc_call), threading.Thread(target=http_call)]
             for t in threads:
                 t.start()
-            # Both requests must have reached the model before the stop begins;
-            # with batching they may share one forward pass or take two.
+            # Both requests must be inside the server before the stop begins:
+            # one forward pass holding both, or one running and one queued.
             deadline = time.monotonic() + 30
-            while not {"in flight over gRPC", "in flight over HTTP"} <= set(slow.seen):
-                assert time.monotonic() < deadline, f"requests never reached the model: {slow.seen}"
+            while not (len(gated.seen) == 2 or (len(gated.seen) == 1 and s.running.engine.queued == 1)):
+                assert time.monotonic() < deadline, f"requests never reached the engine: {gated.seen}"
                 time.sleep(0.02)
-            stopping = asyncio.run_coroutine_threadsafe(s.running.stop(30), s.loop)
-
-            deadline = time.monotonic() + 10
-            while requests.get(f"{url}/health", timeout=5).status_code != 503:
-                assert time.monotonic() < deadline, "health never went NOT_SERVING"
-                time.sleep(0.05)
-            late = requests.post(f"{url}/predict", json={"prompt": "too late"}, timeout=10)
-            assert late.status_code == 503 and "shutting down" in late.json()["error"]
-
+            stopping = asyncio.run_coroutine_threadsafe(s.running.stop(60), s.loop)
+            try:
+                deadline = time.monotonic() + 10
+                while requests.get(f"{url}/health", timeout=5).status_code != 503:
+                    assert time.monotonic() < deadline, "health never went NOT_SERVING"
+                    time.sleep(0.05)
+                late = requests.post(f"{url}/predict", json={"prompt": "too late"}, timeout=10)
+                assert late.status_code == 503 and "shutting down" in late.json()["error"]
+                assert not stopping.done(), "the stop must wait for the requests in flight"
+            finally:
+                gated.gate.set()
             for t in threads:
                 t.join(60)
             stopping.result(60)
             s.running = None  # already stopped
         assert isinstance(results["grpc"], torch.Tensor) and results["grpc"].shape[:2] == (1, 512)
         assert results["http"].status_code == 200
+        assert "too late" not in gated.seen
 
 
 def test_open_health_watchers_do_not_hold_the_drain(tiny_backend):
