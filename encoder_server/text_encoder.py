@@ -90,7 +90,8 @@ def load_tokenizer(folder):
     """The tokenizer with its chat template, from ``folder`` (FLUX.2's ``tokenizer/``).
 
     FLUX.2-dev ships a PixtralProcessor there; its tokenizer with the same chat
-    template gives the same ids for text-only input, without needing torchvision.
+    template gives the same ids for text-only input (tested against the
+    processor's own ``apply_chat_template``), without needing torchvision.
     """
     from transformers import AutoTokenizer
 

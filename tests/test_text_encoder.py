@@ -135,3 +135,77 @@ def test_nf4_loads_and_encodes_on_cuda(tiny_model_dir):
     enc = TruncatedMistral3Encoder(source, device=torch.device("cuda"), dtype=torch.bfloat16, quantization="nf4")
     out = enc.encode(["a cat"]).embeddings
     assert out.shape == (1, 512, 48) and torch.isfinite(out.float()).all()
+
+
+# -- the tokenizer folder FLUX.2-dev really ships: a PixtralProcessor ----------
+
+
+@pytest.fixture()
+def pixtral_processor_class():
+    """transformers' PixtralProcessor class, importable without torchvision.
+
+    The processor module imports torchvision at the top, for image work only;
+    torchvision cannot be installed beside the CPU torch build here. Where it is
+    missing, a stand-in module is present just while the class is imported and
+    used for text; the class itself is transformers' own.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    pixtral_modules = (
+        "transformers.models.pixtral.processing_pixtral",
+        "transformers.models.pixtral.image_processing_pixtral",
+    )
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional")
+        stubs = {name: types.ModuleType(name) for name in names}
+        for parent, child in zip(names, names[1:]):
+            setattr(stubs[parent], child.rsplit(".", 1)[1], stubs[child])
+    saved = {name: sys.modules.pop(name) for name in (*stubs, *pixtral_modules) if name in sys.modules}
+    sys.modules.update(stubs)
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+        yield PixtralProcessor
+    finally:
+        for name in (*stubs, *pixtral_modules):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def test_pixtral_processor_folder_is_bit_exact_with_reference(tiny_model_dir, tmp_path, pixtral_processor_class):
+    """FLUX.2-dev's ``tokenizer/`` is a PixtralProcessor, and diffusers calls the processor's own
+    ``apply_chat_template``; the server loads that folder as a tokenizer. Both must give the same ids."""
+    import shutil
+
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    processor = pixtral_processor_class(
+        image_processor=PixtralImageProcessorPil(), tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    folder = tmp_path / "flux2-like"
+    shutil.copytree(tiny_model_dir / "text_encoder", folder / "text_encoder")
+    processor.save_pretrained(folder / "tokenizer")
+    assert (folder / "tokenizer" / "processor_config.json").is_file()
+    processor = pixtral_processor_class.from_pretrained(folder / "tokenizer")
+
+    enc = load(folder, torch.bfloat16)
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+    messages = format_input(prompts=PROMPTS, system_message=SYSTEM_MESSAGE)
+    kwargs = dict(
+        add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
+        padding="max_length", truncation=True, max_length=512,
+    )
+    theirs = processor.apply_chat_template(messages, **kwargs)
+    ours, _ = enc.tokenize(PROMPTS)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+
+    text_encoder = Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = Flux2Pipeline._get_mistral_3_small_prompt_embeds(text_encoder.eval(), processor, PROMPTS)
+    assert torch.equal(enc.encode(PROMPTS).embeddings, ref)
