@@ -197,21 +197,30 @@ class HTTPEndpoint:
 
     async def _predict(self, request: web.Request) -> web.StreamResponse:
         if self._shutting_down:
+            self._engine.metrics.count_request("HTTP /predict", grpc.StatusCode.UNAVAILABLE.name, ANONYMOUS)
             return _error_response(EncoderUnavailable("the server is shutting down; retry on another replica or later"))
         task = asyncio.current_task()
         self._in_flight.add(task)
         # Reset per request: aiohttp may run several keep-alive requests in one context.
         user_token = current_user.set(ANONYMOUS)
+        status = grpc.StatusCode.OK
         try:
             return await self._predict_checked(request)
         except Flux2RemoteError as exc:
+            status = exc.code
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.info("POST /predict from %s (user %s): %s", request.remote, current_user.get(), exc)
             return _error_response(exc)
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED  # the client hung up
+            raise
         except Exception:
+            status = grpc.StatusCode.INTERNAL
             log.exception("POST /predict failed")
             return _error(500, "internal error; see the server log", grpc.StatusCode.INTERNAL.name)
         finally:
+            # Counted beside the gRPC methods, so one query covers every way in.
+            self._engine.metrics.count_request("HTTP /predict", status.name, current_user.get())
             current_user.reset(user_token)
             self._in_flight.discard(task)
 

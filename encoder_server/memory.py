@@ -151,11 +151,6 @@ class ParameterCounts:
         """What the server keeps: embeddings and the first ``layers`` decoder layers."""
         return self.embeddings + self.kept_layers
 
-    @property
-    def load_peak(self) -> Part:
-        """What ``from_pretrained`` holds before the server frees lm_head and the vision tower."""
-        return self.truncated + self.final_norm + self.lm_head + self.vision
-
 
 def count_parameters(config=None, layers: int = FLUX2_DEV.computed_layers) -> ParameterCounts:
     """Count parameters of ``config`` (a ``Mistral3Config``; default: FLUX.2-dev's) on the meta device.
@@ -216,7 +211,7 @@ class WeightRow:
 
 
 def weight_rows(counts: ParameterCounts) -> list[WeightRow]:
-    """The weight-memory table: full bf16, truncated bf16/fp8/nf4, and the transient load peak."""
+    """The weight-memory table: full bf16, truncated bf16/fp8/nf4 (the server also loads no more than that)."""
     t, k = counts.truncated, counts.layers
     return [
         WeightRow("full model, bf16", counts.full.params, bf16_bytes(counts.full),
@@ -229,8 +224,6 @@ def weight_rows(counts: ParameterCounts) -> list[WeightRow]:
                   "linear weights 4-bit + fp32 absmax per 64; embeddings (not quantized by bitsandbytes), norms bf16"),
         WeightRow(f"truncated ({k} layers), nf4 + double quant", t.params, nf4_bytes(t, double_quant=True),
                   "as nf4, absmax stored 8-bit (bnb_4bit_use_double_quant=True; not the server's default)"),
-        WeightRow("load peak of the truncated server, bf16", counts.load_peak.params, bf16_bytes(counts.load_peak),
-                  "from_pretrained also loads lm_head and the vision tower, freed right after"),
     ]
 
 

@@ -3,8 +3,9 @@
 Computes exactly what ``Flux2Pipeline._get_mistral_3_small_prompt_embeds``
 computes, bit for bit, but runs only the embedding layer and the decoder
 layers up to the deepest requested hidden state (30 of 40 for FLUX.2-dev).
-The deeper layers are never loaded; the vision tower, projector and
-``lm_head`` are freed right after loading.
+Only the language model's backbone is loaded, cut after that layer: the
+deeper layers, the vision tower, the projector and ``lm_head`` are never
+read from disk.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZATIONS = ("none", "fp8", "nf4")
+
+# Mistral3ForConditionalGeneration checkpoints name the backbone's weights
+# ``language_model.model.*`` (as saved by transformers 4.x and 5.x) or
+# ``model.language_model.*`` (the in-memory layout of transformers >= 4.52);
+# both map onto a bare MistralModel. Every other weight stays unexpected and unread.
+BACKBONE_KEY_MAPPING = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
 
 
 class ConfigError(Exception):
@@ -130,7 +137,7 @@ class TruncatedMistral3Encoder:
         quantization: str = "none",
         spec: EncoderSpec = FLUX2_DEV,
     ):
-        from transformers import AutoConfig, Mistral3ForConditionalGeneration
+        from transformers import AutoConfig, MistralModel
         from transformers.utils import logging as hf_logging
 
         self.spec = spec
@@ -157,30 +164,38 @@ class TruncatedMistral3Encoder:
 
         qconfig = quantization_config(quantization, dtype, device)
         t0 = time.perf_counter()
-        # transformers warns about every skipped layer weight; skipping them is the point.
+        # transformers reports every skipped weight; skipping them is the point.
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = Mistral3ForConditionalGeneration.from_pretrained(
+            # The backbone alone (Mistral3's language_model is this class), so the
+            # vision tower, projector and lm_head are never materialised.
+            lm, info = MistralModel.from_pretrained(
                 te_dir,
-                config=config,
+                config=text_config,
                 dtype=dtype,
                 quantization_config=qconfig,
-                device_map={"": device} if qconfig is not None else None,
+                key_mapping=BACKBONE_KEY_MAPPING,
+                # Straight onto the GPU: no detour through host RAM.
+                device_map={"": device} if device.type == "cuda" else None,
+                output_loading_info=True,
             )
         finally:
             hf_logging.set_verbosity(previous)
-        if qconfig is None:
-            model.to(device)
-        lm = model.model.language_model
+        if info["missing_keys"] or info["mismatched_keys"]:
+            # Never serve a half-random model: a checkpoint in another key layout
+            # would otherwise load as freshly initialised weights.
+            missing = sorted(info["missing_keys"])[:5]
+            raise ConfigError(
+                f"{te_dir} does not hold the Mistral-3 language model weights this server expects "
+                f"(missing {missing}, mismatched {list(info['mismatched_keys'])[:5]})"
+            )
+        if lm.device != device and qconfig is None:
+            lm.to(device)
         # transformers overwrites hidden_states[-1] with the final-normed output;
         # after truncation hidden_states[-1] is a state we return, so the norm must go.
         lm.norm = torch.nn.Identity()
         self._lm = lm.eval().requires_grad_(False)
-        # Drop the vision tower, projector and lm_head (~1.1B params for FLUX.2-dev).
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         log.info(
             "loaded %s: %d of %d layers in %.1fs", te_dir, spec.computed_layers, self.num_hidden_layers,
             time.perf_counter() - t0,

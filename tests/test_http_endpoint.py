@@ -160,6 +160,23 @@ def test_keys_are_required_when_configured(keyed_http_server):
     assert seen == [("alice", "alice")]
 
 
+def test_requests_are_counted_by_status_and_user_beside_grpc(keyed_http_server):
+    metrics = keyed_http_server.running.engine.metrics
+
+    def count(status, user):
+        return metrics.sample(
+            "flux2_encoder_requests_total", {"method": "HTTP /predict", "status": status, "user": user}
+        )
+
+    assert post(keyed_http_server, {"prompt": "x"}, key=KEY).status_code == 200
+    assert post(keyed_http_server, {"prompt": 7}, key=KEY).status_code == 400
+    assert post(keyed_http_server, {"prompt": "x"}, key="wrong-key-0123456789abcdef").status_code == 401
+    assert count("OK", "alice") == 1
+    assert count("INVALID_ARGUMENT", "alice") == 1
+    assert count("UNAUTHENTICATED", ANONYMOUS) == 1
+    assert b'method="HTTP /predict"' in metrics.exposition()
+
+
 def test_without_keys_any_bearer_is_anonymous(http_server):
     seen = spy_on_users(http_server)
     assert post(http_server, {"prompt": "x"}, key="None").status_code == 200

@@ -209,3 +209,54 @@ def test_pixtral_processor_folder_is_bit_exact_with_reference(tiny_model_dir, tm
     with torch.no_grad():
         ref = Flux2Pipeline._get_mistral_3_small_prompt_embeds(text_encoder.eval(), processor, PROMPTS)
     assert torch.equal(enc.encode(PROMPTS).embeddings, ref)
+
+
+# -- what the loader reads -----------------------------------------------------
+
+
+def _rewrite_checkpoint(src, dst, edit):
+    """Copy the folder at ``src`` to ``dst`` with ``edit(dict_of_tensors)`` applied to the text encoder weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (path,) = (dst / "text_encoder").glob("*.safetensors")
+    tensors = edit(load_file(path))
+    path.unlink()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def test_checkpoint_in_the_in_memory_key_layout_loads_bit_exact(tiny_model_dir, tmp_path):
+    """Checkpoints saved as ``model.language_model.*`` load like ``language_model.model.*`` ones."""
+
+    def relayout(tensors):
+        return {k.replace("language_model.model.", "model.language_model.", 1): v for k, v in tensors.items()}
+
+    folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "relaid", relayout)
+    assert torch.equal(load(folder, torch.bfloat16).encode(PROMPTS[:3]).embeddings,
+                       load(tiny_model_dir, torch.bfloat16).encode(PROMPTS[:3]).embeddings)
+
+
+def test_vision_tower_and_lm_head_are_never_read(tiny_model_dir, tmp_path):
+    """Tensors of impossible shapes there would fail any loader that materialised them."""
+
+    def garble(tensors):
+        return {k: (torch.zeros(3, 3) if not k.startswith("language_model.model.") else v) for k, v in tensors.items()}
+
+    folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "garbled", garble)
+    with pytest.raises(Exception):  # the full model cannot load it...
+        Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder")
+    # ...the server never looks at those weights.
+    assert torch.equal(load(folder, torch.bfloat16).encode(["a cat"]).embeddings,
+                       load(tiny_model_dir, torch.bfloat16).encode(["a cat"]).embeddings)
+
+
+def test_weights_in_an_unknown_layout_are_refused_not_randomised(tiny_model_dir, tmp_path):
+    def rename(tensors):
+        return {k.replace("language_model.model.", "somebody.else.", 1): v for k, v in tensors.items()}
+
+    folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "renamed", rename)
+    with pytest.raises(ConfigError, match="does not hold the Mistral-3 language model weights"):
+        load(folder, torch.bfloat16)
