@@ -8,7 +8,13 @@ same exception class through ``error_from_status``, so callers catch
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 import grpc
+
+# Trailing metadata (gRPC) and EncodeError field (streams) saying when to come back.
+RETRY_AFTER_METADATA = "retry-after-ms"
 
 
 class Flux2RemoteError(Exception):
@@ -30,9 +36,19 @@ class NotCached(Flux2RemoteError):
 
 
 class EncoderOverloaded(Flux2RemoteError):
-    """The server's queue or a per-user quota is full; retry later."""
+    """The server's queue or a per-user quota is full; retry later.
+
+    Attributes:
+        retry_after_s: when the server expects room (seconds from now), if it said; the
+            queue's estimate, the next free request of a rate limit, or the next UTC
+            midnight for a daily quota.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthenticated(Flux2RemoteError):
@@ -97,9 +113,39 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-def error_from_code(code: grpc.StatusCode | int, message: str) -> Flux2RemoteError:
-    """The exception a client raises for a status ``code`` (a StatusCode or its integer value)."""
+def retry_after_ms(exc: BaseException) -> int | None:
+    """The retry hint of ``exc`` in whole milliseconds (at least 1), or ``None`` when it has none."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    return None if retry_after_s is None else max(1, math.ceil(retry_after_s * 1000))
+
+
+def retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling a gRPC caller when to retry, for errors that know it."""
+    ms = retry_after_ms(exc)
+    return () if ms is None else ((RETRY_AFTER_METADATA, str(ms)),)
+
+
+def retry_after_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
+    """Seconds from the server's ``retry-after-ms`` trailing metadata, or ``None``."""
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_METADATA:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
+def error_from_code(
+    code: grpc.StatusCode | int, message: str, *, retry_after_s: float | None = None
+) -> Flux2RemoteError:
+    """The exception a client raises for a status ``code`` (a StatusCode or its integer value).
+
+    ``retry_after_s`` is the server's hint; it is kept on ``EncoderOverloaded``.
+    """
     if isinstance(code, int):
         code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
     cls = _BY_CODE.get(code, ServerError)
+    if issubclass(cls, EncoderOverloaded):
+        return cls(message, retry_after_s=retry_after_s)
     return cls(message)

@@ -21,6 +21,7 @@ from common.errors import (
     IntegrityError,
     InvalidRequest,
     error_from_code,
+    retry_after_from_metadata,
 )
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from common.wire import DTYPE_NAMES, TensorAssembler, decode_response_frame, dtype_from_wire, dtype_to_wire
@@ -170,7 +171,8 @@ def _describe_rpc_error(target: str, err: grpc.RpcError) -> Flux2RemoteError:
     code, details = err.code(), err.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return EncoderUnavailable(f"cannot reach the encoder at {target}: {details}")
-    return error_from_code(code, details or code.name)
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    return error_from_code(code, details or code.name, retry_after_s=retry_after_from_metadata(trailing))
 
 
 class RemoteTextEncoder:

@@ -87,6 +87,30 @@ class RetryPolicy:
         base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)
 
+    def wait_before_retry(self, attempt: int, exc: Flux2RemoteError) -> float:
+        """Seconds to wait before retry number ``attempt`` after ``exc``, honouring the server's hint.
+
+        Raises ``exc`` (with the hint in its message) at once when the server asks
+        for a longer wait than ``max_backoff_s``, e.g. a daily quota used up: a
+        few quick retries could not succeed, and a job should say so now.
+        """
+        hint = getattr(exc, "retry_after_s", None)
+        if hint is not None and hint > self.max_backoff_s:
+            raise type(exc)(
+                f"{exc} (the server asks to retry in {_human_seconds(hint)}, longer than this client waits: "
+                f"RetryPolicy.max_backoff_s={self.max_backoff_s:g})",
+                retry_after_s=hint,
+            ) from None
+        return max(self.backoff(attempt), hint or 0.0)
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
 
 @dataclass(frozen=True)
 class StreamedEmbedding:
@@ -219,7 +243,7 @@ class _StreamJob:
         request.attempts += 1
         if request.attempts >= self.retry.max_attempts:
             raise type(exc)(f"{exc} (gave up after {request.attempts} attempts)") from None
-        self._requeue(request, self.retry.backoff(request.attempts))
+        self._requeue(request, self.retry.wait_before_retry(request.attempts, exc))
 
     # -- the streams -------------------------------------------------------
 
@@ -234,7 +258,7 @@ class _StreamJob:
                     raise type(broken.exc)(
                         f"{broken.exc} (gave up after {self._stream_failures} attempts)"
                     ) from None
-                time.sleep(self.retry.backoff(self._stream_failures))
+                time.sleep(self.retry.wait_before_retry(self._stream_failures, broken.exc))
                 # The stream broke, not the requests: resend them without spending their attempts.
                 for request in broken.in_flight:
                     self._requeue(request, 0.0)
@@ -295,7 +319,9 @@ class _StreamJob:
                 if msg.HasField("error"):
                     del in_flight[msg.request_id]
                     receiving.pop(msg.request_id, None)
-                    exc = error_from_code(msg.error.code, msg.error.message)
+                    exc = error_from_code(
+                        msg.error.code, msg.error.message, retry_after_s=msg.error.retry_after_ms / 1000 or None
+                    )
                     if not isinstance(exc, RETRYABLE):
                         raise type(exc)(f"prompts {request.indices[0]}..{request.indices[-1]}: {exc}") from None
                     self._retry_request(request, exc)

@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from common.config import AuthConfig
-from common.errors import EncoderOverloaded, Flux2RemoteError, Unauthenticated
+from common.errors import EncoderOverloaded, Flux2RemoteError, Unauthenticated, retry_metadata
 from common.protocol import SERVICE_NAME
 from encoder_server.identity import ANONYMOUS, current_user
 from encoder_server.text_encoder import ConfigError
@@ -48,7 +48,6 @@ OPEN_METHOD_PREFIXES = (
 )
 # Calls that cost model time count against the per-user limits; GetInfo does not.
 METERED_METHODS = frozenset({f"/{SERVICE_NAME}/Encode", f"/{SERVICE_NAME}/EncodeStream"})
-RETRY_AFTER_METADATA = "retry-after-ms"
 
 
 class KeyFileError(ConfigError):
@@ -191,17 +190,9 @@ class Authenticator:
 class RateLimited(EncoderOverloaded):
     """The user sent more requests per minute than allowed; ``retry_after_s`` says when one is free."""
 
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
 
 class QuotaExhausted(EncoderOverloaded):
     """The user's prompts for this UTC day are used up; ``retry_after_s`` runs to the next midnight UTC."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -307,14 +298,6 @@ def _human(seconds: float) -> str:
 
 def _metadata_values(metadata: Iterable | None, key: str) -> list[str]:
     return [value for k, value in (metadata or ()) if k == key]
-
-
-def retry_metadata(exc: Flux2RemoteError) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata telling a client when to retry, for errors that know it."""
-    retry_after_s = getattr(exc, "retry_after_s", None)
-    if retry_after_s is None:
-        return ()
-    return ((RETRY_AFTER_METADATA, str(max(1, math.ceil(retry_after_s * 1000)))),)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Flux2RemoteError) -> None:

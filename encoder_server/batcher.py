@@ -33,11 +33,7 @@ QUEUED, RUNNING, DONE, DROPPED = "queued", "running", "done", "dropped"
 
 
 class QueueFull(EncoderOverloaded):
-    """The queue holds ``max_queue_prompts``; ``retry_after_ms`` estimates when there will be room."""
-
-    def __init__(self, message: str, retry_after_ms: int):
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
+    """The queue holds ``max_queue_prompts``; ``retry_after_s`` estimates when there will be room."""
 
 
 @dataclass(eq=False)  # identity semantics: deque.remove must find this very item
@@ -111,7 +107,7 @@ class Batcher:
             raise QueueFull(
                 f"the encoder queue is full ({self._queued} prompts waiting, limit "
                 f"{self.config.max_queue_prompts}); retry in about {retry_ms} ms",
-                retry_ms,
+                retry_after_s=retry_ms / 1000,
             )
 
     async def wait_for_space(self, n: int, deadline: float | None = None) -> None:

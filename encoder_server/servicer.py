@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from common.config import Limits
-from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, status_of
+from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, retry_after_ms, retry_metadata, status_of
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.engine import EncodedPrompt, EncodeEngine
@@ -43,7 +43,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
             responses = await self._encode_request(request, deadline=deadline)
         except Flux2RemoteError as exc:
             self._count("Encode", exc.code, user)
-            await context.abort(*status_of(exc), trailing_metadata=_retry_metadata(exc))
+            await context.abort(*status_of(exc), trailing_metadata=retry_metadata(exc))
         except asyncio.CancelledError:
             self._count("Encode", grpc.StatusCode.CANCELLED, user)
             raise
@@ -71,7 +71,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 msgs = iter([
                     pb2.EncodeResponse(
                         request_id=getattr(request, "request_id", ""),
-                        error=pb2.EncodeError(code=code.value[0], message=message),
+                        error=pb2.EncodeError(
+                            code=code.value[0], message=message, retry_after_ms=retry_after_ms(exc) or 0
+                        ),
                         request_done=True,
                     ).SerializeToString()
                 ])
@@ -175,7 +177,3 @@ def _deadline_of(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata telling an overloaded caller when to come back."""
-    retry_ms = getattr(exc, "retry_after_ms", None)
-    return (("retry-after-ms", str(retry_ms)),) if retry_ms is not None else ()

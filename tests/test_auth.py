@@ -6,13 +6,14 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import AuthConfig, ServerConfig
-from common.errors import EncoderOverloaded, Unauthenticated
+from common.errors import RETRY_AFTER_METADATA, EncoderOverloaded, Unauthenticated
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
 from encoder_server import auth
@@ -324,8 +325,9 @@ def test_rate_limit_over_grpc_is_resource_exhausted_with_retry_hint(tiny_backend
             enc.encode("one")
             enc.encode("two")
             with caplog.at_level(logging.INFO, logger="encoder_server.auth"), \
-                    pytest.raises(EncoderOverloaded, match="2 requests per minute"):
+                    pytest.raises(EncoderOverloaded, match="2 requests per minute") as refused:
                 enc.encode("three")
+            assert 0 < refused.value.retry_after_s <= 30  # the client read the server's hint
         assert "user alice refused" in caplog.text
         md = (("authorization", f"Bearer {ALICE_KEY}"),)
         with grpc.insecure_channel(s.target) as channel:
@@ -333,7 +335,7 @@ def test_rate_limit_over_grpc_is_resource_exhausted_with_retry_hint(tiny_backend
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            retry_ms = dict(info.value.trailing_metadata())[auth.RETRY_AFTER_METADATA]
+            retry_ms = dict(info.value.trailing_metadata())[RETRY_AFTER_METADATA]
             assert 1 <= int(retry_ms) <= 30_000
         with RemoteTextEncoder(s.target, api_key=BOB_KEY) as enc:
             assert enc.encode("bob is fine").shape[0] == 1
@@ -358,6 +360,12 @@ def test_daily_quota_over_grpc_refuses_unary_and_stops_streams(tiny_backend, key
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "prompts today" in info.value.details()
         assert sorted(received) == ["0", "1"]
+        # The streaming client stops at once: the quota comes back at midnight, not in a few retries.
+        with RemoteTextEncoder(s.target, api_key=BOB_KEY) as enc:
+            t0 = time.monotonic()
+            with pytest.raises(EncoderOverloaded, match="prompts today.*asks to retry in"):
+                list(enc.encode_stream(["more"]))
+            assert time.monotonic() - t0 < 10
         # The server keeps serving other users.
         with RemoteTextEncoder(s.target, api_key=ALICE_KEY) as enc:
             assert enc.encode("c").shape[0] == 1

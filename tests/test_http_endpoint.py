@@ -202,13 +202,14 @@ def test_rate_limit_is_shared_with_grpc_and_answers_429(tiny_backend, tmp_path):
             enc.encode("and over gRPC too")
 
 
-def test_overloaded_engine_answers_429(http_server):
+def test_overloaded_engine_answers_429_with_retry_after(http_server):
     async def overloaded(prompts, **kwargs):
-        raise EncoderOverloaded("queue full (1024 prompts waiting); retry later")
+        raise EncoderOverloaded("queue full (1024 prompts waiting); retry later", retry_after_s=2.2)
 
     http_server.running.engine.encode = overloaded
     reply = post(http_server, {"prompt": "x"})
     assert reply.status_code == 429 and "queue full" in reply.json()["error"]
+    assert reply.headers["Retry-After"] == "3"  # whole seconds, rounded up
 
 
 # -- bad input ------------------------------------------------------------

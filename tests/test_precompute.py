@@ -70,6 +70,23 @@ class OverloadedFirst(ProxyBackend):
         return self._backend.encode(prompts)
 
 
+class OverloadedWithHint(ProxyBackend):
+    """Refuses its first forward pass with RESOURCE_EXHAUSTED and a retry hint of ``hint_s`` seconds."""
+
+    def __init__(self, backend, hint_s: float):
+        super().__init__(backend)
+        self.hint_s = hint_s
+        self.call_times: list[float] = []
+
+    def encode(self, prompts):
+        with self._lock:
+            self.calls += 1
+            self.call_times.append(time.monotonic())
+            if self.calls == 1:
+                raise EncoderOverloaded("busy (test)", retry_after_s=self.hint_s)
+        return self._backend.encode(prompts)
+
+
 class OtherModel(ProxyBackend):
     fingerprint = "fp-some-other-model"
 
@@ -135,6 +152,26 @@ def test_encode_stream_gives_up_after_max_attempts(tiny_backend):
     with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
         with pytest.raises(EncoderOverloaded, match=r"gave up after 2 attempts"):
             list(enc.encode_stream(["x"], retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01)))
+
+
+def test_encode_stream_waits_at_least_the_servers_retry_hint(tiny_backend):
+    backend = OverloadedWithHint(tiny_backend, hint_s=0.6)
+    with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
+        results = list(enc.encode_stream(["hinted"], retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=5)))
+    assert [r.prompt for r in results] == ["hinted"]
+    first, second = backend.call_times[:2]
+    assert second - first >= 0.6  # the policy alone would have waited ~10 ms
+
+
+def test_encode_stream_fails_at_once_when_the_hint_is_longer_than_it_waits(tiny_backend):
+    backend = OverloadedWithHint(tiny_backend, hint_s=3 * 3600)
+    with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
+        t0 = time.monotonic()
+        with pytest.raises(EncoderOverloaded, match=r"asks to retry in 3.0 h.*max_backoff_s=30") as info:
+            list(enc.encode_stream(["x"], retry=RetryPolicy(max_attempts=6, max_backoff_s=30)))
+    assert time.monotonic() - t0 < 10
+    assert backend.calls == 1
+    assert info.value.retry_after_s == pytest.approx(3 * 3600)
 
 
 def test_encode_stream_reconnects_after_server_restart(tiny_backend):
