@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from common.errors import Flux2RemoteError
+from common.logs import quiet_third_party_logs
 from dit_client.commands import encode
 from dit_client.commands import generate as generate_cmd
 from dit_client.commands import plan as plan_cmd
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_logs()
     try:
         return args.run(args)
     except Flux2RemoteError as exc:

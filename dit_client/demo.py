@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.demo import DEMO_NOTICE, ensure_demo_model
+from common.logs import quiet_third_party_logs
 from dit_client.generate import DiTClient, DiTConfig
 from dit_client.remote import RemoteTextEncoder
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description="encoder + client on the random demo model")
     parser.add_argument("--out", type=Path, default=DEMO_OUT, help="where to write the picture (default demo.png)")
     args = parser.parse_args(argv)
+    quiet_third_party_logs()
 
     print(f"flux2-remote demo: {DEMO_NOTICE}")
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from common.config import (
     ServerConfig,
     ServerTLSConfig,
 )
+from common.logs import quiet_third_party_logs
 from common.model_source import DEFAULT_MODEL, ModelNotFound
 from encoder_server.text_encoder import DTYPES, QUANTIZATIONS, ConfigError
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(UserLogFilter())  # every line names the caller it was logged for
+    quiet_third_party_logs()
     from encoder_server.server import serve
 
     try:
