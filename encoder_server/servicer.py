@@ -52,8 +52,10 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
             yield msg
 
     async def EncodeStream(self, request_iterator, context) -> AsyncIterator[bytes]:
-        # Reading stops while max_in_flight_per_stream requests are open: gRPC
-        # flow control then pushes back on the client (backpressure).
+        # Reading stops while max_in_flight_per_stream requests are open, i.e.
+        # queued, computing, or answered but not yet written out: gRPC flow
+        # control then pushes back on the client (backpressure), and a client
+        # that sends without reading cannot pile up finished embeddings here.
         in_flight = asyncio.Semaphore(self._limits.max_in_flight_per_stream)
         ready: asyncio.Queue[Iterator[bytes] | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
@@ -77,9 +79,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                         request_done=True,
                     ).SerializeToString()
                 ])
-            finally:
-                in_flight.release()
-            await ready.put(msgs)
+            except Exception as exc:  # a bug: end the call with it rather than hold a slot forever
+                msgs = exc
+            await ready.put(msgs)  # the writer releases its in_flight slot once it is written
 
         async def read_all() -> None:
             try:
@@ -102,6 +104,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                     raise item
                 for msg in item:  # one request's messages stay contiguous
                     yield msg
+                in_flight.release()
         finally:
             reader.cancel()
             for task in list(tasks):

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from common.config import BatchingConfig, CacheConfig, ServerConfig
+from common.config import BatchingConfig, CacheConfig, Limits, ServerConfig
 from common.encoder_spec import EncoderSpec
 from common.errors import DeadlineExceeded, EncoderOverloaded, NotCached, ServerError
 from common.protocol import pb2, pb2_grpc
@@ -494,6 +494,39 @@ def test_grpc_stream_waits_when_the_queue_is_full():
     done = {r.request_id for r in responses if r.request_done}
     assert done == {str(i) for i in range(12)}
     assert sorted(backend.computed) == sorted(f"p{i}" for i in range(12))
+
+
+class WideFakeBackend(FakeBackend):
+    """FakeBackend with 4 MiB embeddings ([512, 4096] bf16), large enough for gRPC flow control to bite."""
+
+    spec = EncoderSpec(name="fake/wide", hidden_states_layers=(1,), max_sequence_length=512, system_message="")
+    hidden_size = 4096
+    dtype = torch.bfloat16
+
+    def encode(self, prompts: list[str]) -> EncodedBatch:
+        self.batches.append(list(prompts))
+        return EncodedBatch(
+            embeddings=torch.zeros(len(prompts), 512, 4096, dtype=torch.bfloat16),
+            token_counts=[1] * len(prompts), truncated=[False] * len(prompts),
+            tokenization_ns=1, inference_ns=1,
+        )
+
+
+def test_a_stream_that_is_not_read_does_not_pile_up_answers():
+    """A client may send without reading; the server must stop computing, not hold every answer in RAM."""
+    backend = WideFakeBackend()
+    config = replace(_config(), limits=Limits(max_in_flight_per_stream=2))
+    requests = [pb2.EncodeRequest(prompts=[f"p{i}"], request_id=str(i)) for i in range(40)]
+    with ServerThread(backend, config) as server, grpc.insecure_channel(server.target) as channel:
+        call = pb2_grpc.TextEncoderStub(channel).EncodeStream(iter(requests), timeout=60)
+        deadline = time.monotonic() + 10
+        while len(backend.computed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # time enough to compute all 40 if nothing held the stream back
+        computed_unread = len(backend.computed)
+        received = sum(1 for r in call if r.request_done)  # now read everything
+    assert 2 <= computed_unread <= 12, computed_unread  # 2 in flight + what the socket buffers hold
+    assert received == 40
 
 
 def test_grpc_deadline_reaches_the_engine():
