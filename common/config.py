@@ -22,6 +22,12 @@ class Limits:
     max_prompt_chars: int = 16_384
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_in_flight_per_stream: int = 8
+    # Encode/EncodeStream calls (and, separately, HTTP /predict requests) served
+    # at once; past it new ones get RESOURCE_EXHAUSTED (HTTP 429) at once. Each
+    # may hold finished embeddings while its client reads them (up to
+    # max_prompts_per_request x 15.7 MB for Encode, max_in_flight_per_stream
+    # times that for a stream), so this also bounds that memory.
+    max_concurrent_calls: int = 64
     # A deadline shorter than this cannot be met by any forward pass; refuse
     # it at once instead of queueing work nobody will read.
     min_deadline_ms: int = 5

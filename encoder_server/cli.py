@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
     serve.add_argument("--max-prompts-per-request", type=int, default=Limits.max_prompts_per_request)
     serve.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
+    serve.add_argument("--max-concurrent-calls", type=_number(int, 1), default=Limits.max_concurrent_calls,
+                       help="Encode/EncodeStream calls (and, separately, HTTP requests) served at once; "
+                            "more get RESOURCE_EXHAUSTED / 429 (default %(default)s)")
     serve.add_argument("--log-level", default="INFO")
     # Batching, cache and metrics (docs/serving.md).
     serve.add_argument("--max-batch-tokens", type=_number(int, 1), default=BatchingConfig.max_batch_tokens,
@@ -117,7 +120,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         quantization=args.quantization,
         grace_period_s=args.grace_period,
-        limits=Limits(max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars),
+        limits=Limits(
+            max_prompts_per_request=args.max_prompts_per_request,
+            max_prompt_chars=args.max_prompt_chars,
+            max_concurrent_calls=args.max_concurrent_calls,
+        ),
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens,
             max_batch_prompts=args.max_batch_prompts,

@@ -28,7 +28,7 @@ import torch
 from aiohttp import web
 
 from common.config import Limits
-from common.errors import EncoderUnavailable, Flux2RemoteError, InvalidRequest, status_of
+from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError, InvalidRequest, status_of
 from encoder_server.auth import Authenticator, UsageLimiter
 from encoder_server.engine import EncodeEngine
 from encoder_server.identity import ANONYMOUS, current_user
@@ -199,6 +199,13 @@ class HTTPEndpoint:
         if self._shutting_down:
             self._engine.metrics.count_request("HTTP /predict", grpc.StatusCode.UNAVAILABLE.name, ANONYMOUS)
             return _error_response(EncoderUnavailable("the server is shutting down; retry on another replica or later"))
+        if len(self._in_flight) >= self._limits.max_concurrent_calls:
+            self._engine.metrics.count_request("HTTP /predict", grpc.StatusCode.RESOURCE_EXHAUSTED.name, ANONYMOUS)
+            return _error_response(EncoderOverloaded(
+                f"the encoder is serving {len(self._in_flight)} HTTP requests at once, its limit "
+                "(--max-concurrent-calls); retry in a moment",
+                retry_after_s=1.0,
+            ))
         task = asyncio.current_task()
         self._in_flight.add(task)
         # Reset per request: aiohttp may run several keep-alive requests in one context.

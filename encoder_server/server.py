@@ -92,6 +92,7 @@ def build_info(config: ServerConfig, backend: EmbeddingBackend, *, model_id: str
             max_prompt_chars=limits.max_prompt_chars,
             max_chunk_bytes=limits.max_chunk_bytes,
             max_in_flight_per_stream=limits.max_in_flight_per_stream,
+            max_concurrent_calls=limits.max_concurrent_calls,
         ),
         server_version=__version__,
         demo=demo,
@@ -168,7 +169,7 @@ async def start_server(
     auth = AuthInterceptor(
         security.authenticator, security.limiter, max_prompts_per_request=config.limits.max_prompts_per_request
     )
-    calls = InFlightCalls()
+    calls = InFlightCalls(max_calls=config.limits.max_concurrent_calls)
     server = grpc.aio.server(
         interceptors=[calls, TextEncoderCodecInterceptor(), auth], options=server_options(config)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -529,6 +530,40 @@ def test_a_stream_that_is_not_read_does_not_pile_up_answers():
     assert received == 40
 
 
+def test_calls_past_max_concurrent_calls_are_refused_at_once_over_grpc_and_http():
+    import requests
+
+    from common.config import HTTPConfig
+
+    backend = FakeBackend()
+    config = replace(_config(), limits=Limits(max_concurrent_calls=1), http=HTTPConfig(port=0))
+    with ServerThread(backend, config) as server, grpc.insecure_channel(server.target) as channel, \
+            ThreadPoolExecutor(1) as pool:
+        stub = pb2_grpc.TextEncoderStub(channel)
+        url = f"http://127.0.0.1:{server.running.http.port}/predict"
+        backend.hold()
+        running = stub.Encode(pb2.EncodeRequest(prompts=["blocker"]), timeout=30)
+        assert backend.started.wait(10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Encode(pb2.EncodeRequest(prompts=["second"]), timeout=10))
+        stub.GetInfo(pb2.GetInfoRequest(), timeout=10)  # not bounded: cheap, holds nothing
+        # HTTP has its own count with the same bound.
+        http_running = pool.submit(requests.post, url, json={"prompt": "http blocker"}, timeout=30)
+        deadline = time.monotonic() + 10
+        while server.running.engine.queued < 1:  # queued behind the held forward pass
+            assert time.monotonic() < deadline, "the HTTP request never reached the engine"
+            time.sleep(0.02)
+        refused = requests.post(url, json={"prompt": "http second"}, timeout=10)
+        backend.release()
+        assert list(running) and http_running.result(30).status_code == 200
+        assert len(list(stub.Encode(pb2.EncodeRequest(prompts=["after"]), timeout=10))) > 0  # room again
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 calls at once" in info.value.details() and "--max-concurrent-calls" in info.value.details()
+    assert dict(info.value.trailing_metadata())["retry-after-ms"] == "1000"
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert "second" not in backend.computed and "http second" not in backend.computed
+
+
 def test_grpc_deadline_reaches_the_engine():
     backend = FakeBackend()
     with ServerThread(backend, _config(max_queue_delay_ms=1)) as server:
@@ -554,6 +589,7 @@ def test_cli_flags_reach_the_config():
         "serve", "--max-batch-tokens", "4096", "--max-batch-prompts", "6", "--max-queue-delay-ms", "2.5",
         "--max-queue-prompts", "99", "--cache-dir", "/tmp/x", "--cache-max-gb", "1.5",
         "--memory-cache-mb", "0", "--metrics-port", "9100", "--scheduling", "fifo",
+        "--max-concurrent-calls", "7",
     ])  # fmt: skip
     config = config_from_args(args)
     assert config.batching == replace(
@@ -562,9 +598,11 @@ def test_cli_flags_reach_the_config():
     )
     assert config.cache == CacheConfig(memory_mb=0, dir="/tmp/x", max_gb=1.5)
     assert config.metrics_port == 9100
+    assert config.limits.max_concurrent_calls == 7
     default = config_from_args(build_parser().parse_args(["serve"]))
     assert default.cache.memory_mb > 0 and default.cache.dir is None and default.metrics_port is None
     assert default.batching == BatchingConfig() and default.batching.fair
+    assert default.limits == Limits()
 
 
 def test_cli_rejects_nonsense_limits(capsys):
