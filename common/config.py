@@ -87,11 +87,14 @@ class AuthConfig:
         rate_limit_rpm: Encode requests (stream messages and HTTP calls count one
             each) per user per minute, as a token bucket; 0 is unlimited.
         quota_prompts_per_day: prompts per user per UTC day; 0 is unlimited.
+        usage_file: JSON file keeping today's prompt counts across restarts;
+            ``None`` keeps them in memory (a restart resets the daily quota).
     """
 
     api_key_file: str | None = None
     rate_limit_rpm: int = 0
     quota_prompts_per_day: int = 0
+    usage_file: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import inspect
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import grpc
 
+from common.atomic import atomic_write
 from common.config import AuthConfig
 from common.errors import EncoderOverloaded, Flux2RemoteError, Unauthenticated, retry_metadata
 from common.protocol import SERVICE_NAME
@@ -186,6 +188,8 @@ class Authenticator:
 
 # -- per-user limits -----------------------------------------------------
 
+USAGE_FORMAT = 1
+
 
 class RateLimited(EncoderOverloaded):
     """The user sent more requests per minute than allowed; ``retry_after_s`` says when one is free."""
@@ -212,6 +216,9 @@ class UsageLimiter:
         prompts_per_day: prompts per user per UTC calendar day. 0: no limit.
         clock: monotonic seconds (tests pass a fake).
         wall_clock: POSIX seconds, for the UTC day (tests pass a fake).
+        state_file: where today's prompt counts are kept across restarts (JSON,
+            written atomically by :meth:`save`); ``None`` keeps them in memory only.
+            Rate-limit buckets are not kept: they refill within a minute anyway.
 
     State grows with the number of distinct users, which the keys file bounds.
     """
@@ -223,6 +230,7 @@ class UsageLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        state_file: str | os.PathLike | None = None,
     ):
         if requests_per_minute < 0 or prompts_per_day < 0:
             raise ConfigError("rate limit and daily quota must be 0 (off) or positive")
@@ -234,10 +242,60 @@ class UsageLimiter:
         # gRPC and HTTP share one limiter on one loop; the lock keeps it correct
         # should it ever be called from another thread.
         self._lock = threading.Lock()
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._unsaved = False
+        if self.state_file is not None:
+            self._load()
 
     @classmethod
     def from_config(cls, config: AuthConfig) -> "UsageLimiter":
-        return cls(config.rate_limit_rpm, config.quota_prompts_per_day)
+        return cls(config.rate_limit_rpm, config.quota_prompts_per_day, state_file=config.usage_file)
+
+    def _today(self) -> str:
+        return datetime.fromtimestamp(self._wall_clock(), timezone.utc).date().isoformat()
+
+    def _load(self) -> None:
+        try:
+            raw = self.state_file.read_text()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError(f"cannot read the usage file {self.state_file}: {exc}") from None
+        try:
+            state = json.loads(raw)
+            if state.get("format") != USAGE_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {USAGE_FORMAT}")
+            day, counts = state["day"], state["prompts_today"]
+            restored = {str(user): int(n) for user, n in counts.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"the usage file {self.state_file} is not one this server wrote ({exc}); "
+                "move it away to start today's counts from zero"
+            ) from None
+        if day != self._today():
+            return  # yesterday's counts: today starts at zero anyway
+        now = self._clock()
+        for user, n in restored.items():
+            self._usage[user] = _Usage(tokens=float(self.rpm), refilled_at=now, day=day, prompts_today=n)
+
+    def save(self) -> bool:
+        """Write today's prompt counts to ``state_file`` if they changed; True if it wrote.
+
+        Atomic: a crash leaves the previous file. Safe to call from a worker thread.
+        """
+        if self.state_file is None or not self._unsaved:
+            return False
+        with self._lock:
+            today = self._today()
+            counts = {u: usage.prompts_today for u, usage in self._usage.items() if usage.day == today}
+            self._unsaved = False
+        body = json.dumps({"format": USAGE_FORMAT, "day": today, "prompts_today": counts}, indent=1).encode()
+        try:
+            atomic_write(self.state_file, lambda tmp: tmp.write_bytes(body))
+        except OSError:
+            self._unsaved = True  # try again next time
+            raise
+        return True
 
     @property
     def enabled(self) -> bool:
@@ -268,7 +326,7 @@ class UsageLimiter:
                     )
             if self.prompts_per_day:
                 wall = datetime.fromtimestamp(self._wall_clock(), timezone.utc)
-                today = wall.date().isoformat()
+                today = wall.date().isoformat()  # as _today(), from the same reading as `wall`
                 if usage.day != today:
                     usage.day, usage.prompts_today = today, 0
                 if usage.prompts_today + prompts > self.prompts_per_day:
@@ -284,6 +342,7 @@ class UsageLimiter:
                         wait,
                     )
                 usage.prompts_today += prompts
+                self._unsaved = True
             if self.rpm:
                 usage.tokens -= 1.0
 

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Encode requests per user per minute, 0 = unlimited (default: %(default)s)")
     serve.add_argument("--quota-prompts-per-day", type=_number(int, 0), default=0, metavar="N",
                        help="prompts per user per UTC day, 0 = unlimited (default: %(default)s)")
+    serve.add_argument("--usage-file", default=None, metavar="PATH",
+                       help="JSON file keeping today's prompt counts across restarts "
+                            "(default: in memory; a restart resets the daily quota)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain; enables TLS")
     serve.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (unencrypted)")
     serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             api_key_file=args.api_key_file,
             rate_limit_rpm=args.rate_limit_rpm,
             quota_prompts_per_day=args.quota_prompts_per_day,
+            usage_file=args.usage_file,
         ),
         tls=ServerTLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
         http=HTTPConfig(host=args.http_host, port=args.http_port),

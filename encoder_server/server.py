@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -127,6 +127,12 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None = None
     http: HTTPEndpoint | None = None
     calls: InFlightCalls | None = None
+    limiter: UsageLimiter | None = None
+    _usage_saver: asyncio.Task | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.limiter is not None and self.limiter.state_file is not None:
+            self._usage_saver = asyncio.get_running_loop().create_task(_save_usage_every(self.limiter, 5.0))
 
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new calls, let running work finish within ``grace`` seconds, then stop.
@@ -148,8 +154,25 @@ class RunningServer:
         # (segfault inside grpc's shutdown) about one run in three.
         await self.server.stop(0)
         self.engine.close()
+        if self._usage_saver is not None:
+            self._usage_saver.cancel()
+            await _save_usage(self.limiter)  # what was counted up to the very end
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
+
+
+async def _save_usage(limiter: UsageLimiter) -> None:
+    try:
+        await asyncio.to_thread(limiter.save)
+    except OSError as exc:  # a full disk must not stop the serving; the next try may work
+        log.error("cannot write the usage file %s: %s", limiter.state_file, exc)
+
+
+async def _save_usage_every(limiter: UsageLimiter, period_s: float) -> None:
+    """Keep the daily quota counts on disk, so a crash loses at most ``period_s`` of them."""
+    while True:
+        await asyncio.sleep(period_s)
+        await _save_usage(limiter)
 
 
 async def start_server(
@@ -207,7 +230,7 @@ async def start_server(
         except OSError as exc:
             await RunningServer(server, port, health, engine, metrics, metrics_endpoint, calls=calls).stop(0)
             raise OSError(f"could not bind the HTTP endpoint on {config.http.host}:{config.http.port}: {exc}") from None
-    return RunningServer(server, port, health, engine, metrics, metrics_endpoint, http, calls)
+    return RunningServer(server, port, health, engine, metrics, metrics_endpoint, http, calls, security.limiter)
 
 
 async def serve(config: ServerConfig, *, on_ready=None) -> None:
@@ -215,6 +238,8 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
     security = load_security(config)  # a bad keys or TLS file fails before minutes of loading weights
     if config.host not in ("127.0.0.1", "::1", "localhost") and not security.authenticator.required:
         log.warning("listening on %s without --api-key-file: anyone who can reach the port may use it", config.host)
+    if config.auth.quota_prompts_per_day and config.auth.usage_file is None:
+        log.warning("daily quota counts are kept in memory only: a restart resets them (see --usage-file)")
     backend, source = load_backend(config)
     running = await start_server(
         config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo, security=security

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -144,9 +145,10 @@ class FakeClock:
         self.wall += seconds
 
 
-def limiter(rpm=0, per_day=0, clock=None):
+def limiter(rpm=0, per_day=0, clock=None, state_file=None):
     clock = clock or FakeClock()
-    return UsageLimiter(rpm, per_day, clock=lambda: clock.mono, wall_clock=lambda: clock.wall), clock
+    lim = UsageLimiter(rpm, per_day, clock=lambda: clock.mono, wall_clock=lambda: clock.wall, state_file=state_file)
+    return lim, clock
 
 
 def test_rate_limit_bursts_then_refills_per_user():
@@ -178,6 +180,45 @@ def test_daily_quota_counts_prompts_and_resets_at_utc_midnight():
     assert info.value.retry_after_s == pytest.approx(23 * 3600.0)
     clock.advance(23 * 3600.0)
     lim.admit("alice", 5)
+
+
+def test_daily_counts_survive_a_restart_through_the_usage_file(tmp_path):
+    state = tmp_path / "usage.json"
+    lim, clock = limiter(per_day=5, state_file=state)
+    assert not lim.save()  # nothing counted yet: nothing written
+    lim.admit("alice", 4)
+    lim.admit("bob", 1)
+    assert lim.save() and not lim.save()  # written once, then nothing new
+    assert json.loads(state.read_text())["prompts_today"] == {"alice": 4, "bob": 1}
+
+    restarted, _ = limiter(per_day=5, clock=clock, state_file=state)
+    with pytest.raises(QuotaExhausted, match="used 4 of 5 prompts today"):
+        restarted.admit("alice", 2)
+    restarted.admit("alice", 1)
+
+    clock.advance(24 * 3600.0)  # the next UTC day: yesterday's file counts for nothing
+    next_day, _ = limiter(per_day=5, clock=clock, state_file=state)
+    next_day.admit("alice", 5)
+
+
+def test_a_usage_file_the_server_did_not_write_is_refused_with_a_clear_error(tmp_path):
+    state = tmp_path / "usage.json"
+    state.write_text("{not json")
+    with pytest.raises(auth.ConfigError, match="is not one this server wrote.*move it away"):
+        limiter(per_day=5, state_file=state)
+
+
+def test_server_keeps_the_quota_across_a_restart(tiny_backend, keys_file, tmp_path):
+    config = ServerConfig(auth=AuthConfig(
+        api_key_file=str(keys_file), quota_prompts_per_day=3, usage_file=str(tmp_path / "usage.json")
+    ))
+    with ServerThread(tiny_backend, config) as s, RemoteTextEncoder(s.target, api_key=ALICE_KEY) as enc:
+        enc.encode(["a", "b"])
+    # stop() wrote the counts; a new server reads them back.
+    with ServerThread(tiny_backend, config) as s, RemoteTextEncoder(s.target, api_key=ALICE_KEY) as enc:
+        with pytest.raises(EncoderOverloaded, match="used 2 of 3 prompts today"):
+            enc.encode(["c", "d"])
+        enc.encode("c")
 
 
 def test_request_larger_than_the_whole_quota_says_so():
@@ -405,7 +446,7 @@ def test_cli_flags_fill_the_auth_config():
     from encoder_server.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["serve", "--api-key-file", "k.txt", "--rate-limit-rpm", "60",
-                                      "--quota-prompts-per-day", "10000"])
+                                      "--quota-prompts-per-day", "10000", "--usage-file", "/var/lib/u.json"])
     assert config_from_args(args).auth == AuthConfig(api_key_file="k.txt", rate_limit_rpm=60,
-                                                     quota_prompts_per_day=10000)
+                                                     quota_prompts_per_day=10000, usage_file="/var/lib/u.json")
     assert config_from_args(build_parser().parse_args(["serve"])).auth == AuthConfig()
