@@ -31,10 +31,14 @@ class ModelSource:
         return self.folder / name
 
 
-def resolve_model(model: str, *, components: tuple[str, ...], revision: str | None = None) -> ModelSource:
+def resolve_model(
+    model: str, *, components: tuple[str, ...], revision: str | None = None, configs_only: bool = False
+) -> ModelSource:
     """Find or download only ``components`` (sub-folders such as ``text_encoder``) of ``model``.
 
     Hub downloads honour the usual Hugging Face cache and ``HF_HUB_OFFLINE``.
+    With ``configs_only`` a hub model gets only the components' JSON files (kilobytes),
+    so settings can be checked before gigabytes of weights are fetched.
     """
     from common.demo import ensure_demo_model, is_demo_folder
 
@@ -55,7 +59,7 @@ def resolve_model(model: str, *, components: tuple[str, ...], revision: str | No
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = [f"{c}/*" for c in components] + ["model_index.json"]
+    patterns = [f"{c}/*.json" if configs_only else f"{c}/*" for c in components] + ["model_index.json"]
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:

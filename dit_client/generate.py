@@ -21,6 +21,7 @@ encoder service computes in the same dtype.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -34,10 +35,17 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_write
-from common.errors import IntegrityError
+from common.errors import EncoderOverloaded, EncoderUnavailable, IntegrityError
 from common.model_source import DEFAULT_MODEL, ModelSource, resolve_model
 from dit_client.remote import RemoteTextEncoder, TLSConfig
+from dit_client.stream import RetryPolicy
 from dit_client.structured_prompt import render_structured_prompt, validate_structured_prompt
+
+log = logging.getLogger(__name__)
+
+# An interactive user waits a little for a busy or restarting encoder (at most
+# ~8 s in all, or what the server's retry hint asks up to 30 s), then gets the error.
+INTERACTIVE_RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.5, max_backoff_s=30.0)
 
 # What the client loads; nothing else of the model folder is read.
 DIT_COMPONENTS = ("transformer", "vae", "scheduler")
@@ -335,10 +343,12 @@ class DiTClient:
         tls: TLSConfig | bool | None = None,
         timeout: float | None = None,
         progress: bool = True,
+        retry: RetryPolicy = INTERACTIVE_RETRY,
     ):
         config.check()
         self.config = config
         self.progress = progress
+        self.retry = retry
         if isinstance(encoder, str):
             kwargs = {"timeout": timeout} if timeout is not None else {}
             self.encoder = RemoteTextEncoder(encoder, api_key=api_key, tls=tls, **kwargs)
@@ -348,6 +358,7 @@ class DiTClient:
             self._owns_encoder = False
         self.cache = EmbeddingCache(config.embedding_cache_size)
         self.pipe = None
+        self._prepared: tuple[torch.device, str] | None = None
         self.source: ModelSource | None = None
         self.device: torch.device | None = None
         self.quantization: str | None = None
@@ -368,10 +379,15 @@ class DiTClient:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.config.dtype]
 
-    def load(self):
-        """Resolve the model, check the encoder matches it, load DiT + VAE + scheduler; return the pipeline."""
-        if self.pipe is not None:
-            return self.pipe
+    def prepare(self) -> tuple[torch.device, str]:
+        """Every check that needs no weights: device, model configs, quantization, encoder match.
+
+        Cheap (a hub model gets only its JSON files), so bad settings, an
+        unreachable encoder or a mismatched one fail in seconds. Returns
+        ``(device, quantization)``.
+        """
+        if self._prepared is not None:
+            return self._prepared
         cfg = self.config
         # 1. Settings that cannot work here fail before anything is read or downloaded.
         device = resolve_device(cfg.device)
@@ -380,9 +396,9 @@ class DiTClient:
                 f"--offload {cfg.offload} moves weights between CPU RAM and a CUDA GPU; this run is on "
                 f"{device.type}, where everything already lives in RAM. Use --offload none"
             )
-        # 2. Only the DiT's components: the text encoder is never downloaded.
-        source = resolve_model(cfg.model, components=DIT_COMPONENTS, revision=cfg.revision)
-        transformer_config = read_transformer_config(source)
+        # 2. Only the DiT's components' configs: the text encoder is never downloaded.
+        configs = resolve_model(cfg.model, components=DIT_COMPONENTS, revision=cfg.revision, configs_only=True)
+        transformer_config = read_transformer_config(configs)
         quantization = resolve_quantization(cfg, transformer_config, device)
         if cfg.offload == "sequential" and quantization != "none":
             raise ClientConfigError(
@@ -391,7 +407,17 @@ class DiTClient:
             )
         # 3. The encoder must produce what this DiT reads.
         self.check_encoder(transformer_config)
-        # 4. Load the three components.
+        self._prepared = (device, quantization)
+        return self._prepared
+
+    def load(self):
+        """:meth:`prepare`, then download (if needed) and load DiT + VAE + scheduler; return the pipeline."""
+        if self.pipe is not None:
+            return self.pipe
+        cfg = self.config
+        device, quantization = self.prepare()
+        # 4. Load the three components (the weights of a hub model are fetched here).
+        source = resolve_model(cfg.model, components=DIT_COMPONENTS, revision=cfg.revision)
         pipe = self._load_pipeline(source, quantization, device)
         # 5. Extras, then placement (LoRA and attention hooks go in before offload hooks).
         if cfg.lora:
@@ -474,9 +500,24 @@ class DiTClient:
         cached = self.cache.get(fingerprint, prompt)
         if cached is not None:
             return cached, True
-        embeds = self.encoder.encode([prompt])
+        embeds = self._encode_retrying(prompt)
         self.cache.put(fingerprint, prompt, embeds)
         return embeds, False
+
+    def _encode_retrying(self, prompt: str) -> torch.Tensor:
+        """One prompt from the service; a busy or restarting encoder is retried per ``self.retry``."""
+        attempt = 0
+        while True:
+            try:
+                return self.encoder.encode([prompt])
+            except (EncoderOverloaded, EncoderUnavailable) as exc:
+                attempt += 1
+                if attempt >= self.retry.max_attempts:
+                    raise
+                wait = self.retry.wait_before_retry(attempt, exc)  # raises when the server asks for too long
+                log.warning("encoder: %s; retrying in %.1f s (attempt %d of %d)", exc, wait, attempt + 1,
+                            self.retry.max_attempts)
+                time.sleep(wait)
 
     def generate(
         self,
@@ -507,12 +548,8 @@ class DiTClient:
         Returns:
             :class:`GenerationResult` with PIL images and the seed and settings used.
         """
-        pipe = self.load()
         # 1. Check inputs.
         prompt_text = self._prompt_text(prompt)
-        multiple = pipe.vae_scale_factor * 2
-        _check_int("height", height, multiple, MAX_SIDE, multiple_of=multiple)
-        _check_int("width", width, multiple, MAX_SIDE, multiple_of=multiple)
         _check_int("steps", steps, 1, MAX_STEPS)
         _check_int("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
         if not isinstance(guidance, (int, float)) or not (0.0 <= guidance <= 100.0):
@@ -522,10 +559,17 @@ class DiTClient:
         _check_int("seed", seed, 0, 2**64 - 1)
         references = load_reference_images(images) if images else None
 
-        # 2. Prompt embeddings from the service (or the client cache).
+        # 2. Prompt embeddings from the service (or the client cache), after the
+        # cheap checks but before the weights: a refused prompt or quota then
+        # costs seconds, not a model download and load.
+        self.prepare()
         t0 = time.perf_counter()
         embeds, _ = self.prompt_embeds(prompt_text)
         encode_s = time.perf_counter() - t0
+        pipe = self.load()
+        multiple = pipe.vae_scale_factor * 2
+        _check_int("height", height, multiple, MAX_SIDE, multiple_of=multiple)
+        _check_int("width", width, multiple, MAX_SIDE, multiple_of=multiple)
         device = pipe._execution_device
 
         # 3. Denoise and decode.

@@ -46,3 +46,20 @@ class ServerThread:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+class ProxyBackend:
+    """Delegates to a real backend; subclasses add delays, failures or another fingerprint."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def encode(self, prompts):
+        with self._lock:
+            self.calls += 1
+        return self._backend.encode(prompts)

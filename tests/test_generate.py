@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from common.encoder_spec import FLUX2_DEV
-from common.errors import EncoderUnavailable, IntegrityError, Unauthenticated
+from common.errors import EncoderOverloaded, EncoderUnavailable, IntegrityError, Unauthenticated
 from common.model_source import resolve_model
 from dit_client import cli
 from dit_client.generate import (
@@ -28,9 +28,10 @@ from dit_client.generate import (
     resolve_quantization,
 )
 from dit_client.remote import RemoteTextEncoder
+from dit_client.stream import RetryPolicy
 from dit_client.structured_prompt import render_structured_prompt
 from encoder_server.text_encoder import EncodedBatch
-from tests.helpers import ServerThread
+from tests.helpers import ProxyBackend, ServerThread
 
 PROMPT = "a red fox sitting in fresh snow"
 SIZE = 32
@@ -183,8 +184,13 @@ def test_hub_download_asks_for_dit_components_only(f32_server, dit_only_dir, mon
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with DiTClient(f32_server.target, DiTConfig(model="some-org/flux2-like", **CPU_F32), progress=False) as client:
         client.load()
-    assert asked and all(not p.startswith(("text_encoder", "tokenizer")) for p in asked[0])
-    assert {p.split("/")[0] for p in asked[0]} == {*DIT_COMPONENTS, "model_index.json"}
+    assert len(asked) == 2
+    for patterns in asked:
+        assert all(not p.startswith(("text_encoder", "tokenizer")) for p in patterns)
+        assert {p.split("/")[0] for p in patterns} == {*DIT_COMPONENTS, "model_index.json"}
+    # First only the configs, to check settings and the encoder; the weights after.
+    assert all(p.endswith(".json") for p in asked[0])
+    assert not all(p.endswith(".json") for p in asked[1])
 
 
 # -- embeddings: one fetch per prompt, canonical structured text -----------------------------
@@ -376,6 +382,45 @@ def test_encoder_down_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
     with DiTClient("127.0.0.1:1", DiTConfig(model=str(tiny_model_dir), **CPU_F32)) as client:
         with pytest.raises(EncoderUnavailable):
             client.load()
+
+
+class _Overloaded(ProxyBackend):
+    """Refuses the first ``failures`` forward passes with RESOURCE_EXHAUSTED (and a 0.2 s hint)."""
+
+    def __init__(self, backend, failures: int):
+        super().__init__(backend)
+        self.failures = failures
+
+    def encode(self, prompts):
+        with self._lock:
+            self.calls += 1
+        if self.calls <= self.failures:
+            raise EncoderOverloaded("the encoder queue is full (test)", retry_after_s=0.2)
+        return self._backend.encode(prompts)
+
+
+def test_a_busy_encoder_is_retried_then_generation_goes_on(f32_server, tiny_model_dir, caplog):
+    backend = _Overloaded(f32_server.backend, failures=2)
+    with ServerThread(backend, model_id="tiny-f32") as s, \
+            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
+        with caplog.at_level("WARNING", logger="dit_client.generate"):
+            result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
+    assert len(result.images) == 1 and backend.calls == 3
+    assert caplog.text.count("retrying in") == 2
+
+
+def test_a_refused_prompt_fails_before_any_weight_is_loaded(f32_server, tiny_model_dir, monkeypatch):
+    from diffusers import Flux2Transformer2DModel
+
+    loaded = []
+    monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    backend = _Overloaded(f32_server.backend, failures=100)
+    with ServerThread(backend, model_id="tiny-f32") as s, \
+            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False,
+                      retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01)) as client:
+        with pytest.raises(EncoderOverloaded, match="queue is full"):
+            client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
+    assert loaded == []
 
 
 class _RefuseAll(grpc.GenericRpcHandler):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,27 +21,10 @@ from dit_client.remote import RemoteTextEncoder
 from dit_client.stream import RetryPolicy
 from dit_client.training import EmbeddingStore, StoreInfo, StoreWriter, precompute, remote_text_encoder
 from dit_client.training.store import INDEX_NAME
-from tests.helpers import ServerThread
+from tests.helpers import ProxyBackend, ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.05, max_backoff_s=0.2)
-
-
-class ProxyBackend:
-    """Delegates to a real backend; subclasses add delays, failures or another fingerprint."""
-
-    def __init__(self, backend):
-        self._backend = backend
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def encode(self, prompts):
-        with self._lock:
-            self.calls += 1
-        return self._backend.encode(prompts)
 
 
 class SlowBackend(ProxyBackend):
