@@ -148,6 +148,11 @@ class TruncatedMistral3Encoder:
 
         self.tokenizer = load_tokenizer(tok_dir)
         self.padding_side = self.tokenizer.padding_side
+        # The reference's own prompt formatting. Imported here, not per call:
+        # the first import of diffusers' pipeline module takes over a second.
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        self._format_input = format_input
 
         config = AutoConfig.from_pretrained(te_dir)
         text_config = getattr(config, "text_config", None)
@@ -207,14 +212,21 @@ class TruncatedMistral3Encoder:
     def embedding_dim(self) -> int:
         return self.spec.embedding_dim(self.hidden_size)
 
+    def warm_up(self) -> float:
+        """One forward pass of the empty prompt, so the first client does not pay for lazy
+        initialisation (CUDA kernels and allocator, oneDNN); returns its seconds."""
+        t0 = time.perf_counter()
+        self.encode([""])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self._lm.parameters())
 
     def tokenize(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """Token ids exactly as the reference builds them, plus a truncation flag per prompt."""
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-
-        messages = format_input(prompts=prompts, system_message=self.spec.system_message)
+        messages = self._format_input(prompts=prompts, system_message=self.spec.system_message)
         inputs = self.tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=False,
@@ -271,4 +283,6 @@ def load_backend(config) -> tuple[TruncatedMistral3Encoder, ModelSource]:
     backend = TruncatedMistral3Encoder(
         source, device=device, dtype=DTYPES[config.dtype], quantization=config.quantization
     )
+    # Before health says SERVING: a model that cannot run a forward pass fails here, at start.
+    log.info("warm-up forward pass: %.2fs", backend.warm_up())
     return backend, source

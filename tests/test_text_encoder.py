@@ -260,3 +260,17 @@ def test_weights_in_an_unknown_layout_are_refused_not_randomised(tiny_model_dir,
     folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "renamed", rename)
     with pytest.raises(ConfigError, match="does not hold the Mistral-3 language model weights"):
         load(folder, torch.bfloat16)
+
+
+def test_load_backend_runs_one_warm_up_pass_before_serving(tiny_model_dir, monkeypatch):
+    from common.config import ServerConfig
+    from encoder_server.text_encoder import load_backend
+
+    seen = []
+    real = TruncatedMistral3Encoder.encode
+    monkeypatch.setattr(
+        TruncatedMistral3Encoder, "encode", lambda self, prompts: seen.append(prompts) or real(self, prompts)
+    )
+    backend, _ = load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"))
+    assert seen == [[""]]
+    assert backend.encode(["a cat"]).embeddings.shape == (1, 512, 48)
