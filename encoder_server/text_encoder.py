@@ -10,6 +10,7 @@ read from disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -148,11 +149,7 @@ class TruncatedMistral3Encoder:
 
         self.tokenizer = load_tokenizer(tok_dir)
         self.padding_side = self.tokenizer.padding_side
-        # The reference's own prompt formatting. Imported here, not per call:
-        # the first import of diffusers' pipeline module takes over a second.
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-
-        self._format_input = format_input
+        self._format_input  # import it now: the first import takes over a second
 
         config = AutoConfig.from_pretrained(te_dir)
         text_config = getattr(config, "text_config", None)
@@ -211,6 +208,13 @@ class TruncatedMistral3Encoder:
     @property
     def embedding_dim(self) -> int:
         return self.spec.embedding_dim(self.hidden_size)
+
+    @functools.cached_property
+    def _format_input(self):
+        """The reference's own prompt formatting (diffusers' ``format_input``)."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        return format_input
 
     def warm_up(self) -> float:
         """One forward pass of the empty prompt, so the first client does not pay for lazy
