@@ -1,0 +1,33 @@
+"""The GPU benchmark scripts run end to end in their --dry-run mode (tiny configs, on the CPU).
+
+A GPU is lent for minutes at a time; a script that breaks on the first line
+would waste the loan. These runs check the logic, not the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_encoder_dry_run_is_bit_exact_in_bf16_and_nf4():
+    out = run_script("benchmarks/gpu_encoder.py", "--dry-run", "--batches", "1", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "truncated (30 layers)" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["bf16", "nf4"]
+    assert all(row.rstrip(" |").endswith("yes") for row in rows), rows
+
+
+def test_gpu_client_dry_run_times_the_steps():
+    out = run_script("benchmarks/gpu_client.py", "--dry-run")
+    assert "s_per_step" in out and "nf4_linear_layers" in out
