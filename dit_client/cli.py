@@ -9,11 +9,12 @@ from common.errors import Flux2RemoteError
 from common.logs import quiet_third_party_logs
 from dit_client.commands import encode
 from dit_client.commands import generate as generate_cmd
+from dit_client.commands import info as info_cmd
 from dit_client.commands import plan as plan_cmd
 from dit_client.commands import precompute as precompute_cmd
 
 # Each module adds one sub-command.
-COMMANDS = [encode, generate_cmd, plan_cmd, precompute_cmd]
+COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +84,25 @@ def test_encode_against_a_dead_server_exits_1_with_a_message(tmp_path):
     assert "cannot reach the encoder at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.st").exists()
+
+
+def test_info_shows_what_the_encoder_serves(server, tiny_backend, capsys):
+    from dit_client import cli
+
+    assert cli.main(["info", "--encoder", server.target]) == 0
+    out = capsys.readouterr().out
+    assert f"encoder at {server.target}" in out
+    assert tiny_backend.fingerprint in out and "max_concurrent_calls=64" in out
+
+    assert cli.main(["info", "--encoder", server.target, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fingerprint"] == tiny_backend.fingerprint
+    assert info["embedding_dim"] == 48 and info["dtype"] == "bfloat16" and info["max_sequence_length"] == 512
+
+
+def test_info_against_a_dead_server_exits_1(capsys):
+    from dit_client import cli
+
+    assert cli.main(["info", "--encoder", "127.0.0.1:1", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the encoder at 127.0.0.1:1" in err and "Traceback" not in err
