@@ -199,12 +199,16 @@ def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spe
     return path
 
 
-def default_demo_dir() -> Path:
-    """Where ``--model demo`` lives: the user cache dir (FLUX2_REMOTE_CACHE overrides)."""
+def cache_root() -> Path:
+    """flux2-remote's own cache folder: the user cache dir (FLUX2_REMOTE_CACHE overrides)."""
     import platformdirs
 
-    base = os.environ.get("FLUX2_REMOTE_CACHE") or platformdirs.user_cache_dir("flux2-remote")
-    return Path(base) / f"demo-v{DEMO_FORMAT_VERSION}"
+    return Path(os.environ.get("FLUX2_REMOTE_CACHE") or platformdirs.user_cache_dir("flux2-remote"))
+
+
+def default_demo_dir() -> Path:
+    """Where ``--model demo`` lives, in :func:`cache_root`."""
+    return cache_root() / f"demo-v{DEMO_FORMAT_VERSION}"
 
 
 def is_demo_folder(path: str | os.PathLike) -> bool:

@@ -69,8 +69,16 @@ def fingerprint(
     spec: EncoderSpec,
     dtype: str,
     quantization: str,
+    *,
+    weight_files: list[Path] | None = None,
 ) -> str:
-    """``"<recipe>:<16 hex>"``, stable across machines for the same files and settings."""
+    """``"<recipe>:<16 hex>"``, stable across machines for the same files and settings.
+
+    ``weight_files``: the checkpoint files the embeddings depend on (default: every
+    ``*.safetensors`` in ``text_encoder_dir``). Naming them makes the fingerprint the
+    same whether or not the shards the recipe never reads are present; the weight
+    index, which lists those too, is then left out.
+    """
     doc = {
         "recipe": spec.name,
         "layers": list(spec.hidden_states_layers),
@@ -78,8 +86,17 @@ def fingerprint(
         "system_message": spec.system_message,
         "dtype": dtype,
         "quantization": quantization,
-        "text_encoder": folder_digest(text_encoder_dir),
+        "text_encoder": _text_encoder_digest(text_encoder_dir, weight_files),
         "tokenizer": folder_digest(tokenizer_dir),
     }
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     return f"{spec.name.split('/')[0]}:{digest[:16]}"
+
+
+def _text_encoder_digest(folder: Path, weight_files: list[Path] | None) -> dict[str, str]:
+    if weight_files is None:
+        return folder_digest(folder)
+    out = {name: d for name, d in folder_digest(folder, ("*.json", "*.jinja", "*.model")).items()
+           if not name.endswith(".index.json")}
+    out.update({p.name: file_digest(p) for p in weight_files})
+    return out

@@ -11,9 +11,12 @@ read from disk.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,7 +24,7 @@ import torch
 from common.encoder_spec import FLUX2_DEV, EncoderSpec
 from common.errors import InvalidRequest
 from common.fingerprint import fingerprint
-from common.model_source import ModelSource
+from common.model_source import WEIGHTS_INDEX, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,30 @@ QUANTIZATIONS = ("none", "fp8", "nf4")
 # ``model.language_model.*`` (the in-memory layout of transformers >= 4.52);
 # both map onto a bare MistralModel. Every other weight stays unexpected and unread.
 BACKBONE_KEY_MAPPING = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
+_BACKBONE_PREFIX = re.compile("|".join(BACKBONE_KEY_MAPPING))
+_LAYER = re.compile(r"layers\.(\d+)\.")
+# Loaded by nothing: the server replaces the final norm with the identity.
+_UNUSED_BACKBONE_WEIGHTS = frozenset({"norm.weight"})
+
+
+def is_needed_weight(name: str, computed_layers: int) -> bool:
+    """True for a checkpoint weight the truncated encoder reads: the token embeddings
+    and decoder layers below ``computed_layers`` (not the final norm, lm_head or vision tower)."""
+    prefix = _BACKBONE_PREFIX.match(name)
+    if prefix is None:
+        return False
+    rest = name[prefix.end():]
+    layer = _LAYER.match(rest)
+    return int(layer.group(1)) < computed_layers if layer else rest not in _UNUSED_BACKBONE_WEIGHTS
+
+
+def needed_weight_files(te_dir: Path, computed_layers: int) -> list[Path]:
+    """The checkpoint files of ``te_dir`` that hold a needed weight (all of them without an index)."""
+    index = te_dir / WEIGHTS_INDEX
+    if not index.is_file():
+        return sorted(te_dir.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [te_dir / f for f in sorted({f for k, f in weight_map.items() if is_needed_weight(k, computed_layers)})]
 
 
 class ConfigError(Exception):
@@ -184,13 +211,13 @@ class TruncatedMistral3Encoder:
             )
         finally:
             hf_logging.set_verbosity(previous)
-        if info["missing_keys"] or info["mismatched_keys"]:
+        missing = set(info["missing_keys"]) - _UNUSED_BACKBONE_WEIGHTS
+        if missing or info["mismatched_keys"]:
             # Never serve a half-random model: a checkpoint in another key layout
             # would otherwise load as freshly initialised weights.
-            missing = sorted(info["missing_keys"])[:5]
             raise ConfigError(
                 f"{te_dir} does not hold the Mistral-3 language model weights this server expects "
-                f"(missing {missing}, mismatched {list(info['mismatched_keys'])[:5]})"
+                f"(missing {sorted(missing)[:5]}, mismatched {list(info['mismatched_keys'])[:5]})"
             )
         if lm.device != device and qconfig is None:
             lm.to(device)
@@ -203,7 +230,10 @@ class TruncatedMistral3Encoder:
             time.perf_counter() - t0,
         )
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
-        self.fingerprint = fingerprint(te_dir, tok_dir, spec, dtype_name, quantization)
+        self.fingerprint = fingerprint(
+            te_dir, tok_dir, spec, dtype_name, quantization,
+            weight_files=needed_weight_files(te_dir, spec.computed_layers),
+        )
 
     @property
     def embedding_dim(self) -> int:
@@ -283,7 +313,13 @@ def load_backend(config) -> tuple[TruncatedMistral3Encoder, ModelSource]:
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {config.dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(config.device)
-    source = resolve_model(config.model, components=("text_encoder", "tokenizer"), revision=config.revision)
+    def keep_weight(component: str, name: str) -> bool:
+        return component != "text_encoder" or is_needed_weight(name, FLUX2_DEV.computed_layers)
+
+    # A hub download skips the shards that hold only weights the server never reads.
+    source = resolve_model(
+        config.model, components=("text_encoder", "tokenizer"), revision=config.revision, keep_weight=keep_weight
+    )
     backend = TruncatedMistral3Encoder(
         source, device=device, dtype=DTYPES[config.dtype], quantization=config.quantization
     )

@@ -274,3 +274,50 @@ def test_load_backend_runs_one_warm_up_pass_before_serving(tiny_model_dir, monke
     backend, _ = load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"))
     assert seen == [[""]]
     assert backend.encode(["a cat"]).embeddings.shape == (1, 512, 48)
+
+
+def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_path, monkeypatch):
+    """Only shards with embeddings or layers 1-30 are fetched; the result equals a complete folder's, bit for bit."""
+    import fnmatch
+    import json
+    import shutil
+
+    import huggingface_hub
+
+    from common.config import ServerConfig
+    from encoder_server.text_encoder import is_needed_weight, load_backend
+
+    # A "hub repo" whose text encoder is split into many small shards.
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_dir / "tokenizer", repo / "tokenizer")
+    Mistral3ForConditionalGeneration.from_pretrained(tiny_model_dir / "text_encoder").save_pretrained(
+        repo / "text_encoder", max_shard_size="20KB"
+    )
+    weight_map = json.loads((repo / "text_encoder" / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {shard for name, shard in weight_map.items() if is_needed_weight(name, FLUX2_DEV.computed_layers)}
+    unneeded = set(weight_map.values()) - needed
+    assert needed and unneeded  # the layout this test needs
+
+    fetched: set[str] = set()
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **kwargs):
+        snapshot = tmp_path / "hf-cache" / "snapshots" / "0123abcd"
+        for f in repo.rglob("*"):
+            rel = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"]) \
+                    and not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns or []):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, snapshot / rel)
+                fetched.add(rel)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("FLUX2_REMOTE_CACHE", str(tmp_path / "ours"))
+    backend, source = load_backend(ServerConfig(model="some-org/flux2-like", device="cpu"))
+
+    assert {f"text_encoder/{s}" for s in needed} <= fetched
+    assert not {f"text_encoder/{s}" for s in unneeded} & fetched
+    assert source.revision == "0123abcd" and source.folder.is_relative_to(tmp_path / "ours")
+    complete = load(repo, torch.bfloat16)  # every shard present, as in a plain local folder
+    assert backend.fingerprint == complete.fingerprint
+    assert torch.equal(backend.encode(PROMPTS).embeddings, complete.encode(PROMPTS).embeddings)
