@@ -7,6 +7,7 @@ import threading
 from dataclasses import replace
 
 from common.config import ServerConfig
+from common.errors import EncoderOverloaded
 from encoder_server.server import RunningServer, start_server
 
 
@@ -62,4 +63,21 @@ class ProxyBackend:
     def encode(self, prompts):
         with self._lock:
             self.calls += 1
+        return self._backend.encode(prompts)
+
+
+class OverloadedFirst(ProxyBackend):
+    """Refuses its first ``failures`` forward passes with RESOURCE_EXHAUSTED (and ``retry_after_s`` as the hint)."""
+
+    def __init__(self, backend, failures: int, retry_after_s: float | None = None):
+        super().__init__(backend)
+        self.failures = failures
+        self.retry_after_s = retry_after_s
+
+    def encode(self, prompts):
+        with self._lock:
+            self.calls += 1
+            refuse = self.calls <= self.failures
+        if refuse:
+            raise EncoderOverloaded("busy (test)", retry_after_s=self.retry_after_s)
         return self._backend.encode(prompts)

@@ -31,7 +31,7 @@ from dit_client.remote import RemoteTextEncoder
 from dit_client.stream import RetryPolicy
 from dit_client.structured_prompt import render_structured_prompt
 from encoder_server.text_encoder import EncodedBatch
-from tests.helpers import ProxyBackend, ServerThread
+from tests.helpers import OverloadedFirst, ServerThread
 
 PROMPT = "a red fox sitting in fresh snow"
 SIZE = 32
@@ -384,23 +384,8 @@ def test_encoder_down_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
             client.load()
 
 
-class _Overloaded(ProxyBackend):
-    """Refuses the first ``failures`` forward passes with RESOURCE_EXHAUSTED (and a 0.2 s hint)."""
-
-    def __init__(self, backend, failures: int):
-        super().__init__(backend)
-        self.failures = failures
-
-    def encode(self, prompts):
-        with self._lock:
-            self.calls += 1
-        if self.calls <= self.failures:
-            raise EncoderOverloaded("the encoder queue is full (test)", retry_after_s=0.2)
-        return self._backend.encode(prompts)
-
-
 def test_a_busy_encoder_is_retried_then_generation_goes_on(f32_server, tiny_model_dir, caplog):
-    backend = _Overloaded(f32_server.backend, failures=2)
+    backend = OverloadedFirst(f32_server.backend, failures=2, retry_after_s=0.2)
     with ServerThread(backend, model_id="tiny-f32") as s, \
             DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
         with caplog.at_level("WARNING", logger="dit_client.generate"):
@@ -414,11 +399,11 @@ def test_a_refused_prompt_fails_before_any_weight_is_loaded(f32_server, tiny_mod
 
     loaded = []
     monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
-    backend = _Overloaded(f32_server.backend, failures=100)
+    backend = OverloadedFirst(f32_server.backend, failures=100)
     with ServerThread(backend, model_id="tiny-f32") as s, \
             DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False,
                       retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01)) as client:
-        with pytest.raises(EncoderOverloaded, match="queue is full"):
+        with pytest.raises(EncoderOverloaded, match="busy"):
             client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
     assert loaded == []
 

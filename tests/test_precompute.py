@@ -21,7 +21,7 @@ from dit_client.remote import RemoteTextEncoder
 from dit_client.stream import RetryPolicy
 from dit_client.training import EmbeddingStore, StoreInfo, StoreWriter, precompute, remote_text_encoder
 from dit_client.training.store import INDEX_NAME
-from tests.helpers import ProxyBackend, ServerThread
+from tests.helpers import OverloadedFirst, ProxyBackend, ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.05, max_backoff_s=0.2)
@@ -35,21 +35,6 @@ class SlowBackend(ProxyBackend):
     def encode(self, prompts):
         time.sleep(self.delay_s)
         return super().encode(prompts)
-
-
-class OverloadedFirst(ProxyBackend):
-    """Refuses its first ``failures`` forward passes with RESOURCE_EXHAUSTED."""
-
-    def __init__(self, backend, failures: int):
-        super().__init__(backend)
-        self.failures = failures
-
-    def encode(self, prompts):
-        with self._lock:
-            self.calls += 1
-            if self.calls <= self.failures:
-                raise EncoderOverloaded("busy (test)")
-        return self._backend.encode(prompts)
 
 
 class OverloadedWithHint(ProxyBackend):
