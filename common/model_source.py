@@ -7,6 +7,7 @@ libraries' own ``from_pretrained``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -130,12 +131,17 @@ def _download_kept_weights(model, revision, components, keep_weight, snapshot_do
 def _build_view(model: str, snapshot: Path, kept_by_component: dict[str, set[str]]) -> Path:
     """A folder of links into ``snapshot`` whose indexes name only the kept weights.
 
-    Rebuilt on every start (a few links); put beside the demo model in our cache,
-    never inside the Hugging Face cache, which other tools share.
+    Kept in our cache beside the demo model, never inside the Hugging Face cache,
+    which other tools share. Named by what it holds and never changed once
+    written, so servers starting side by side can share it.
     """
     from common.demo import cache_root
 
-    final = cache_root() / "hub-views" / model.replace("/", "--") / snapshot.name
+    recipe = json.dumps({"snapshot": str(snapshot), "kept": {c: sorted(k) for c, k in kept_by_component.items()}})
+    name = f"{snapshot.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    final = cache_root() / "hub-views" / model.replace("/", "--") / name
+    if (final / VIEW_MARKER).is_file():
+        return final
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir(parents=True)
     try:
@@ -152,11 +158,10 @@ def _build_view(model: str, snapshot: Path, kept_by_component: dict[str, set[str
                 if f.name != WEIGHTS_INDEX:
                     (tmp / entry.name / f.name).symlink_to(f.resolve())
         (tmp / VIEW_MARKER).write_text(json.dumps({"model": model, "commit": snapshot.name, "snapshot": str(snapshot)}))
-        shutil.rmtree(final, ignore_errors=True)
         try:
             tmp.rename(final)
         except OSError:
-            if not final.is_dir():  # not another server building the same view right now
+            if not (final / VIEW_MARKER).is_file():  # not just another server writing the same view first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -318,6 +318,8 @@ def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_pa
     assert {f"text_encoder/{s}" for s in needed} <= fetched
     assert not {f"text_encoder/{s}" for s in unneeded} & fetched
     assert source.revision == "0123abcd" and source.folder.is_relative_to(tmp_path / "ours")
+    _, again = load_backend(ServerConfig(model="some-org/flux2-like", device="cpu"))
+    assert again.folder == source.folder  # the view is reused, not rebuilt under a running server
     complete = load(repo, torch.bfloat16)  # every shard present, as in a plain local folder
     assert backend.fingerprint == complete.fingerprint
     assert torch.equal(backend.encode(PROMPTS).embeddings, complete.encode(PROMPTS).embeddings)
