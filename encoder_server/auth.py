@@ -251,8 +251,8 @@ class UsageLimiter:
     def from_config(cls, config: AuthConfig) -> "UsageLimiter":
         return cls(config.rate_limit_rpm, config.quota_prompts_per_day, state_file=config.usage_file)
 
-    def _today(self) -> str:
-        return datetime.fromtimestamp(self._wall_clock(), timezone.utc).date().isoformat()
+    def _utc_now(self) -> datetime:
+        return datetime.fromtimestamp(self._wall_clock(), timezone.utc)
 
     def _load(self) -> None:
         try:
@@ -272,7 +272,7 @@ class UsageLimiter:
                 f"the usage file {self.state_file} is not one this server wrote ({exc}); "
                 "move it away to start today's counts from zero"
             ) from None
-        if day != self._today():
+        if day != self._utc_now().date().isoformat():
             return  # yesterday's counts: today starts at zero anyway
         now = self._clock()
         for user, n in restored.items():
@@ -286,7 +286,7 @@ class UsageLimiter:
         if self.state_file is None or not self._unsaved:
             return False
         with self._lock:
-            today = self._today()
+            today = self._utc_now().date().isoformat()
             counts = {u: usage.prompts_today for u, usage in self._usage.items() if usage.day == today}
             self._unsaved = False
         body = json.dumps({"format": USAGE_FORMAT, "day": today, "prompts_today": counts}, indent=1).encode()
@@ -325,8 +325,8 @@ class UsageLimiter:
                         wait,
                     )
             if self.prompts_per_day:
-                wall = datetime.fromtimestamp(self._wall_clock(), timezone.utc)
-                today = wall.date().isoformat()  # as _today(), from the same reading as `wall`
+                wall = self._utc_now()
+                today = wall.date().isoformat()
                 if usage.day != today:
                     usage.day, usage.prompts_today = today, 0
                 if usage.prompts_today + prompts > self.prompts_per_day:
