@@ -77,14 +77,12 @@ def resolve_model(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        if configs_only:
-            patterns = [f"{c}/*.json" for c in components] + ["model_index.json"]
-            folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
-        elif keep_weight is None:
-            patterns = [f"{c}/*" for c in components] + ["model_index.json"]
-            folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
-        else:
+        if keep_weight is not None and not configs_only:
             folder = _download_kept_weights(model, revision, components, keep_weight, snapshot_download)
+        else:
+            files = "*.json" if configs_only else "*"
+            patterns = [f"{c}/{files}" for c in components] + ["model_index.json"]
+            folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
         raise ModelNotFound(
             f"{model} is not in the local Hugging Face cache and the hub cannot be reached "
