@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 
 from common.config import ServerConfig
@@ -67,16 +68,21 @@ class ProxyBackend:
 
 
 class OverloadedFirst(ProxyBackend):
-    """Refuses its first ``failures`` forward passes with RESOURCE_EXHAUSTED (and ``retry_after_s`` as the hint)."""
+    """Refuses its first ``failures`` forward passes with RESOURCE_EXHAUSTED (and ``retry_after_s`` as the hint).
+
+    ``call_times``: ``time.monotonic()`` of every forward pass asked for, refused or not.
+    """
 
     def __init__(self, backend, failures: int, retry_after_s: float | None = None):
         super().__init__(backend)
         self.failures = failures
         self.retry_after_s = retry_after_s
+        self.call_times: list[float] = []
 
     def encode(self, prompts):
         with self._lock:
             self.calls += 1
+            self.call_times.append(time.monotonic())
             refuse = self.calls <= self.failures
         if refuse:
             raise EncoderOverloaded("busy (test)", retry_after_s=self.retry_after_s)

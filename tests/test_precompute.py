@@ -37,23 +37,6 @@ class SlowBackend(ProxyBackend):
         return super().encode(prompts)
 
 
-class OverloadedWithHint(ProxyBackend):
-    """Refuses its first forward pass with RESOURCE_EXHAUSTED and a retry hint of ``hint_s`` seconds."""
-
-    def __init__(self, backend, hint_s: float):
-        super().__init__(backend)
-        self.hint_s = hint_s
-        self.call_times: list[float] = []
-
-    def encode(self, prompts):
-        with self._lock:
-            self.calls += 1
-            self.call_times.append(time.monotonic())
-            if self.calls == 1:
-                raise EncoderOverloaded("busy (test)", retry_after_s=self.hint_s)
-        return self._backend.encode(prompts)
-
-
 class OtherModel(ProxyBackend):
     fingerprint = "fp-some-other-model"
 
@@ -122,7 +105,7 @@ def test_encode_stream_gives_up_after_max_attempts(tiny_backend):
 
 
 def test_encode_stream_waits_at_least_the_servers_retry_hint(tiny_backend):
-    backend = OverloadedWithHint(tiny_backend, hint_s=0.6)
+    backend = OverloadedFirst(tiny_backend, failures=1, retry_after_s=0.6)
     with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
         results = list(enc.encode_stream(["hinted"], retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=5)))
     assert [r.prompt for r in results] == ["hinted"]
@@ -131,7 +114,7 @@ def test_encode_stream_waits_at_least_the_servers_retry_hint(tiny_backend):
 
 
 def test_encode_stream_fails_at_once_when_the_hint_is_longer_than_it_waits(tiny_backend):
-    backend = OverloadedWithHint(tiny_backend, hint_s=3 * 3600)
+    backend = OverloadedFirst(tiny_backend, failures=1, retry_after_s=3 * 3600)
     with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
         t0 = time.monotonic()
         with pytest.raises(EncoderOverloaded, match=r"asks to retry in 3.0 h.*max_backoff_s=30") as info:
