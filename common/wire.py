@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from common.dtypes import DTYPE_NAMES, DTYPES, UnknownDtype, row_of, wire_row
 from common.errors import IntegrityError, InvalidRequest
 from common.protocol import pb2
 
@@ -23,21 +24,14 @@ if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian an
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
 
-_TORCH_BY_WIRE = {
-    pb2.DTYPE_BFLOAT16: torch.bfloat16,
-    pb2.DTYPE_FLOAT16: torch.float16,
-    pb2.DTYPE_FLOAT32: torch.float32,
-}
-_WIRE_BY_TORCH = {v: k for k, v in _TORCH_BY_WIRE.items()}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Integer types of the same width: numpy has no bfloat16, and bytes are bytes.
 _RAW_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 def dtype_to_wire(dtype: torch.dtype) -> int:
     try:
-        return _WIRE_BY_TORCH[dtype]
-    except KeyError:
+        return row_of(dtype).wire
+    except UnknownDtype:
         raise InvalidRequest(f"dtype {dtype} cannot be sent; allowed: {', '.join(DTYPE_NAMES.values())}") from None
 
 
@@ -45,12 +39,11 @@ def dtype_from_wire(value: int, default: torch.dtype | None = None) -> torch.dty
     """The torch dtype of a wire enum; ``DTYPE_UNSPECIFIED`` gives ``default``."""
     if value == pb2.DTYPE_UNSPECIFIED and default is not None:
         return default
-    try:
-        return _TORCH_BY_WIRE[value]
-    except KeyError:
-        raise InvalidRequest(
-            f"unknown dtype enum value {value}; allowed: DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32"
-        ) from None
+    row = wire_row(value)
+    if row is None:
+        allowed = ", ".join(pb2.DType.Name(r.wire) for r in DTYPES)
+        raise InvalidRequest(f"unknown dtype enum value {value}; allowed: {allowed}")
+    return row.torch
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

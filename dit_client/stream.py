@@ -31,27 +31,21 @@ from __future__ import annotations
 import heapq
 import itertools
 import queue
-import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
+
 import grpc
 import torch
 
-from common.errors import (
-    EncoderOverloaded,
-    EncoderUnavailable,
-    Flux2RemoteError,
-    IntegrityError,
-    InvalidRequest,
-    error_from_code,
-)
+from common.errors import EncoderUnavailable, Flux2RemoteError, IntegrityError, InvalidRequest, error_from_code
 from common.protocol import pb2
-from common.wire import DTYPE_NAMES, decode_response_frame, dtype_to_wire
-from dit_client.remote import EncoderInfo, PromptMetadata, RemoteTextEncoder, ResponseAssembler, _describe_rpc_error
-
-RETRYABLE = (EncoderUnavailable, EncoderOverloaded)
+from common.wire import decode_response_frame, dtype_to_wire
+from dit_client.connection import Connection
+from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, check_output_dtype
+from dit_client.retry import RETRYABLE, RetryPolicy
 
 # Defaults sized for FLUX.2-dev (15.7 MB per embedding): the client assembles one
 # request of 8 (126 MB) at a time; 8 requests in flight (the server's default
@@ -61,55 +55,11 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_IN_FLIGHT = 8
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How transient failures (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, stalls) are retried.
+class EncoderClient(Protocol):
+    """What the stream machinery uses of a client (:class:`dit_client.remote.RemoteTextEncoder` has it)."""
 
-    Attributes:
-        max_attempts: tries per request (and consecutive stream reopenings
-            without progress) before the error is raised; 1 disables retries.
-        initial_backoff_s: wait before the first retry, in seconds.
-        max_backoff_s: cap on any single wait, in seconds.
-        multiplier: growth of the wait per attempt.
-    """
-
-    max_attempts: int = 6
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self):
-        if self.max_attempts < 1:
-            raise ValueError("RetryPolicy.max_attempts must be at least 1")
-
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based); jittered so clients do not retry in lockstep."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return base * random.uniform(0.5, 1.0)
-
-    def wait_before_retry(self, attempt: int, exc: Flux2RemoteError) -> float:
-        """Seconds to wait before retry number ``attempt`` after ``exc``, honouring the server's hint.
-
-        Raises ``exc`` (with the hint in its message) at once when the server asks
-        for a longer wait than ``max_backoff_s``, e.g. a daily quota used up: a
-        few quick retries could not succeed, and a job should say so now.
-        """
-        hint = getattr(exc, "retry_after_s", None)
-        if hint is not None and hint > self.max_backoff_s:
-            raise type(exc)(
-                f"{exc} (the server asks to retry in {_human_seconds(hint)}, longer than this client waits: "
-                f"RetryPolicy.max_backoff_s={self.max_backoff_s:g})",
-                retry_after_s=hint,
-            ) from None
-        return max(self.backoff(attempt), hint or 0.0)
-
-
-def _human_seconds(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    connection: Connection
+    info: Callable[..., EncoderInfo]  # info(refresh=False) -> EncoderInfo, cached by the client
 
 
 @dataclass(frozen=True)
@@ -177,7 +127,7 @@ _CLOSE = object()
 class _StreamJob:
     """State of one ``encode_stream`` call across stream reopenings."""
 
-    def __init__(self, client, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry):
+    def __init__(self, client: EncoderClient, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry):
         self.client = client
         self.retry = retry or RetryPolicy()
         self.cache_only = cache_only
@@ -195,8 +145,7 @@ class _StreamJob:
         if self.max_in_flight < 1:
             raise InvalidRequest(f"max_in_flight must be at least 1, got {self.max_in_flight}")
         self.dtype = dtype or self.info.dtype
-        if self.dtype not in DTYPE_NAMES:
-            raise InvalidRequest(f"dtype {self.dtype} is not supported; use one of {', '.join(DTYPE_NAMES.values())}")
+        check_output_dtype(self.dtype)
         self.max_chars = int(limits.get("max_prompt_chars") or 0)
         self._fresh = self._batches(prompts)
         self._fresh_done = False
@@ -271,16 +220,16 @@ class _StreamJob:
             return  # still down: the next stream fails fast and backs off again
         if info.fingerprint != self.fingerprint:
             raise IntegrityError(
-                f"the encoder at {self.client.target} now serves fingerprint {info.fingerprint}, "
+                f"the encoder at {self.client.connection.target} now serves fingerprint {info.fingerprint}, "
                 f"not {self.fingerprint} as when the job started: embeddings would be mixed"
             )
 
     def _one_stream(self) -> Iterator[StreamedEmbedding]:
-        client = self.client
+        connection = self.client.connection
         outbox: queue.Queue = queue.Queue()
         # Raw frames, split by common.wire: chunk bytes are copied once, into the output tensor.
-        call = client._encode_stream_raw(iter(outbox.get, _CLOSE), metadata=client._metadata)
-        watchdog = _Watchdog(call, client.timeout)
+        call = connection.encode_stream_raw(iter(outbox.get, _CLOSE), metadata=connection.metadata)
+        watchdog = _Watchdog(call, connection.timeout)
         in_flight: dict[str, _Request] = {}
         receiving: dict[str, ResponseAssembler] = {}
         try:
@@ -309,7 +258,7 @@ class _StreamJob:
                 raw = next(call, None)
                 if raw is None:
                     raise _StreamBroken(
-                        EncoderUnavailable(f"the encoder at {client.target} closed the stream early"),
+                        EncoderUnavailable(f"the encoder at {connection.target} closed the stream early"),
                         list(in_flight.values()),
                     )
                 msg, offset, data = decode_response_frame(raw)
@@ -348,9 +297,9 @@ class _StreamJob:
                 pass
         except grpc.RpcError as err:
             if watchdog.fired:
-                exc = EncoderUnavailable(f"no response from {client.target} for {client.timeout:.0f}s; reconnecting")
+                exc = EncoderUnavailable(f"no response from {connection.target} for {connection.timeout:.0f}s; reconnecting")
             else:
-                exc = _describe_rpc_error(client.target, err)
+                exc = connection.translate(err)
             if not isinstance(exc, RETRYABLE):
                 raise exc from None
             raise _StreamBroken(exc, list(in_flight.values())) from None
@@ -370,7 +319,7 @@ class _StreamBroken(Exception):
 
 
 def encode_stream(
-    client: RemoteTextEncoder,
+    client: EncoderClient,
     prompts: Iterable[str],
     *,
     batch_size: int | None = None,

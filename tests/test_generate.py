@@ -388,7 +388,7 @@ def test_a_busy_encoder_is_retried_then_generation_goes_on(f32_server, tiny_mode
     backend = OverloadedFirst(f32_server.backend, failures=2, retry_after_s=0.2)
     with ServerThread(backend, model_id="tiny-f32") as s, \
             DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
-        with caplog.at_level("WARNING", logger="dit_client.generate"):
+        with caplog.at_level("WARNING", logger="dit_client.retry"):
             result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
     assert len(result.images) == 1 and backend.calls == 3
     assert caplog.text.count("retrying in") == 2

@@ -1,0 +1,132 @@
+"""The message layer of the client: what ``GetInfo`` says, per-prompt metadata, reassembling chunks.
+
+Sits on :mod:`common.wire` (the byte format) and below the clients
+(:mod:`dit_client.remote`, :mod:`dit_client.stream`); it opens no connections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from common.dtypes import DTYPE_NAMES
+from common.errors import IntegrityError, InvalidRequest
+from common.protocol import pb2
+from common.wire import TensorAssembler, dtype_from_wire
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What ``GetInfo`` reports about the server (see encoder.proto for each field)."""
+
+    model_id: str
+    revision: str
+    fingerprint: str
+    hidden_states_layers: tuple[int, ...]
+    num_hidden_layers: int
+    computed_layers: int
+    hidden_size: int
+    embedding_dim: int
+    max_sequence_length: int
+    dtype: torch.dtype
+    quantization: str
+    device: str
+    server_version: str
+    demo: bool
+    padding_side: str
+    limits: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, m: pb2.GetInfoResponse) -> "EncoderInfo":
+        return cls(
+            model_id=m.model_id,
+            revision=m.revision,
+            fingerprint=m.fingerprint,
+            hidden_states_layers=tuple(m.hidden_states_layers),
+            num_hidden_layers=m.num_hidden_layers,
+            computed_layers=m.computed_layers,
+            hidden_size=m.hidden_size,
+            embedding_dim=m.embedding_dim,
+            max_sequence_length=m.max_sequence_length,
+            dtype=dtype_from_wire(m.dtype),
+            quantization=m.quantization,
+            device=m.device,
+            server_version=m.server_version,
+            demo=m.demo,
+            padding_side=m.padding_side,
+            limits={f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields},
+        )
+
+
+@dataclass(frozen=True)
+class PromptMetadata:
+    """Per-prompt facts the server reports with each embedding (times in nanoseconds)."""
+
+    token_count: int
+    truncated: bool
+    queue_time_ns: int
+    tokenization_time_ns: int
+    inference_time_ns: int
+    total_time_ns: int
+    model_fingerprint: str
+    cache_hit: bool
+    batch_size: int
+
+    @classmethod
+    def from_proto(cls, m: pb2.PromptMetadata) -> "PromptMetadata":
+        return cls(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
+
+
+class ResponseAssembler:
+    """Reassembles the prompts of one request from its response frames into ``out``.
+
+    Used by ``Encode`` and ``EncodeStream`` alike. Checks prompt indices, the
+    fingerprint on every header, byte counts and CRCs; any mismatch raises
+    :class:`IntegrityError`.
+
+    Args:
+        out: ``[n_prompts, max_sequence_length, embedding_dim]`` buffer to fill.
+        fingerprint: the model fingerprint every embedding must carry.
+    """
+
+    def __init__(self, out: torch.Tensor, fingerprint: str):
+        self.out = out
+        self.fingerprint = fingerprint
+        self.metadata: list[PromptMetadata | None] = [None] * len(out)
+        self._tensor: TensorAssembler | None = None
+        self._current = -1
+
+    def add(self, msg: pb2.EncodeResponse, offset: int, data: bytes | memoryview) -> None:
+        """Take one frame, split by :func:`common.wire.decode_response_frame`."""
+        if msg.HasField("header"):
+            if self._tensor is not None:
+                self._tensor.finish()
+            index = msg.prompt_index
+            if index >= len(self.out) or self.metadata[index] is not None:
+                raise IntegrityError(f"unexpected prompt index {index} in the response")
+            meta = PromptMetadata.from_proto(msg.header.metadata)
+            if meta.model_fingerprint != self.fingerprint:
+                raise IntegrityError(f"embedding made by {meta.model_fingerprint}, expected {self.fingerprint}")
+            self._tensor = TensorAssembler(self.out[index], msg.header)
+            self.metadata[index] = meta
+            self._current = index
+        elif self._tensor is None or msg.prompt_index != self._current:
+            raise IntegrityError("chunk arrived before its header")
+        self._tensor.add_bytes(offset, data)
+
+    def finish(self) -> list[PromptMetadata]:
+        """Check the last prompt and that every prompt arrived; return their metadata in order."""
+        if self._tensor is not None:
+            self._tensor.finish()
+        missing = [i for i, m in enumerate(self.metadata) if m is None]
+        if missing:
+            raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
+        return self.metadata  # type: ignore[return-value]
+
+
+def check_output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if the wire can carry it, else :class:`InvalidRequest` listing the ones it can."""
+    if dtype not in DTYPE_NAMES:
+        raise InvalidRequest(f"dtype {dtype} is not supported; use one of {', '.join(DTYPE_NAMES.values())}")
+    return dtype
