@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 
-from common.errors import Flux2RemoteError
-from common.logs import quiet_third_party_logs
-from dit_client.commands import encode
-from dit_client.commands import generate as generate_cmd
-from dit_client.commands import info as info_cmd
-from dit_client.commands import plan as plan_cmd
-from dit_client.commands import precompute as precompute_cmd
+# gRPC's C core reads its log level once, when grpc is first imported, so this
+# comes before every import that loads grpc: at the default level a TLS mismatch
+# prints a raw handshake log line beside our one-line error. An explicit
+# GRPC_VERBOSITY still wins, for debugging.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from common.errors import Flux2RemoteError  # noqa: E402
+from common.logs import quiet_third_party_logs  # noqa: E402
+from dit_client.commands import encode  # noqa: E402
+from dit_client.commands import generate as generate_cmd  # noqa: E402
+from dit_client.commands import info as info_cmd  # noqa: E402
+from dit_client.commands import plan as plan_cmd  # noqa: E402
+from dit_client.commands import precompute as precompute_cmd  # noqa: E402
 
 # Each module adds one sub-command.
 COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd]
@@ -39,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"flux2-dit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk, a folder gone read-only: the machine's state, not the flags
+        print(f"flux2-dit: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("flux2-dit: interrupted", file=sys.stderr)
         return 130

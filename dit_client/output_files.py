@@ -8,17 +8,17 @@ from pathlib import Path
 from dit_client.dit_config import ClientConfigError
 
 
-def check_output_file(path: str | os.PathLike, *, suffix: str, flag: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike, *, suffix: str | None = None, flag: str = "--out") -> Path:
     """``path`` as a Path, or :class:`ClientConfigError` naming the fix.
 
-    Refuses a name without ``suffix``, an existing folder, and a path under a file or under a
+    Refuses a name without ``suffix`` (when given), an existing folder, and a path under a file or under a
     folder this process cannot write to (the file is written through a temp file beside it;
     missing folders are created then).
     """
     out = Path(path)
     if out.is_dir():
-        raise ClientConfigError(f"{flag} {out} is a folder; name a file inside it, e.g. {out / ('out' + suffix)}")
-    if out.suffix.lower() != suffix:
+        raise ClientConfigError(f"{flag} {out} is a folder; name a file inside it, e.g. {out / ('out' + (suffix or ''))}")
+    if suffix is not None and out.suffix.lower() != suffix:
         raise ClientConfigError(f"output file {out} must end in {suffix}")
     # Missing folders are created on writing; the nearest existing one must take new entries.
     parent = out.absolute().parent

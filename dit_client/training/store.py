@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from common.atomic import TMP_SUFFIX, atomic_write
 from common.errors import IntegrityError
-from common.wire import DTYPE_NAMES
+from common.dtypes import DTYPE_NAMES, row_of, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ DEFAULT_SHARD_BYTES = 128 * 1024 * 1024
 MAX_SHARD_ROWS = 4096
 # Open shard files kept mapped at once by a reader.
 _MAX_OPEN_SHARDS = 64
-_DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+class StoreWriteError(OSError):
+    """A shard or the index could not be written (a full disk, a folder that went read-only...)."""
 
 
 class StoreError(ValueError):
@@ -102,7 +105,7 @@ class StoreInfo:
     @classmethod
     def from_json(cls, data: dict, where: str) -> "StoreInfo":
         try:
-            dtype = _DTYPE_BY_NAME[data["dtype"]]
+            dtype = torch_dtype(data["dtype"])
             shape = tuple(int(x) for x in data["shape"])
             if len(shape) != 2:
                 raise ValueError("shape must have 2 dimensions")
@@ -184,7 +187,7 @@ def _read_shard_header(file: Path, info: StoreInfo) -> list[str]:
     shape = tuple(tensor.get("shape", ()))
     if shape != (len(captions), *info.shape):
         raise IntegrityError(f"{file.name}: tensor shape {shape} does not fit {len(captions)} captions of {info.shape}")
-    if tensor.get("dtype") != {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[info.dtype]:
+    if tensor.get("dtype") != row_of(info.dtype).safetensors:
         raise IntegrityError(f"{file.name}: dtype {tensor.get('dtype')} is not the store's {DTYPE_NAMES[info.dtype]}")
     return captions
 
@@ -505,9 +508,16 @@ class StoreWriter:
             "captions": json.dumps(captions, ensure_ascii=False),
         }
         rows = buffer[:n]
-        atomic_write(final, lambda tmp: save_file({TENSOR_KEY: rows}, str(tmp), metadata=metadata))
-        self._shards.append(_ShardEntry(name, n, final.stat().st_size))
-        _write_index(self.path, self.info, self._shards)
+        try:
+            atomic_write(final, lambda tmp: save_file({TENSOR_KEY: rows}, str(tmp), metadata=metadata))
+            self._shards.append(_ShardEntry(name, n, final.stat().st_size))
+            _write_index(self.path, self.info, self._shards)
+        except OSError as exc:
+            # One line for the person at the terminal; the shards already listed stay valid.
+            raise StoreWriteError(
+                f"cannot write to the embedding store {self.path}: {exc.strerror or exc}. Free some space (or "
+                f"choose another --out) and run the same command again: finished shards are kept"
+            ) from exc
 
     def close(self) -> None:
         """Write the last partial shard, wait for it, and release the directory."""
