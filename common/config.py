@@ -28,6 +28,21 @@ class Limits:
     # max_prompts_per_request x 15.7 MB for Encode, max_in_flight_per_stream
     # times that for a stream), so this also bounds that memory.
     max_concurrent_calls: int = 64
+    # A user's share of max_concurrent_calls, so one user cannot take every
+    # slot. 0 means automatic: a quarter of max_concurrent_calls when an API
+    # key file names several users, the whole of it otherwise (without keys
+    # every caller is the same user, "anonymous").
+    max_concurrent_calls_per_user: int = 0
+    # An answer (a gRPC message or the HTTP body) the client does not read for
+    # this long is cancelled and its slot freed: a client that stops reading
+    # must not hold a slot, and the embeddings in it, for ever.
+    write_timeout_s: float = 30.0
+    # An HTTP request body must arrive within this long (a slow sender holds a
+    # connection, never a slot: the slot is taken only after the body is read).
+    body_timeout_s: float = 30.0
+    # request_id is echoed in every response message; bound it so an answer
+    # always fits a message.
+    max_request_id_chars: int = 256
     # A deadline shorter than this cannot be met by any forward pass; refuse
     # it at once instead of queueing work nobody will read.
     min_deadline_ms: int = 5
@@ -61,6 +76,9 @@ class BatchingConfig:
     fair: bool = True
 
 
+CACHE_SCOPES = ("auto", "shared", "user")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Embedding caches: an in-memory LRU in front of an optional disk cache.
@@ -70,11 +88,17 @@ class CacheConfig:
             embedding is 15 MiB (bf16 ``[512, 15360]``).
         dir: persistent cache folder; ``None`` keeps no disk cache.
         max_gb: disk cache size bound in GiB; least recently used entries go first.
+        scope: who shares cached embeddings and running computations: ``shared``
+            (every user: a prompt one user sent is a hit for another, which tells
+            that other user it was sent), ``user`` (each user their own: nothing one
+            user sends can reveal another's prompts) or ``auto`` (``user`` when the
+            API key file names several users, ``shared`` otherwise). See docs/security.md.
     """
 
     memory_mb: int = 2048
     dir: str | None = None
     max_gb: float = 50.0
+    scope: str = "auto"
 
 
 @dataclass(frozen=True)

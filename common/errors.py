@@ -1,9 +1,10 @@
-"""The one table from errors to gRPC status codes, used by both sides.
+"""The one table from errors to gRPC status codes and HTTP statuses, used by both sides.
 
-The server raises these exceptions from library code; the servicer turns them
-into statuses through ``STATUS_OF``. The client turns a status back into the
-same exception class through ``error_from_status``, so callers catch
-``EncoderOverloaded`` rather than inspecting ``grpc.RpcError``.
+The server raises these exceptions from library code; each class names its gRPC
+status (``code``), and :func:`http_status_of` maps that status to HTTP for the
+``/predict`` endpoint. The client turns a status back into the same exception
+class through :func:`error_from_code`, so callers catch ``EncoderOverloaded``
+rather than inspecting ``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class InvalidRequest(Flux2RemoteError):
     """The request breaks a documented rule (too many prompts, prompt too long, bad dtype...)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PayloadTooLarge(InvalidRequest):
+    """Too many prompts, a prompt or a body too long: INVALID_ARGUMENT on gRPC, 413 on HTTP."""
+
+    http_status = 413
 
 
 class NotCached(Flux2RemoteError):
@@ -104,6 +111,30 @@ _BY_CODE: dict[grpc.StatusCode, type[Flux2RemoteError]] = {
         ServerError,
     )
 }
+
+
+# The standard gRPC -> HTTP mapping (google.rpc.Code); 499 is the de-facto
+# "client closed request".
+_HTTP_STATUS_OF_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status the ``/predict`` endpoint answers ``exc`` with."""
+    explicit = getattr(exc, "http_status", None)
+    if explicit is not None:
+        return explicit
+    return _HTTP_STATUS_OF_CODE.get(status_of(exc)[0], 500)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

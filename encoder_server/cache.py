@@ -41,14 +41,19 @@ _SUFFIX = ".safetensors"
 _STALE_TMP_S = 3600.0
 
 
-def cache_key(fingerprint: str, prompt: str) -> str:
+def cache_key(fingerprint: str, prompt: str, scope: str = "") -> str:
     """64 hex chars naming the embedding of ``prompt`` under the model ``fingerprint``.
 
-    Length-prefixed so no (fingerprint, prompt) pair can collide with another by concatenation.
+    ``scope`` is ``""`` when every user shares the cache, and the user's name
+    with ``--cache-scope user``, so one user's entries can never answer another.
+    Length-prefixed so no (fingerprint, prompt, scope) can collide with another by concatenation.
     """
     h = hashlib.sha256()
-    for part in (CACHE_FORMAT, fingerprint, prompt):
-        data = part.encode("utf-8")
+    # A shared entry keeps the key it had before scopes existed, so disk caches stay valid.
+    parts = (CACHE_FORMAT, fingerprint, prompt) + ((f"user:{scope}",) if scope else ())
+    for part in parts:
+        # surrogatepass: validation refuses lone surrogates, but a key must never be what fails.
+        data = part.encode("utf-8", "surrogatepass")
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()

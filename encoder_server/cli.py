@@ -8,6 +8,7 @@ import logging
 import sys
 
 from common.config import (
+    CACHE_SCOPES,
     AuthConfig,
     BatchingConfig,
     CacheConfig,
@@ -54,8 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompts-per-request", type=int, default=Limits.max_prompts_per_request)
     serve.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
     serve.add_argument("--max-concurrent-calls", type=_number(int, 1), default=Limits.max_concurrent_calls,
-                       help="Encode/EncodeStream calls (and, separately, HTTP requests) served at once; "
+                       help="Encode/EncodeStream calls and HTTP requests served at once, all together; "
                             "more get RESOURCE_EXHAUSTED / 429 (default %(default)s)")
+    serve.add_argument("--max-concurrent-calls-per-user", type=_number(int, 0),
+                       default=Limits.max_concurrent_calls_per_user, metavar="N",
+                       help="how many of those one user may hold; 0 = automatic: a quarter of "
+                            "--max-concurrent-calls when --api-key-file names several users, all of it "
+                            "otherwise (default %(default)s)")
+    serve.add_argument("--write-timeout", type=_number(float, 0.1), default=Limits.write_timeout_s, metavar="S",
+                       help="cancel an answer the client does not read within S seconds, freeing its slot "
+                            "(default %(default)s)")
+    serve.add_argument("--body-timeout", type=_number(float, 0.1), default=Limits.body_timeout_s, metavar="S",
+                       help="an HTTP request body must arrive within S seconds, else 408 (default %(default)s)")
     serve.add_argument("--log-level", default="INFO")
     # Batching, cache and metrics (docs/serving.md).
     serve.add_argument("--max-batch-tokens", type=_number(int, 1), default=BatchingConfig.max_batch_tokens,
@@ -72,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-cache-mb", type=_number(int, 0), default=CacheConfig.memory_mb,
                        help="in-memory embedding cache in MiB, 0 disables (default: %(default)s)")
     serve.add_argument("--cache-dir", default=None, help="persistent embedding cache folder (default: none)")
+    serve.add_argument("--cache-scope", choices=CACHE_SCOPES, default=CacheConfig.scope,
+                       help="who shares cached embeddings: 'shared' (everyone: one user's prompts can be "
+                            "detected by another), 'user' (each their own), 'auto' ('user' when "
+                            "--api-key-file names several users) (default: %(default)s)")
     serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
                        help="size bound of --cache-dir in GiB (default: %(default)s)")
     serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
@@ -127,6 +142,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_prompts_per_request=args.max_prompts_per_request,
             max_prompt_chars=args.max_prompt_chars,
             max_concurrent_calls=args.max_concurrent_calls,
+            max_concurrent_calls_per_user=args.max_concurrent_calls_per_user,
+            write_timeout_s=args.write_timeout,
+            body_timeout_s=args.body_timeout,
         ),
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens,
@@ -135,7 +153,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_queue_prompts=args.max_queue_prompts,
             fair=args.scheduling == "fair",
         ),
-        cache=CacheConfig(memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb),
+        cache=CacheConfig(
+            memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb, scope=args.cache_scope
+        ),
         metrics_port=args.metrics_port,
         auth=AuthConfig(
             api_key_file=args.api_key_file,

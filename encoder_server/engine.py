@@ -90,6 +90,10 @@ class EncodeEngine:
         memory_cache: in-memory LRU; ``None`` keeps nothing in memory.
         disk_cache: persistent cache; ``None`` keeps nothing on disk.
         metrics: where to count; a private :class:`EncoderMetrics` by default.
+        cache_scope: ``"shared"``: every user shares cached embeddings and running
+            computations; ``"user"``: each user has their own (the user is part of
+            every cache key, so no hit, ``cache_only`` answer or joined computation
+            can tell one user what another sent).
     """
 
     def __init__(
@@ -100,8 +104,12 @@ class EncodeEngine:
         memory_cache: MemoryCache | None = None,
         disk_cache: DiskCache | None = None,
         metrics: EncoderMetrics | None = None,
+        cache_scope: str = "shared",
     ):
+        if cache_scope not in ("shared", "user"):
+            raise ValueError(f"cache_scope must be 'shared' or 'user', not {cache_scope!r}")
         self.backend = backend
+        self.cache_scope = cache_scope
         self.batching = batching or BatchingConfig()
         self.memory_cache = memory_cache
         self.disk_cache = disk_cache
@@ -118,12 +126,20 @@ class EncodeEngine:
         self._bind_gauges()
 
     @classmethod
-    def from_config(cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None) -> "EncodeEngine":
-        """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches)."""
+    def from_config(
+        cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None, cache_scope: str = "shared"
+    ) -> "EncodeEngine":
+        """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches).
+
+        ``cache_scope`` is the resolved scope (``config.cache.scope`` may say ``auto``).
+        """
         cache = config.cache
         memory = MemoryCache(cache.memory_mb * 2**20) if cache.memory_mb > 0 else None
         disk = DiskCache(cache.dir, int(cache.max_gb * 2**30)) if cache.dir else None
-        return cls(backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics)
+        return cls(
+            backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics,
+            cache_scope=cache_scope,
+        )
 
     # -- public API ------------------------------------------------------
 
@@ -160,7 +176,8 @@ class EncodeEngine:
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before encoding started")
         fingerprint = self.backend.fingerprint
-        keys = [cache_key(fingerprint, p) for p in prompts]
+        scope = user if self.cache_scope == "user" else ""
+        keys = [cache_key(fingerprint, p, scope) for p in prompts]
         prompt_of = dict(zip(keys, prompts))  # duplicates inside one request collapse here
 
         # 1. Caches.

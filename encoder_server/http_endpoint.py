@@ -26,37 +26,26 @@ import math
 import grpc
 import torch
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from common.config import Limits
-from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError, InvalidRequest, status_of
-from encoder_server.auth import Authenticator, UsageLimiter
+from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, PayloadTooLarge, http_status_of, status_of
+from encoder_server.admission import HTTP_PREDICT, Admission
 from encoder_server.engine import EncodeEngine
 from encoder_server.identity import ANONYMOUS, current_user
-from encoder_server.validation import validate_prompts
 
 log = logging.getLogger(__name__)
 
 # What the hosted endpoint answers with, whatever the compute dtype.
 RESPONSE_DTYPE = torch.bfloat16
-
-# The standard gRPC -> HTTP mapping (google.rpc.Code), applied to the status
-# that common/errors.py gives each error.
-HTTP_STATUS_OF_GRPC = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
+# The body is written in pieces of this size, each within the write timeout.
+_WRITE_CHUNK_BYTES = 1 << 20
 
 
-class PayloadTooLarge(InvalidRequest):
-    """The body, the prompt list or a prompt is over the server's limits (HTTP 413)."""
+class BodyTimeout(DeadlineExceeded):
+    """The request body did not arrive within ``Limits.body_timeout_s`` (HTTP 408)."""
+
+    http_status = 408
 
 
 def embeddings_to_torch_save(embeddings: list[torch.Tensor]) -> bytes:
@@ -82,7 +71,7 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
 
 def _error_response(exc: Flux2RemoteError) -> web.Response:
     code, message = status_of(exc)
-    status = 413 if isinstance(exc, PayloadTooLarge) else HTTP_STATUS_OF_GRPC.get(code, 500)
+    status = http_status_of(exc)
     headers = {}
     retry_after_s = getattr(exc, "retry_after_s", None)
     if retry_after_s is not None:
@@ -93,11 +82,15 @@ def _error_response(exc: Flux2RemoteError) -> web.Response:
 
 
 def parse_prompts(body: object, limits: Limits) -> list[str]:
-    """The prompts of a decoded ``{"prompt": str | list[str]}`` body, checked against ``limits``.
+    """The prompts of a decoded ``{"prompt": str | list[str]}`` body (shape and types only).
+
+    Counts, lengths and text are checked by the request policy's validation
+    step, the same one gRPC requests pass. The prompt count is bounded here
+    too, before a list of millions is copied.
 
     Raises:
         InvalidRequest: wrong shape or types (HTTP 400).
-        PayloadTooLarge: too many prompts or a prompt too long (HTTP 413).
+        PayloadTooLarge: more prompts than a request may hold (HTTP 413).
     """
     if not isinstance(body, dict):
         raise InvalidRequest('the body must be a JSON object {"prompt": str | list[str]}')
@@ -111,60 +104,55 @@ def parse_prompts(body: object, limits: Limits) -> list[str]:
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise InvalidRequest('"prompt" must be a string or a list of strings')
     if len(prompts) > limits.max_prompts_per_request:
-        raise PayloadTooLarge(
-            f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}"
+        raise PayloadTooLarge(f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}")
+    return prompts
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, without the query string: a key pasted into a URL must never reach a log."""
+
+    def log(self, request, response, time):
+        self.logger.info(
+            "%s %s %s %d %.3fs", request.remote, request.method, request.path, response.status, time
         )
-    for i, p in enumerate(prompts):
-        if len(p) > limits.max_prompt_chars:
-            raise PayloadTooLarge(
-                f"prompt {i} has {len(p)} characters; the limit is {limits.max_prompt_chars} "
-                "(only the first 512 tokens are used anyway)"
-            )
-    return validate_prompts(prompts, limits)
 
 
 class HTTPEndpoint:
     """aiohttp application serving ``POST /predict`` and ``GET /health`` on the server's event loop.
 
+    Every request passes the server's one request policy (encoder_server/admission.py)
+    in its order; between the rate limit and validation this endpoint reads the
+    body, within ``Limits.body_timeout_s``, so a slow sender holds no slot.
+
     Args:
         engine: the engine gRPC uses.
-        authenticator, limiter: shared with the gRPC interceptor.
-        limits: request bounds (prompts per request, characters per prompt).
+        admission: the request policy gRPC uses.
         fingerprint: sent back in the ``X-Flux2-Fingerprint`` header.
         ssl_context: TLS (and mutual TLS) policy; ``None`` for plain HTTP.
     """
 
-    def __init__(
-        self,
-        engine: EncodeEngine,
-        *,
-        authenticator: Authenticator,
-        limiter: UsageLimiter,
-        limits: Limits,
-        fingerprint: str,
-        ssl_context=None,
-    ):
+    def __init__(self, engine: EncodeEngine, admission: Admission, *, fingerprint: str, ssl_context=None):
         self._engine = engine
-        self._authenticator = authenticator
-        self._limiter = limiter
-        self._limits = limits
+        self._admission = admission
+        self._limits = admission.limits
         self._fingerprint = fingerprint
         self._ssl_context = ssl_context
-        self._shutting_down = False
-        self._in_flight: set[asyncio.Task] = set()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
-        self.app = web.Application(client_max_size=max_body_bytes(limits))
+        self.app = web.Application(client_max_size=max_body_bytes(self._limits))
         self.app.router.add_post("/predict", self._predict)
+        self.app.router.add_route("*", "/predict", self._wrong_method)
         self.app.router.add_get("/health", self._health)
 
     async def start(self, host: str, port: int) -> int:
         """Bind ``host:port`` (0 picks a free port) and serve; returns the bound port."""
         # handler_cancellation: a client that hangs up cancels its request, so
         # the engine can drop the work before it reaches the model.
-        # shutdown_timeout: stop() drains on its own; cleanup need not wait again.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=1.0)
+        # shutdown_timeout: the server drains through the policy; cleanup need not wait again.
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, shutdown_timeout=1.0, access_log_class=AccessLogger
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl_context)
         try:
@@ -175,15 +163,8 @@ class HTTPEndpoint:
         self.port = self._runner.addresses[0][1]
         return self.port
 
-    def begin_shutdown(self) -> None:
-        """Answer new requests with 503 from now on; requests already running go on."""
-        self._shutting_down = True
-
-    async def stop(self, grace: float | None) -> None:
-        """Let running requests finish within ``grace`` seconds (``None``: wait for them), then close."""
-        self.begin_shutdown()
-        if self._in_flight and grace != 0:
-            await asyncio.wait(set(self._in_flight), timeout=grace)
+    async def stop(self) -> None:
+        """Close the port. The server calls this once the policy has drained (new requests got 503 meanwhile)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -191,76 +172,97 @@ class HTTPEndpoint:
     # -- handlers --------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        if self._shutting_down:
+        if self._admission.closing:
             return web.json_response({"status": "NOT_SERVING"}, status=503)
         return web.json_response({"status": "SERVING"})
 
+    async def _wrong_method(self, request: web.Request) -> web.Response:
+        return _error(
+            405, f'{request.method} /predict is not served; send POST /predict with {{"prompt": "text"}}',
+            grpc.StatusCode.INVALID_ARGUMENT.name, {"Allow": "POST"},
+        )
+
     async def _predict(self, request: web.Request) -> web.StreamResponse:
-        if self._shutting_down:
-            self._engine.metrics.count_request("HTTP /predict", grpc.StatusCode.UNAVAILABLE.name, ANONYMOUS)
-            return _error_response(EncoderUnavailable("the server is shutting down; retry on another replica or later"))
-        if len(self._in_flight) >= self._limits.max_concurrent_calls:
-            self._engine.metrics.count_request("HTTP /predict", grpc.StatusCode.RESOURCE_EXHAUSTED.name, ANONYMOUS)
-            return _error_response(EncoderOverloaded(
-                f"the encoder is serving {len(self._in_flight)} HTTP requests at once, its limit "
-                "(--max-concurrent-calls); retry in a moment",
-                retry_after_s=1.0,
-            ))
-        task = asyncio.current_task()
-        self._in_flight.add(task)
+        tracker = self._admission.track()
         # Reset per request: aiohttp may run several keep-alive requests in one context.
         user_token = current_user.set(ANONYMOUS)
-        status = grpc.StatusCode.OK
         try:
-            return await self._predict_checked(request)
+            return await self._predict_admitted(request)
         except Flux2RemoteError as exc:
-            status = exc.code
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.info("POST /predict from %s (user %s): %s", request.remote, current_user.get(), exc)
             return _error_response(exc)
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED  # the client hung up
-            raise
         except Exception:
-            status = grpc.StatusCode.INTERNAL
             log.exception("POST /predict failed")
             return _error(500, "internal error; see the server log", grpc.StatusCode.INTERNAL.name)
         finally:
-            # Counted beside the gRPC methods, so one query covers every way in.
-            self._engine.metrics.count_request("HTTP /predict", status.name, current_user.get())
             current_user.reset(user_token)
-            self._in_flight.discard(task)
+            tracker.done()
 
-    async def _predict_checked(self, request: web.Request) -> web.Response:
-        # 1. Who is calling (before reading a body a stranger may have sent).
-        user = self._authenticator.authenticate(request.headers.get("Authorization"))
+    async def _predict_admitted(self, request: web.Request) -> web.StreamResponse:
+        admission = self._admission
+        # 1-2. Draining, then who is calling (before reading a body a stranger may have sent).
+        if request.query_string:
+            exc = InvalidRequest(
+                "POST /predict takes no query parameters; an API key goes in the 'Authorization: Bearer KEY' "
+                "header, never in the URL (URLs end up in logs)"
+            )
+            admission.refused(HTTP_PREDICT, ANONYMOUS, exc)
+            raise exc
+        user = admission.admit_call(HTTP_PREDICT, request.headers.getall("Authorization", []))
         current_user.set(user)
+        # 3. The rate, before the body costs anything.
+        admission.admit_rate(HTTP_PREDICT, user)
+        try:
+            prompts = parse_prompts(await self._read_json(request), self._limits)
+        except Flux2RemoteError as exc:
+            admission.refused(HTTP_PREDICT, user, exc)
+            raise
+        # 4-6. Validation, slots, quota.
+        ticket = admission.admit_request(HTTP_PREDICT, user, prompts, rate_checked=True)
+        try:
+            with ticket.charging():
+                results = await self._engine.encode(ticket.prompts, user=user)
+            # Serialise off the loop: torch.save of 15 MiB per prompt takes tens of ms.
+            payload = await asyncio.to_thread(embeddings_to_torch_save, [r.embedding for r in results])
+            return await self._send(request, payload, [r.cache_hit for r in results], user)
+        finally:
+            ticket.release()
 
-        # 2. Read and check the body.
+    async def _read_json(self, request: web.Request) -> object:
         limit = max_body_bytes(self._limits)
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the body has {request.content_length} bytes; the limit is {limit}")
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), self._limits.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes") from None
+        except asyncio.TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self._limits.body_timeout_s:.0f} s; send it at once"
+            ) from None
         try:
-            body = json.loads(raw)
+            return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequest(f'the body is not valid JSON ({exc}); send {{"prompt": "text"}}') from None
-        prompts = parse_prompts(body, self._limits)
 
-        # 3. Per-user limits, then the shared engine.
-        self._limiter.admit(user, len(prompts))
-        results = await self._engine.encode(prompts, user=user)
-
-        # 4. Serialise off the loop: torch.save of 15 MiB per prompt takes tens of ms.
-        payload = await asyncio.to_thread(embeddings_to_torch_save, [r.embedding for r in results])
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={
-                "X-Flux2-Fingerprint": self._fingerprint,
-                "X-Flux2-Cache-Hits": ",".join("1" if r.cache_hit else "0" for r in results),
-            },
-        )
+    async def _send(self, request: web.Request, payload: bytes, cache_hits: list[bool], user: str):
+        """Write the answer while the request still holds its slot, each piece within the write timeout."""
+        response = web.StreamResponse(headers={
+            "X-Flux2-Fingerprint": self._fingerprint,
+            "X-Flux2-Cache-Hits": ",".join("1" if hit else "0" for hit in cache_hits),
+        })
+        response.content_type = "application/octet-stream"
+        response.content_length = len(payload)
+        timeout = self._limits.write_timeout_s
+        view = memoryview(payload)
+        try:
+            await asyncio.wait_for(response.prepare(request), timeout)
+            for offset in range(0, len(payload), _WRITE_CHUNK_BYTES):
+                await asyncio.wait_for(response.write(view[offset:offset + _WRITE_CHUNK_BYTES]), timeout)
+            await asyncio.wait_for(response.write_eof(), timeout)
+        except asyncio.TimeoutError:
+            self._admission.write_timed_out(HTTP_PREDICT, user)
+            if request.transport is not None:
+                request.transport.abort()  # drop what is buffered for a client that does not read
+        return response

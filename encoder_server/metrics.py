@@ -7,7 +7,10 @@ The headline series:
 
 * ``flux2_encoder_prompts_computed_total``: prompts that actually ran through
   the model (cache hits and shared computations are not counted).
-* ``flux2_encoder_requests_total{method,status,user}``: calls by outcome.
+* ``flux2_encoder_requests_total{method,status,user}``: requests by outcome, refusals
+  included (each EncodeStream message counts as one request).
+* ``flux2_encoder_write_timeouts_total{method}``: answers cancelled because the
+  client did not read them in time.
 * ``flux2_encoder_prompts_served_total{user,source}``: where each answered
   prompt came from (``computed``, ``shared``, ``cache_memory``, ``cache_disk``).
 * ``flux2_encoder_queue_size``, ``flux2_encoder_batch_size``,
@@ -44,6 +47,11 @@ class EncoderMetrics:
         self.requests = Counter(
             "flux2_encoder_requests", "Encode requests by RPC method, gRPC status and user.",
             ["method", "status", "user"], registry=r,
+        )
+        self.write_timeouts = Counter(
+            "flux2_encoder_write_timeouts",
+            "Answers cancelled because the client did not read them within --write-timeout.",
+            ["method"], registry=r,
         )
         self.prompts_served = Counter(
             "flux2_encoder_prompts_served",

@@ -16,15 +16,16 @@ from common.config import ServerConfig
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from common.wire import dtype_to_wire
 from encoder_server import __version__
-from encoder_server.auth import Authenticator, AuthInterceptor, KeyStore, UsageLimiter
+from encoder_server.admission import Admission, resolve_cache_scope
+from encoder_server.auth import Authenticator, KeyStore
 from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
+from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
 from encoder_server.servicer import TextEncoderServicer
-from encoder_server.shutdown import InFlightCalls
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
 from encoder_server.tls import ServerTLS, load_server_tls
-from encoder_server.validation import tolerant_deserializer
+from encoder_server.usage import UsageLimiter
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,10 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-# Methods whose servicer yields already-serialized messages (common/wire.py framing).
-_PRESERIALIZED = {f"/{SERVICE_NAME}/Encode", f"/{SERVICE_NAME}/EncodeStream"}
-
-
-class TextEncoderCodecInterceptor(grpc.aio.ServerInterceptor):
-    """How TextEncoder messages are (de)serialized.
-
-    Requests: an unparseable one (e.g. a prompt that is not UTF-8) reaches the
-    servicer as an UndecodableRequest and is answered INVALID_ARGUMENT, not INTERNAL.
-    Responses of Encode/EncodeStream are bytes the servicer framed itself.
-    """
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        if handler.request_deserializer is not None:
-            handler = handler._replace(request_deserializer=tolerant_deserializer(handler.request_deserializer))
-        if method in _PRESERIALIZED:
-            handler = handler._replace(response_serializer=None)
-        return handler
-
-
-def build_info(config: ServerConfig, backend: EmbeddingBackend, *, model_id: str, revision: str, demo: bool):
+def build_info(
+    config: ServerConfig, backend: EmbeddingBackend, admission: Admission, *,
+    model_id: str, revision: str, demo: bool, cache_scope: str,
+):
     spec = backend.spec
     limits = config.limits
     return pb2.GetInfoResponse(
@@ -93,10 +73,14 @@ def build_info(config: ServerConfig, backend: EmbeddingBackend, *, model_id: str
             max_chunk_bytes=limits.max_chunk_bytes,
             max_in_flight_per_stream=limits.max_in_flight_per_stream,
             max_concurrent_calls=limits.max_concurrent_calls,
+            max_concurrent_calls_per_user=admission.max_calls_per_user,
+            write_timeout_ms=round(limits.write_timeout_s * 1000),
+            max_request_id_chars=limits.max_request_id_chars,
         ),
         server_version=__version__,
         demo=demo,
         padding_side=getattr(backend, "padding_side", ""),
+        cache_scope=cache_scope,
     )
 
 
@@ -123,42 +107,51 @@ class RunningServer:
     port: int
     health: HealthServicer
     engine: EncodeEngine
+    admission: Admission
     metrics: EncoderMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     http: HTTPEndpoint | None = None
-    calls: InFlightCalls | None = None
-    limiter: UsageLimiter | None = None
     _usage_saver: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if self.limiter is not None and self.limiter.state_file is not None:
+        if self.limiter.state_file is not None:
             self._usage_saver = asyncio.get_running_loop().create_task(_save_usage_every(self.limiter, 5.0))
 
+    @property
+    def limiter(self) -> UsageLimiter:
+        return self.admission.limiter
+
     async def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, let running work finish within ``grace`` seconds, then stop.
+        """Report NOT_SERVING, refuse new work, let running work finish within ``grace`` seconds, then stop.
 
         Only TextEncoder calls and HTTP requests are waited for; health
         watchers and reflection streams, which never end on their own, are
-        closed once that work is done.
+        closed once that work is done. The HTTP port stays open until then,
+        answering 503, so HTTP callers learn the server is draining instead of
+        meeting a closed port.
         """
         await self.health.enter_graceful_shutdown()
+        self.admission.close()  # new gRPC calls get UNAVAILABLE, new HTTP requests 503, from here on
+        drained = await self.admission.wait_idle(grace)
+        if not drained:
+            log.warning("grace period over with %d call(s) still running; cutting them off", self.admission.calls)
         if self.http is not None:
-            self.http.begin_shutdown()
-        if self.calls is not None:
-            self.calls.close()  # new TextEncoder calls get UNAVAILABLE from here on
-        await asyncio.gather(
-            self.calls.wait_idle(grace) if self.calls is not None else asyncio.sleep(0),
-            self.http.stop(grace) if self.http is not None else asyncio.sleep(0),
-        )
+            await self.http.stop()
         # One stop only: overlapping grpc.aio stop() calls crashed the process
-        # (segfault inside grpc's shutdown) about one run in three.
-        await self.server.stop(0)
+        # (segfault inside grpc's shutdown) about one run in three. The short
+        # grace lets a call that arrived in the last moment receive its
+        # UNAVAILABLE instead of being cut off with CANCELLED.
+        await self.server.stop(_LAST_CALLS_GRACE_S if drained else 0)
         self.engine.close()
         if self._usage_saver is not None:
             self._usage_saver.cancel()
             await _save_usage(self.limiter)  # what was counted up to the very end
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
+
+
+# Long enough for a refusal already being written to reach its client.
+_LAST_CALLS_GRACE_S = 0.25
 
 
 async def _save_usage(limiter: UsageLimiter) -> None:
@@ -185,18 +178,16 @@ async def start_server(
     security: Security | None = None,
 ) -> RunningServer:
     """Start serving ``backend`` on ``config.address``; returns once the port is bound."""
-    metrics = EncoderMetrics()
-    engine = EncodeEngine.from_config(config, backend, metrics=metrics)
-    info = build_info(config, backend, model_id=model_id, revision=revision, demo=demo)
     security = security or load_security(config)
-    auth = AuthInterceptor(
-        security.authenticator, security.limiter, max_prompts_per_request=config.limits.max_prompts_per_request
+    metrics = EncoderMetrics()
+    admission = Admission(security.authenticator, security.limiter, config.limits, metrics)
+    cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
+    engine = EncodeEngine.from_config(config, backend, metrics=metrics, cache_scope=cache_scope)
+    info = build_info(
+        config, backend, admission, model_id=model_id, revision=revision, demo=demo, cache_scope=cache_scope
     )
-    calls = InFlightCalls(max_calls=config.limits.max_concurrent_calls)
-    server = grpc.aio.server(
-        interceptors=[calls, TextEncoderCodecInterceptor(), auth], options=server_options(config)
-    )
-    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits, metrics), server)
+    server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
+    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits), server)
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -219,18 +210,16 @@ async def start_server(
     if config.http.port is not None:
         http = HTTPEndpoint(
             engine,
-            authenticator=security.authenticator,
-            limiter=security.limiter,
-            limits=config.limits,
+            admission,
             fingerprint=backend.fingerprint,
             ssl_context=security.tls.ssl_context() if security.tls is not None else None,
         )
         try:
             await http.start(config.http.host, config.http.port)
         except OSError as exc:
-            await RunningServer(server, port, health, engine, metrics, metrics_endpoint, calls=calls).stop(0)
+            await RunningServer(server, port, health, engine, admission, metrics, metrics_endpoint).stop(0)
             raise OSError(f"could not bind the HTTP endpoint on {config.http.host}:{config.http.port}: {exc}") from None
-    return RunningServer(server, port, health, engine, metrics, metrics_endpoint, http, calls, security.limiter)
+    return RunningServer(server, port, health, engine, admission, metrics, metrics_endpoint, http)
 
 
 async def serve(config: ServerConfig, *, on_ready=None) -> None:
@@ -256,6 +245,17 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
         "API keys required" if security.authenticator.required else "no API keys (every caller is 'anonymous')",
         f"HTTP /predict on {config.http.host}:{running.http.port}" if running.http else "no HTTP endpoint",
     )
+    admission = running.admission
+    if running.engine.cache_scope == "shared" and security.authenticator.users > 1:
+        log.warning(
+            "cache scope 'shared': the %d users share cached embeddings and running computations, so any of "
+            "them can learn whether a prompt was sent by another (a cache hit, or a faster answer); "
+            "--cache-scope user keeps each user's apart (docs/security.md)", security.authenticator.users,
+        )
+    else:
+        log.info("cache scope '%s'; up to %d calls at once, %d per user; answers not read within %.0f s are cancelled",
+                 running.engine.cache_scope, admission.max_calls, admission.max_calls_per_user,
+                 config.limits.write_timeout_s)
     if on_ready is not None:
         on_ready(running)
 

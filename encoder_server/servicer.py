@@ -1,4 +1,4 @@
-"""gRPC adapter: protobuf in, library calls, protobuf out. No model or policy code here."""
+"""gRPC adapter: admitted requests in, engine calls, framed protobuf out. No model or policy code here."""
 
 from __future__ import annotations
 
@@ -7,51 +7,42 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
-
 from common.config import Limits
-from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, retry_after_ms, retry_metadata, status_of
+from common.errors import Flux2RemoteError, retry_after_ms, retry_metadata, status_of
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
+from encoder_server.admission import Refused, Ticket
 from encoder_server.engine import EncodedPrompt, EncodeEngine
-from encoder_server.identity import current_user
-from encoder_server.metrics import EncoderMetrics
-from encoder_server.validation import UndecodableRequest, validate_prompts
 
 log = logging.getLogger(__name__)
 
 
 class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
-    """Implements ``flux2.encoder.v1.TextEncoder`` on top of an :class:`EncodeEngine`."""
+    """Implements ``flux2.encoder.v1.TextEncoder`` on top of an :class:`EncodeEngine`.
 
-    def __init__(
-        self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits, metrics: EncoderMetrics | None = None
-    ):
+    The policy interceptor (encoder_server/interceptor.py) runs first and hands
+    ``Encode`` one :class:`Ticket`, and ``EncodeStream`` an iterator of tickets
+    and :class:`Refused` messages, instead of raw requests.
+    """
+
+    def __init__(self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits):
         self._engine = engine
         self._info = info
         self._limits = limits
         self._default_dtype = dtype_from_wire(info.dtype)
-        self._metrics = metrics
 
     async def GetInfo(self, request, context):
         return self._info
 
-    async def Encode(self, request, context) -> AsyncIterator[bytes]:
-        user = current_user.get()
+    async def Encode(self, ticket: Ticket, context) -> AsyncIterator[bytes]:
         try:
-            deadline = self._check_deadline(context)
-            responses = await self._encode_request(request, deadline=deadline)
+            responses = await self._encode(ticket, deadline=_deadline_of(context))
         except Flux2RemoteError as exc:
-            self._count("Encode", exc.code, user)
             await context.abort(*status_of(exc), trailing_metadata=retry_metadata(exc))
-        except asyncio.CancelledError:
-            self._count("Encode", grpc.StatusCode.CANCELLED, user)
-            raise
-        self._count("Encode", grpc.StatusCode.OK, user)
         for msg in responses:
             yield msg
 
-    async def EncodeStream(self, request_iterator, context) -> AsyncIterator[bytes]:
+    async def EncodeStream(self, tickets: AsyncIterator[Ticket | Refused], context) -> AsyncIterator[bytes]:
         # Reading stops while max_in_flight_per_stream requests are open, i.e.
         # queued, computing, or answered but not yet written out: gRPC flow
         # control then pushes back on the client (backpressure), and a client
@@ -60,19 +51,18 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         ready: asyncio.Queue[Iterator[bytes] | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        user = current_user.get()
-
-        async def handle(request) -> None:
+        async def handle(item: Ticket | Refused) -> None:
+            msgs: Iterator[bytes] | BaseException
             try:
+                if isinstance(item, Refused):
+                    raise item.error
                 # A full queue makes the stream wait (backpressure) instead of failing the request.
-                msgs = await self._encode_request(request, deadline=_deadline_of(context), wait_for_capacity=True)
-                self._count("EncodeStream", grpc.StatusCode.OK, user)
+                msgs = await self._encode(item, deadline=_deadline_of(context), wait_for_capacity=True)
             except Flux2RemoteError as exc:
-                self._count("EncodeStream", exc.code, user)
                 code, message = status_of(exc)
                 msgs = iter([
                     pb2.EncodeResponse(
-                        request_id=getattr(request, "request_id", ""),
+                        request_id=item.request_id,
                         error=pb2.EncodeError(
                             code=code.value[0], message=message, retry_after_ms=retry_after_ms(exc) or 0
                         ),
@@ -85,9 +75,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
 
         async def read_all() -> None:
             try:
-                async for request in request_iterator:
+                async for item in tickets:
                     await in_flight.acquire()
-                    task = asyncio.create_task(handle(request))
+                    task = asyncio.create_task(handle(item))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 await asyncio.gather(*tasks)
@@ -112,42 +102,27 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
 
     # -- helpers ---------------------------------------------------------
 
-    def _check_deadline(self, context) -> float | None:
-        """The call's deadline as a ``time.monotonic()`` value; refuse one too short to meet."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining * 1000 < self._limits.min_deadline_ms:
-            raise DeadlineExceeded(
-                f"deadline of {remaining * 1000:.1f} ms is too short: the server needs at least "
-                f"{self._limits.min_deadline_ms} ms to start encoding"
-            )
-        return _deadline_of(context)
-
-    def _count(self, method: str, code: grpc.StatusCode, user: str) -> None:
-        if self._metrics is not None:
-            self._metrics.count_request(method, code.name, user)
-
-    async def _encode_request(
-        self, request, *, deadline: float | None = None, wait_for_capacity: bool = False
+    async def _encode(
+        self, ticket: Ticket, *, deadline: float | None = None, wait_for_capacity: bool = False
     ) -> Iterator[bytes]:
-        """Run one request; return its serialized response messages as a lazy iterator.
+        """Serve one admitted request; return its serialized response messages as a lazy iterator.
 
         Messages are built one chunk at a time while gRPC sends the previous
         ones, instead of materialising every message of a 15.7 MB embedding first.
         """
-        if isinstance(request, UndecodableRequest):
-            raise InvalidRequest(request.reason)
         t0 = time.perf_counter_ns()
-        prompts = validate_prompts(list(request.prompts), self._limits)
-        dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
-        results = await self._engine.encode(
-            prompts,
-            user=current_user.get(),
-            cache_only=request.cache_only,
-            deadline=deadline,
-            wait_for_capacity=wait_for_capacity,
-        )
+        request = ticket.request
+        with ticket.charging():
+            dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
+            results = await self._engine.encode(
+                ticket.prompts,
+                user=ticket.user,
+                cache_only=request.cache_only,
+                deadline=deadline,
+                wait_for_capacity=wait_for_capacity,
+            )
         total_ns = time.perf_counter_ns() - t0
-        return self._messages(request.request_id, results, dtype, total_ns)
+        return self._messages(ticket.request_id, results, dtype, total_ns)
 
     def _messages(
         self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int

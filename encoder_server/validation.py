@@ -1,4 +1,9 @@
-"""Checks on what clients send, with messages a person can act on."""
+"""Cheap checks on what clients send, with messages a person can act on.
+
+These are step 4 of the request policy (encoder_server/admission.py): they run
+for every transport before a request may take a slot or spend quota, and they
+look only at the request itself (no model, no I/O).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from common.config import Limits
-from common.errors import InvalidRequest
+from common.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,7 @@ class UndecodableRequest:
     """Stands in for a request protobuf could not parse (for example a prompt that is not UTF-8)."""
 
     reason: str
+    request_id: str = ""
 
 
 def tolerant_deserializer(deserialize):
@@ -35,21 +41,58 @@ def tolerant_deserializer(deserialize):
     return wrapped
 
 
-def validate_prompts(prompts: list[str], limits: Limits) -> list[str]:
-    """Return ``prompts`` if they respect ``limits``; raise InvalidRequest naming the first problem."""
+def _not_unicode(text: str) -> int | None:
+    """Index of the first character that cannot be encoded as UTF-8 (a lone surrogate), or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def validate_request(
+    prompts: list[str], limits: Limits, *, request_id: str = "", time_remaining_s: float | None = None
+) -> list[str]:
+    """Return ``prompts`` if the request respects ``limits``; raise naming the first problem.
+
+    Args:
+        prompts: the prompt texts as decoded by the transport.
+        limits: the server's bounds.
+        request_id: the id the client wants echoed (EncodeStream); bounded so an answer fits a message.
+        time_remaining_s: the call's deadline in seconds from now, ``None`` when it has none.
+
+    Raises:
+        PayloadTooLarge: too many prompts, or a prompt too long (INVALID_ARGUMENT; HTTP 413).
+        InvalidRequest: no prompt, a NUL or a lone surrogate in a prompt, a request_id too long.
+        DeadlineExceeded: the deadline is too short for any forward pass to meet.
+    """
+    if len(request_id) > limits.max_request_id_chars:
+        raise InvalidRequest(
+            f"request_id has {len(request_id)} characters; the limit is {limits.max_request_id_chars} "
+            "(it is echoed in every answer, so keep it short: a counter or a UUID)"
+        )
+    if time_remaining_s is not None and time_remaining_s * 1000 < limits.min_deadline_ms:
+        raise DeadlineExceeded(
+            f"deadline of {time_remaining_s * 1000:.1f} ms is too short: the server needs at least "
+            f"{limits.min_deadline_ms} ms to start encoding"
+        )
     if not prompts:
         raise InvalidRequest("no prompts in the request; send at least one (the empty string is a valid prompt)")
     if len(prompts) > limits.max_prompts_per_request:
-        raise InvalidRequest(
+        raise PayloadTooLarge(
             f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request} "
             "(split the list, or use EncodeStream for bulk work)"
         )
     for i, p in enumerate(prompts):
         if len(p) > limits.max_prompt_chars:
-            raise InvalidRequest(
+            raise PayloadTooLarge(
                 f"prompt {i} has {len(p)} characters; the limit is {limits.max_prompt_chars} "
                 "(only the first 512 tokens are used anyway)"
             )
         if "\x00" in p:
             raise InvalidRequest(f"prompt {i} contains a NUL character")
+        if (at := _not_unicode(p)) is not None:
+            raise InvalidRequest(
+                f"prompt {i} is not valid Unicode text: a lone surrogate (U+{ord(p[at]):04X}) at character {at}"
+            )
     return prompts

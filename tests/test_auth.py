@@ -18,16 +18,11 @@ from common.errors import RETRY_AFTER_METADATA, EncoderOverloaded, Unauthenticat
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
 from encoder_server import auth
-from encoder_server.auth import (
-    Authenticator,
-    KeyFileError,
-    KeyStore,
-    QuotaExhausted,
-    RateLimited,
-    UsageLimiter,
-    load_api_keys,
-    parse_bearer,
-)
+from encoder_server.admission import ENCODE_STREAM, Admission, Ticket
+from encoder_server.auth import Authenticator, KeyFileError, KeyStore, load_api_keys, parse_bearer
+from encoder_server.interceptor import PolicyInterceptor
+from encoder_server.metrics import EncoderMetrics
+from encoder_server.usage import QuotaExhausted, RateLimited, UsageLimiter
 from encoder_server.identity import ANONYMOUS, current_user
 from tests.helpers import ServerThread
 
@@ -154,51 +149,51 @@ def limiter(rpm=0, per_day=0, clock=None, state_file=None):
 def test_rate_limit_bursts_then_refills_per_user():
     lim, clock = limiter(rpm=3)
     for _ in range(3):
-        lim.admit("alice", 1)
+        lim.take_request("alice")
     with pytest.raises(RateLimited, match="3 requests per minute") as info:
-        lim.admit("alice", 1)
+        lim.take_request("alice")
     assert info.value.retry_after_s == pytest.approx(20.0)
     assert isinstance(info.value, EncoderOverloaded)  # -> RESOURCE_EXHAUSTED
-    lim.admit("bob", 1)  # another user's bucket is full
+    lim.take_request("bob")  # another user's bucket is full
     clock.advance(20.0)
-    lim.admit("alice", 1)
+    lim.take_request("alice")
     with pytest.raises(RateLimited):
-        lim.admit("alice", 1)
+        lim.take_request("alice")
 
 
 def test_daily_quota_counts_prompts_and_resets_at_utc_midnight():
     lim, clock = limiter(per_day=5)
-    lim.admit("alice", 3)
+    lim.reserve("alice", 3)
     with pytest.raises(QuotaExhausted, match="used 3 of 5 prompts today") as info:
-        lim.admit("alice", 3)
-    lim.admit("alice", 2)  # a refused request charged nothing
+        lim.reserve("alice", 3)
+    lim.reserve("alice", 2)  # a refused request charged nothing
     with pytest.raises(QuotaExhausted):
-        lim.admit("alice", 1)
+        lim.reserve("alice", 1)
     clock.advance(3600.0)
     with pytest.raises(QuotaExhausted) as info:
-        lim.admit("alice", 1)
+        lim.reserve("alice", 1)
     assert info.value.retry_after_s == pytest.approx(23 * 3600.0)
     clock.advance(23 * 3600.0)
-    lim.admit("alice", 5)
+    lim.reserve("alice", 5)
 
 
 def test_daily_counts_survive_a_restart_through_the_usage_file(tmp_path):
     state = tmp_path / "usage.json"
     lim, clock = limiter(per_day=5, state_file=state)
     assert not lim.save()  # nothing counted yet: nothing written
-    lim.admit("alice", 4)
-    lim.admit("bob", 1)
+    lim.reserve("alice", 4)
+    lim.reserve("bob", 1)
     assert lim.save() and not lim.save()  # written once, then nothing new
     assert json.loads(state.read_text())["prompts_today"] == {"alice": 4, "bob": 1}
 
     restarted, _ = limiter(per_day=5, clock=clock, state_file=state)
     with pytest.raises(QuotaExhausted, match="used 4 of 5 prompts today"):
-        restarted.admit("alice", 2)
-    restarted.admit("alice", 1)
+        restarted.reserve("alice", 2)
+    restarted.reserve("alice", 1)
 
     clock.advance(24 * 3600.0)  # the next UTC day: yesterday's file counts for nothing
     next_day, _ = limiter(per_day=5, clock=clock, state_file=state)
-    next_day.admit("alice", 5)
+    next_day.reserve("alice", 5)
 
 
 def test_a_usage_file_the_server_did_not_write_is_refused_with_a_clear_error(tmp_path):
@@ -224,14 +219,29 @@ def test_server_keeps_the_quota_across_a_restart(tiny_backend, keys_file, tmp_pa
 def test_request_larger_than_the_whole_quota_says_so():
     lim, _ = limiter(per_day=4)
     with pytest.raises(QuotaExhausted, match="at most 4 prompts"):
-        lim.admit("alice", 5)
+        lim.reserve("alice", 5)
 
 
-def test_refusal_by_quota_does_not_spend_a_rate_token():
-    lim, _ = limiter(rpm=1, per_day=1)
+def test_a_refund_gives_the_prompts_back_once():
+    lim, _ = limiter(per_day=5)
+    held = lim.reserve("alice", 4)
     with pytest.raises(QuotaExhausted):
-        lim.admit("alice", 2)
-    lim.admit("alice", 1)  # the bucket still had its token
+        lim.reserve("alice", 2)
+    held.refund()
+    held.refund()  # a second refund gives nothing more back
+    assert lim.used_today("alice") == 0
+    lim.reserve("alice", 5)
+    with pytest.raises(QuotaExhausted):
+        lim.reserve("alice", 1)
+
+
+def test_a_refund_from_yesterday_leaves_today_alone():
+    lim, clock = limiter(per_day=5)
+    held = lim.reserve("alice", 3)
+    clock.advance(24 * 3600.0)
+    lim.reserve("alice", 2)
+    held.refund()
+    assert lim.used_today("alice") == 2
 
 
 def test_negative_limits_are_a_config_error():
@@ -239,10 +249,18 @@ def test_negative_limits_are_a_config_error():
         UsageLimiter(-1, 0)
 
 
-def test_stream_over_its_rate_is_paced_not_failed():
+class _NoDeadline:
+    def time_remaining(self):
+        return None
+
+
+def test_stream_over_its_rate_is_paced_not_failed(monkeypatch):
     """EncodeStream requests past the rate wait for a token (backpressure) instead of failing."""
+    import encoder_server.interceptor as interceptor_module
+    from common.config import Limits
+
     lim, clock = limiter(rpm=2)
-    interceptor = auth.AuthInterceptor(Authenticator(None), lim, max_prompts_per_request=32)
+    admission = Admission(Authenticator(None), lim, Limits(), EncoderMetrics())
     slept: list[float] = []
 
     async def fake_sleep(seconds):
@@ -253,20 +271,17 @@ def test_stream_over_its_rate_is_paced_not_failed():
         for i in range(4):
             yield pb2.EncodeRequest(prompts=[f"p{i}"])
 
-    async def behaviour(request_iterator, context):
-        async for request in request_iterator:
-            yield request.prompts[0]
-
     async def run():
-        wrapped = interceptor._as_user(behaviour, "stream_stream", "alice", metered=True)
-        return [m async for m in wrapped(requests(), context=None)]
+        slot = admission.acquire_slot("alice")
+        admitted = PolicyInterceptor(admission)._admitted(
+            requests(), _NoDeadline(), ENCODE_STREAM, "alice", slot, stopped=[], tickets=[]
+        )
+        return [t async for t in admitted]
 
-    original = auth.asyncio.sleep
-    auth.asyncio.sleep = fake_sleep
-    try:
-        assert asyncio.run(run()) == ["p0", "p1", "p2", "p3"]
-    finally:
-        auth.asyncio.sleep = original
+    monkeypatch.setattr(interceptor_module.asyncio, "sleep", fake_sleep)
+    tickets = asyncio.run(run())
+    assert [t.prompts for t in tickets] == [["p0"], ["p1"], ["p2"], ["p3"]]
+    assert all(isinstance(t, Ticket) for t in tickets)
     assert slept == [pytest.approx(30.0), pytest.approx(30.0)]
 
 
@@ -365,11 +380,11 @@ def test_rate_limit_over_grpc_is_resource_exhausted_with_retry_hint(tiny_backend
             enc.info(refresh=True)  # GetInfo is not metered
             enc.encode("one")
             enc.encode("two")
-            with caplog.at_level(logging.INFO, logger="encoder_server.auth"), \
+            with caplog.at_level(logging.INFO, logger="encoder_server.admission"), \
                     pytest.raises(EncoderOverloaded, match="2 requests per minute") as refused:
                 enc.encode("three")
             assert 0 < refused.value.retry_after_s <= 30  # the client read the server's hint
-        assert "user alice refused" in caplog.text
+        assert "Encode refused for user alice" in caplog.text
         md = (("authorization", f"Bearer {ALICE_KEY}"),)
         with grpc.insecure_channel(s.target) as channel:
             call = pb2_grpc.TextEncoderStub(channel).Encode(pb2.EncodeRequest(prompts=["x"]), metadata=md, timeout=10)

@@ -259,7 +259,7 @@ def test_only_post_predict_and_get_health(http_server):
 
 
 def test_shutting_down_answers_503(http_server):
-    http_server.running.http.begin_shutdown()
+    http_server.running.admission.close()
     reply = post(http_server, {"prompt": "x"})
     assert reply.status_code == 503 and "shutting down" in reply.json()["error"]
     assert requests.get(f"{http_server.url}/health", timeout=10).status_code == 503

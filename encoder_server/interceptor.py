@@ -1,0 +1,212 @@
+"""The gRPC side of the request policy: one interceptor that adapts calls to :class:`Admission`.
+
+For every TextEncoder method (the registry is ``admission.GRPC_METHODS``) it:
+
+* makes requests protobuf cannot parse reach the policy as an
+  :class:`~encoder_server.validation.UndecodableRequest` (INVALID_ARGUMENT, not INTERNAL);
+* lets ``Encode``/``EncodeStream`` handlers yield bytes they framed themselves
+  (common/wire.py), with no second serialization;
+* runs the policy's steps in its order (see encoder_server/admission.py) and
+  hands the servicer :class:`~encoder_server.admission.Ticket` objects instead of
+  raw requests, so the servicer only adapts tickets to the engine;
+* writes each answer message with the write timeout, and frees the call's
+  slot once the answer is written or abandoned;
+* counts every call until its status is sent, so a graceful stop can wait for
+  exactly the calls that matter (health watchers and reflection streams, which
+  never end on their own, are not counted).
+
+The user is set in ``current_user`` inside the handler's own task, because a
+ContextVar set in ``intercept_service`` does not reach the task that runs the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from common.errors import Flux2RemoteError, InvalidRequest, retry_metadata
+from common.protocol import SERVICE_NAME
+from encoder_server.admission import GRPC_METHODS, Admission, Method, Refused, Slot, Ticket
+from encoder_server.identity import current_user
+from encoder_server.usage import QuotaExhausted, RateLimited
+from encoder_server.validation import UndecodableRequest, tolerant_deserializer
+
+log = logging.getLogger(__name__)
+
+# Handlers of these yield serialized EncodeResponse bytes (common/wire.py framing).
+_FRAMED = frozenset({"Encode", "EncodeStream"})
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Flux2RemoteError) -> None:
+    await context.abort(exc.code, str(exc), trailing_metadata=retry_metadata(exc))
+
+
+def _authorization(handler_call_details) -> list[str]:
+    return [value for key, value in (handler_call_details.invocation_metadata or ()) if key == "authorization"]
+
+
+class PolicyInterceptor(grpc.aio.ServerInterceptor):
+    """Applies ``admission`` to every TextEncoder call. Put it first: nothing runs before the policy."""
+
+    def __init__(self, admission: Admission):
+        self._admission = admission
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
+            return handler  # health checks and reflection: open, uncounted
+        method = GRPC_METHODS.get(path)
+        if method is None:  # a method added to the proto but not to the registry: refuse, never leave it open
+            return _replace_behaviours(handler, lambda behaviour, kind: _unregistered(path))
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=tolerant_deserializer(handler.request_deserializer))
+        if method.name in _FRAMED:
+            handler = handler._replace(response_serializer=None)
+        authorization = _authorization(handler_call_details)
+        wrap = {
+            "unary_unary": self._unary,
+            "unary_stream": self._unary_request,
+            "stream_stream": self._stream,
+        }
+        return _replace_behaviours(handler, lambda behaviour, kind: wrap[kind](behaviour, method, authorization))
+
+    # -- per kind ------------------------------------------------------------
+
+    def _begin(self, context, method: Method, authorization: list[str]) -> str:
+        """Track the call until its status is sent, then run steps 1-2; returns the user."""
+        context.add_done_callback(self._admission.track().done)
+        user = self._admission.admit_call(method, authorization)
+        current_user.set(user)
+        return user
+
+    def _unary(self, behaviour, method: Method, authorization: list[str]):
+        admission = self._admission
+
+        async def wrapped(request, context):
+            try:
+                user = self._begin(context, method, authorization)
+            except Flux2RemoteError as exc:
+                await _abort(context, exc)
+            response = await behaviour(request, context)
+            admission.count(method, grpc.StatusCode.OK, user)
+            return response
+
+        return wrapped
+
+    def _unary_request(self, behaviour, method: Method, authorization: list[str]):
+        """Encode: one request, a stream of answer messages."""
+        admission = self._admission
+
+        async def wrapped(request, context):
+            try:
+                user = self._begin(context, method, authorization)
+                if isinstance(request, UndecodableRequest):
+                    exc = InvalidRequest(request.reason)
+                    admission.refused(method, user, exc)
+                    raise exc
+                ticket = admission.admit_request(
+                    method, user, list(request.prompts), request_id=request.request_id, request=request,
+                    time_remaining_s=context.time_remaining(),
+                )
+            except Flux2RemoteError as exc:
+                await _abort(context, exc)
+            try:
+                await self._write_all(behaviour(ticket, context), context, method, user)
+            finally:
+                ticket.release()
+
+        return wrapped
+
+    def _stream(self, behaviour, method: Method, authorization: list[str]):
+        """EncodeStream: the call holds one slot; each message passes rate, validation and quota."""
+        admission = self._admission
+
+        async def wrapped(request_iterator, context):
+            try:
+                user = self._begin(context, method, authorization)
+                slot = admission.admit_stream(method, user)
+            except Flux2RemoteError as exc:
+                await _abort(context, exc)
+            stopped: list[Flux2RemoteError] = []
+            tickets: list[Ticket] = []
+            try:
+                requests = self._admitted(request_iterator, context, method, user, slot, stopped, tickets)
+                await self._write_all(behaviour(requests, context), context, method, user)
+                if stopped:
+                    await _abort(context, stopped[0])
+            finally:
+                for ticket in tickets:
+                    ticket.release()  # a ticket the servicer never got to gives its quota back
+                slot.release()
+
+        return wrapped
+
+    async def _admitted(
+        self, requests: AsyncIterator, context, method: Method, user: str, slot: Slot,
+        stopped: list[Flux2RemoteError], tickets: list[Ticket],
+    ) -> AsyncIterator[Ticket | Refused]:
+        admission = self._admission
+        async for request in requests:
+            if isinstance(request, UndecodableRequest):
+                exc = InvalidRequest(request.reason)
+                admission.refused(method, user, exc)
+                yield Refused(request.request_id, exc)
+                continue
+            while True:
+                try:
+                    admission.check_rate(user)
+                    break
+                except RateLimited as exc:
+                    # A stream over its rate waits instead of failing: this is
+                    # backpressure on a bulk job, not an error.
+                    await asyncio.sleep(exc.retry_after_s)
+            try:
+                ticket = admission.admit_request(
+                    method, user, list(request.prompts), request_id=request.request_id, request=request,
+                    time_remaining_s=context.time_remaining(), rate_checked=True, slot=slot,
+                )
+            except QuotaExhausted as exc:
+                # Stop reading; what was admitted is still answered, then the
+                # call ends with this status.
+                stopped.append(exc)
+                return
+            except Flux2RemoteError as exc:
+                yield Refused(request.request_id, exc)
+                continue
+            tickets.append(ticket)
+            yield ticket
+
+    async def _write_all(self, messages: AsyncIterator[bytes], context, method: Method, user: str) -> None:
+        """Write every answer message, each within the write timeout.
+
+        A message gRPC cannot hand to the client in time (flow control: the
+        client is not reading) ends the call: raising CancelledError makes
+        grpc.aio cancel it in the core (RST_STREAM), which frees its slot and
+        buffers at once, where an abort would wait behind the unread data.
+        """
+        timeout = self._admission.limits.write_timeout_s
+        async for message in messages:
+            try:
+                await asyncio.wait_for(context.write(message), timeout)
+            except asyncio.TimeoutError:
+                self._admission.write_timed_out(method, user)
+                raise asyncio.CancelledError() from None
+
+
+def _unregistered(path: str):
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not served by this server")
+
+    return refuse
+
+
+def _replace_behaviours(handler, make: Callable):
+    """``handler`` with its behaviour function replaced by ``make(behaviour, kind)``."""
+    return handler._replace(
+        **{kind: make(getattr(handler, kind), kind) for kind in _KINDS if getattr(handler, kind) is not None}
+    )
