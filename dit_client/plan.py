@@ -12,6 +12,11 @@ Method (no weights are read, nothing touches a GPU):
    still on fake tensors, under ``torch.distributed._tools.MemTracker``, which
    records the bytes every intermediate tensor would occupy and their peak.
 3. Combine weights and activation peaks per mode (see :func:`estimate_modes`).
+4. Compare with the machine: ``--vram`` / ``--ram`` when given, else the first
+   CUDA GPU's total memory and the host's RAM (cgroup limit included), read here.
+
+Every mode is a ``(quantization, offload)`` pair that ``flux2-dit generate``
+accepts: both read :func:`dit_client.dit_config.offload_refusal`.
 
 What is not in the figures: the CUDA context and allocator fragmentation
 (covered by ``reserve_gib``), attention-kernel workspaces, and the process's
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,12 @@ from typing import Any
 import torch
 
 from common.model_source import DEFAULT_MODEL
+from dit_client.dit_config import offload_refusal
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "common" / "configs"
+# Configs shipped with the package, so planning for these models needs no network.
+# FLUX.2 [klein] DiTs are Flux2Transformer2DModel too: their rows come from the same
+# estimate once their configs are bundled here (or read with --model from the hub or a folder).
 BUNDLED = {
     DEFAULT_MODEL: (CONFIG_DIR / "flux2_dev_transformer.json", CONFIG_DIR / "flux2_dev_vae.json"),
 }
@@ -40,6 +50,9 @@ TEXT_TOKENS = 512
 # bitsandbytes NF4: 4 bits per weight plus one fp32 absmax per 64-weight block
 # (diffusers' BitsAndBytesConfig defaults: blocksize 64, no double quantization).
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+# bitsandbytes LLM.int8: one byte per weight plus one fp32 scale per output row.
+INT8_BYTES_PER_WEIGHT = 1.0
+INT8_BYTES_PER_ROW = 4
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Footprint:
         largest_linear_params: the biggest single ``nn.Linear`` weight (dequantized
             per call under NF4; the unit group offload moves at leaf level).
         vae_params: all VAE parameters.
+        linear_rows: output features summed over the DiT's ``nn.Linear`` layers (int8 keeps a scale per row).
         dit_activation_bytes: peak of intermediate tensors in one DiT forward.
         vae_activation_bytes: peak of intermediate tensors in one VAE decode.
         image_tokens: latent tokens at the requested size.
@@ -67,11 +81,15 @@ class Footprint:
     image_tokens: int
     height: int
     width: int
+    linear_rows: int = 0
 
     def dit_bytes(self, quantization: str) -> int:
+        """Bytes of the DiT's weights loaded as ``"none"`` (bf16), ``"nf4"`` or ``"int8"``."""
+        other = self.transformer_params - self.linear_params  # norms, embeddings: stay bf16
         if quantization == "nf4":
-            other = self.transformer_params - self.linear_params
             return int(self.linear_params * NF4_BYTES_PER_WEIGHT) + 2 * other
+        if quantization == "int8":
+            return int(self.linear_params * INT8_BYTES_PER_WEIGHT) + INT8_BYTES_PER_ROW * self.linear_rows + 2 * other
         return 2 * self.transformer_params
 
     @property
@@ -81,18 +99,39 @@ class Footprint:
 
 @dataclass(frozen=True)
 class ModeEstimate:
-    """One row of the plan: a memory mode, its flags, and what it needs (bytes)."""
+    """One row of the plan: a memory mode, the ``generate`` settings that select it, and what it needs.
+
+    Attributes:
+        name: the row's label.
+        quantization, offload: ``flux2-dit generate --quantization ... --offload ...``.
+        vram_bytes: peak GPU memory, bytes.
+        ram_bytes: host memory for weights kept off the GPU, bytes (0: everything on the GPU).
+        speed: a word on how fast it runs.
+    """
 
     name: str
-    flags: str
+    quantization: str
+    offload: str
     vram_bytes: int
     ram_bytes: int
     speed: str
 
+    @property
+    def flags(self) -> str:
+        return f"--quantization {self.quantization} --offload {self.offload}"
+
+    def fit(self, vram_gib: float | None, ram_gib: float | None, reserve_gib: float) -> str:
+        """``"yes"``, ``"no"``, or ``"unknown"`` when a size it depends on is not known."""
+        checks = [None if vram_gib is None else self.vram_bytes <= (vram_gib - reserve_gib) * GIB]
+        if self.ram_bytes:
+            checks.append(None if ram_gib is None else self.ram_bytes <= ram_gib * GIB)
+        if False in checks:
+            return "no"
+        return "unknown" if None in checks else "yes"
+
     def fits(self, vram_gib: float | None, ram_gib: float | None, reserve_gib: float) -> bool:
-        vram_ok = vram_gib is None or self.vram_bytes <= (vram_gib - reserve_gib) * GIB
-        ram_ok = ram_gib is None or self.ram_bytes <= ram_gib * GIB
-        return vram_ok and ram_ok
+        """True only when it is known to fit: an unknown VRAM or RAM size is not a yes."""
+        return self.fit(vram_gib, ram_gib, reserve_gib) == "yes"
 
 
 # -- configs -----------------------------------------------------------------
@@ -201,7 +240,8 @@ def measure_footprint(
     with FakeTensorMode(), _default_dtype(dtype):
         dit = Flux2Transformer2DModel.from_config(_init_args(transformer_config)).eval()
         vae = AutoencoderKLFlux2.from_config(_init_args(vae_config)).eval()
-        linears = [m.weight.numel() for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+        linear_layers = [m for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m.weight.numel() for m in linear_layers]
         transformer_params = sum(p.numel() for p in dit.parameters())
         vae_params = sum(p.numel() for p in vae.parameters())
 
@@ -230,6 +270,7 @@ def measure_footprint(
         linear_params=sum(linears),
         largest_linear_params=max(linears),
         vae_params=vae_params,
+        linear_rows=sum(m.out_features for m in linear_layers),
         dit_activation_bytes=dit_act,
         vae_activation_bytes=vae_act,
         image_tokens=tokens,
@@ -242,48 +283,143 @@ def measure_footprint(
 
 
 def estimate_modes(fp: Footprint) -> list[ModeEstimate]:
-    """VRAM and RAM per memory mode, fastest first.
+    """VRAM and RAM per memory mode, in the order a recommendation prefers them.
+
+    Weights resident on the GPU come first, best quality first (bf16, then
+    int8, then nf4); then the offload modes, fastest first.
 
     - bf16: DiT and VAE resident on the GPU; peak is weights plus the larger
       of the DiT-forward and VAE-decode activation peaks.
-    - nf4: the DiT's Linear weights in NF4; bitsandbytes dequantizes one Linear
-      to bf16 per call, so the largest one is added to the DiT peak.
+    - int8 / nf4: the DiT's Linear weights in 8 / 4 bits; bitsandbytes
+      dequantizes one Linear to bf16 per call, so the largest one is added to the DiT peak.
     - nf4 + model offload: DiT and VAE take turns on the GPU; the one not in
       use waits in RAM.
-    - group offload (bf16, leaf level, CUDA streams): weights live in pinned
-      RAM; the GPU holds the activations plus the running leaf and the
-      prefetched next one (two of the largest Linear weights).
+    - group offload (nf4 or bf16, leaf level, CUDA streams): weights live in
+      pinned RAM; the GPU holds the activations plus the running leaf and the
+      prefetched next one (two of the largest Linear weights, in bf16). Setting
+      it up pins a copy of every weight while the loaded one still exists, so
+      the RAM peak is twice the weights.
+    - sequential offload (bf16): one leaf at a time on the GPU, no pinned copies; slowest.
     """
-    dit16, dit4, vae = fp.dit_bytes("none"), fp.dit_bytes("nf4"), fp.vae_bytes
+    dit16, dit8, dit4, vae = fp.dit_bytes("none"), fp.dit_bytes("int8"), fp.dit_bytes("nf4"), fp.vae_bytes
     dequant = 2 * fp.largest_linear_params
     dit_act, vae_act = fp.dit_activation_bytes, fp.vae_activation_bytes
-    return [
-        ModeEstimate("bf16", "--quantization none --offload none",
-                     dit16 + vae + max(dit_act, vae_act), 0, "fastest"),
-        ModeEstimate("nf4", "--quantization nf4 --offload none",
-                     dit4 + vae + max(dit_act + dequant, vae_act), 0, "fast"),
-        ModeEstimate("nf4 + model offload", "--quantization nf4 --offload model",
+    streamed = max(dit_act, vae_act) + 2 * dequant
+    modes = [
+        ModeEstimate("bf16", "none", "none", dit16 + vae + max(dit_act, vae_act), 0, "fastest"),
+        ModeEstimate("int8", "int8", "none", dit8 + vae + max(dit_act + dequant, vae_act), 0,
+                     "fast; closest to bf16 of the quantized modes"),
+        ModeEstimate("nf4", "nf4", "none", dit4 + vae + max(dit_act + dequant, vae_act), 0, "fast"),
+        ModeEstimate("nf4 + model offload", "nf4", "model",
                      max(dit4 + dit_act + dequant, vae + vae_act), dit4 + vae,
                      "fast steps, + DiT/VAE swap per image"),
-        ModeEstimate("group offload (bf16)", "--quantization none --offload group",
-                     max(dit_act, vae_act) + 2 * dequant, dit16 + vae,
-                     "slow: all weights cross PCIe every step"),
+        ModeEstimate("nf4 + group offload", "nf4", "group", streamed, 2 * (dit4 + vae),
+                     "slow: the 4-bit weights cross PCIe every step"),
+        ModeEstimate("group offload (bf16)", "none", "group", streamed, 2 * (dit16 + vae),
+                     "slower: all bf16 weights cross PCIe every step"),
+        ModeEstimate("sequential offload (bf16)", "none", "sequential", max(dit_act, vae_act) + dequant,
+                     dit16 + vae, "slowest: one layer at a time, no prefetch"),
     ]
+    return [m for m in modes if offload_refusal(m.quantization, m.offload) is None]
 
 
 def recommend(modes: list[ModeEstimate], vram_gib: float | None, ram_gib: float | None,
               reserve_gib: float = 1.0) -> ModeEstimate | None:
-    """The fastest mode that fits ``vram_gib`` (minus ``reserve_gib``) and ``ram_gib``; None if none does."""
+    """The first mode (see :func:`estimate_modes` for the order) known to fit ``vram_gib`` (minus
+    ``reserve_gib``) and ``ram_gib``; None if none is."""
     return next((m for m in modes if m.fits(vram_gib, ram_gib, reserve_gib)), None)
+
+
+# -- the machine -------------------------------------------------------------
+
+
+def detect_vram_gib() -> float | None:
+    """Total memory of the first CUDA GPU torch sees, in GiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def _cgroup_limit_bytes() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # cgroup v1 writes a huge number for "no limit"
+            return int(text)
+    return None
+
+
+def detect_ram_gib() -> float | None:
+    """Host memory in GiB: physical RAM, or the container's cgroup limit when lower; None if unreadable."""
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    if not total or total <= 0:
+        return None
+    limit = _cgroup_limit_bytes()
+    return min(total, limit) / GIB if limit else total / GIB
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, vram_gib: float | None,
-                ram_gib: float | None, reserve_gib: float, choice: ModeEstimate | None) -> str:
+@dataclass(frozen=True)
+class Machine:
+    """The sizes a plan is made for, in GiB, and where each came from (``"given"``, ``"detected"`` or None)."""
+
+    vram_gib: float | None
+    ram_gib: float | None
+    vram_from: str | None
+    ram_from: str | None
+
+    @classmethod
+    def resolve(cls, vram_gib: float | None, ram_gib: float | None, *, detect: bool = True) -> "Machine":
+        """Given sizes win; the others are read from this machine when ``detect``."""
+        vram_from = "given" if vram_gib is not None else None
+        ram_from = "given" if ram_gib is not None else None
+        if detect and vram_gib is None and (vram_gib := detect_vram_gib()) is not None:
+            vram_from = "detected"
+        if detect and ram_gib is None and (ram_gib := detect_ram_gib()) is not None:
+            ram_from = "detected"
+        return cls(vram_gib, ram_gib, vram_from, ram_from)
+
+    def describe(self) -> str:
+        vram = f"{self.vram_gib:.1f} GiB VRAM ({self.vram_from})" if self.vram_gib is not None else "VRAM unknown"
+        ram = f"{self.ram_gib:.1f} GiB RAM ({self.ram_from})" if self.ram_gib is not None else "RAM unknown"
+        return f"{vram}, {ram}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`plan` found: the printed table, the recommended mode, and whether anything can fit."""
+
+    text: str
+    choice: ModeEstimate | None
+    machine: Machine
+    modes: list[ModeEstimate]
+    reserve_gib: float
+
+    @property
+    def nothing_fits(self) -> bool:
+        """True when every mode is known not to fit (exit code 1)."""
+        m = self.machine
+        return all(mode.fit(m.vram_gib, m.ram_gib, self.reserve_gib) == "no" for mode in self.modes)
+
+
+def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, machine: Machine, reserve_gib: float,
+                choice: ModeEstimate | None) -> str:
     """The table ``flux2-dit plan`` prints."""
+    vram_gib, ram_gib = machine.vram_gib, machine.ram_gib
     lines = [
         f"model: {source}",
         f"DiT {_count(fp.transformer_params)} params ({fp.linear_params / fp.transformer_params:.1%} in Linear "
@@ -291,40 +427,58 @@ def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, vram_gib:
         f"size {fp.width}x{fp.height}: {fp.image_tokens} image tokens + {TEXT_TOKENS} text tokens; "
         f"activation peaks: DiT {fp.dit_activation_bytes / GIB:.2f} GiB, "
         f"VAE decode {fp.vae_activation_bytes / GIB:.2f} GiB",
-        f"weights: DiT bf16 {fp.dit_bytes('none') / GIB:.1f} GiB, DiT nf4 {fp.dit_bytes('nf4') / GIB:.1f} GiB, "
-        f"VAE {fp.vae_bytes / GIB:.2f} GiB; the text encoder is remote (0 GiB here)",
+        f"weights: DiT bf16 {fp.dit_bytes('none') / GIB:.1f} GiB, int8 {fp.dit_bytes('int8') / GIB:.1f} GiB, "
+        f"nf4 {fp.dit_bytes('nf4') / GIB:.1f} GiB, VAE {fp.vae_bytes / GIB:.2f} GiB; "
+        "the text encoder is remote (0 GiB here)",
+        f"machine: {machine.describe()}, {reserve_gib:g} GiB of VRAM kept in reserve",
         "",
-        f"{'mode':<22} {'VRAM GiB':>9} {'RAM GiB':>8}  {'fits':<4}  {'speed':<40} flags",
+        f"{'mode':<26} {'VRAM GiB':>9} {'RAM GiB':>8}  {'fits':<7}  {'speed':<46} flags",
     ]
     for m in modes:
-        fits = "yes" if m.fits(vram_gib, ram_gib, reserve_gib) else "no"
-        if vram_gib is None and ram_gib is None:
-            fits = "-"
-        lines.append(f"{m.name:<22} {m.vram_bytes / GIB:>9.2f} {m.ram_bytes / GIB:>8.2f}  {fits:<4}  "
-                     f"{m.speed:<40} {m.flags}")
+        fit = m.fit(vram_gib, ram_gib, reserve_gib)
+        fit = "?" if fit == "unknown" else fit
+        lines.append(f"{m.name:<26} {m.vram_bytes / GIB:>9.2f} {m.ram_bytes / GIB:>8.2f}  {fit:<7}  "
+                     f"{m.speed:<46} {m.flags}")
     lines.append("")
-    lines.append("VRAM excludes the CUDA context and allocator slack; RAM counts weights held on the host only.")
-    if vram_gib is None and ram_gib is None:
-        lines.append("pass --vram GIB (and --ram GIB) for a recommendation")
-    elif choice is None:
-        lines.append(f"no mode fits {vram_gib} GiB VRAM (less {reserve_gib} GiB reserve) and {ram_gib} GiB RAM; "
-                     "try a smaller --height/--width, --offload sequential, or a bigger GPU")
-    else:
+    lines.append("VRAM excludes the CUDA context and allocator slack (the reserve); RAM counts weights held on "
+                 "the host only (group offload: with their pinned copies).")
+    if choice is not None:
         lines.append(f"recommended: {choice.name}  (flux2-dit generate ... {choice.flags})")
+    elif vram_gib is None:
+        lines.append("no CUDA GPU seen here: pass --vram GIB (and --ram GIB) to plan for another machine")
+    else:
+        # Modes that fit the VRAM but wait on an unknown RAM size: say what RAM they need, never "fits".
+        maybe = next((m for m in modes if m.fit(vram_gib, ram_gib, reserve_gib) == "unknown"), None)
+        if maybe is not None:
+            lines.append(f"RAM unknown: {maybe.name} fits the VRAM if this machine has at least "
+                         f"{maybe.ram_bytes / GIB:.0f} GiB of RAM (flux2-dit generate ... {maybe.flags}); "
+                         "pass --ram GIB to check")
+        else:
+            ram = f"{ram_gib:g} GiB" if ram_gib is not None else "unknown"
+            lines.append(f"no mode fits {vram_gib:g} GiB VRAM (less {reserve_gib:g} GiB reserve) and {ram} RAM; "
+                         "try a smaller --height/--width, more RAM, or a bigger GPU")
     return "\n".join(lines)
 
 
 def plan(model: str = DEFAULT_MODEL, *, height: int = 1024, width: int = 1024, vram_gib: float | None = None,
-         ram_gib: float | None = None, reserve_gib: float = 1.0) -> tuple[str, ModeEstimate | None]:
-    """Measure, estimate and format; returns ``(table text, recommended mode or None)``."""
+         ram_gib: float | None = None, reserve_gib: float = 1.0, detect: bool = True) -> Plan:
+    """Measure, estimate, compare with the machine and format.
+
+    Args:
+        vram_gib, ram_gib: sizes to plan for, in GiB; None reads this machine's
+            (first CUDA GPU, host RAM) when ``detect``, else leaves them unknown.
+        reserve_gib: VRAM kept free for the CUDA context and allocator slack.
+    """
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or not (16 <= value <= 4096) or value % 16:
             raise ValueError(f"{name} {value!r} must be a multiple of 16 in [16, 4096]")
     for name, value in (("vram", vram_gib), ("ram", ram_gib)):
         if value is not None and not (0 < value < 1e6 and math.isfinite(value)):
             raise ValueError(f"--{name} {value!r} must be a positive number of GiB")
+    machine = Machine.resolve(vram_gib, ram_gib, detect=detect)
     transformer_config, vae_config, source = load_configs(model)
     fp = measure_footprint(transformer_config, vae_config, height, width)
     modes = estimate_modes(fp)
-    choice = recommend(modes, vram_gib, ram_gib, reserve_gib) if (vram_gib or ram_gib) else None
-    return format_plan(fp, modes, source, vram_gib, ram_gib, reserve_gib, choice), choice
+    choice = recommend(modes, machine.vram_gib, machine.ram_gib, reserve_gib)
+    text = format_plan(fp, modes, source, machine, reserve_gib, choice)
+    return Plan(text, choice, machine, modes, reserve_gib)

@@ -408,6 +408,23 @@ def test_a_refused_prompt_fails_before_any_weight_is_loaded(f32_server, tiny_mod
     assert loaded == []
 
 
+@pytest.mark.parametrize("size,says", [
+    (dict(height=SIZE + 1), "height 33 must be a multiple of"),
+    (dict(width=100_000), "width 100000 must be an integer in"),
+])
+def test_a_bad_size_fails_before_the_encode_and_the_load(f32_server, tiny_model_dir, monkeypatch, size, says):
+    from diffusers import Flux2Transformer2DModel
+
+    loaded = []
+    monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    backend = OverloadedFirst(f32_server.backend, failures=0)
+    with ServerThread(backend, model_id="tiny-f32") as s, \
+            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
+        with pytest.raises(ClientConfigError, match=says):
+            client.generate(PROMPT, **{"height": SIZE, "width": SIZE, **size}, steps=STEPS, seed=1)
+    assert backend.calls == 0 and loaded == []
+
+
 class _RefuseAll(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
         def refuse(request, context):

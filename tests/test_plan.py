@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from dit_client import cli
+from dit_client import cli, plan as plan_module
+from dit_client.dit_config import DiTConfig, offload_refusal
 from dit_client.plan import (
     GIB,
     Footprint,
@@ -18,6 +19,17 @@ from dit_client.plan import (
     measure_footprint,
     recommend,
 )
+
+REAL_DETECT_RAM, REAL_DETECT_VRAM = plan_module.detect_ram_gib, plan_module.detect_vram_gib
+ALL_MODES = ["bf16", "int8", "nf4", "nf4 + model offload", "nf4 + group offload", "group offload (bf16)",
+             "sequential offload (bf16)"]
+
+
+@pytest.fixture(autouse=True)
+def unknown_machine(monkeypatch):
+    """Plans here never depend on the machine running the tests: detection finds nothing unless a test says so."""
+    monkeypatch.setattr(plan_module, "detect_vram_gib", lambda: None)
+    monkeypatch.setattr(plan_module, "detect_ram_gib", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -50,32 +62,115 @@ def test_flux2_dev_sizes_match_published_counts(flux2_dev_1024):
 
 def test_flux2_dev_modes_against_published_figures(flux2_dev_1024):
     modes = {m.name: m for m in estimate_modes(flux2_dev_1024)}
-    bf16, nf4 = modes["bf16"], modes["nf4"]
-    offload, group = modes["nf4 + model offload"], modes["group offload (bf16)"]
+    assert list(modes) == ALL_MODES
+    bf16, int8, nf4 = modes["bf16"], modes["int8"], modes["nf4"]
+    offload, group4, group16 = modes["nf4 + model offload"], modes["nf4 + group offload"], modes["group offload (bf16)"]
     assert 60 * GIB < bf16.vram_bytes < 64 * GIB  # 64 GB of bf16 weights, plus activations
+    assert 30 * GIB < int8.vram_bytes < 36 * GIB  # one byte per weight: a 40-48 GB card
     assert 17 * GIB < nf4.vram_bytes < 20 * GIB  # published: ~18 GB (model cards ~19 GB)
     assert offload.vram_bytes <= nf4.vram_bytes and offload.ram_bytes > 16 * GIB
-    assert group.vram_bytes < 8 * GIB  # published: ~8 GB
-    assert group.ram_bytes > 60 * GIB
+    # published, group offload: ~8 GB VRAM and ~32 GB RAM (pinned copies of the 4-bit weights)
+    assert group4.vram_bytes < 8 * GIB and 30 * GIB < group4.ram_bytes < 40 * GIB
+    assert group16.vram_bytes == group4.vram_bytes and group16.ram_bytes > 110 * GIB
+    assert modes["sequential offload (bf16)"].vram_bytes < group16.vram_bytes
     # Activations are real measurements, not constants: a bigger picture needs more.
     assert 0.3 * GIB < flux2_dev_1024.dit_activation_bytes < 4 * GIB
 
 
+def test_every_mode_is_one_generate_accepts(flux2_dev_1024):
+    for mode in estimate_modes(flux2_dev_1024):
+        assert offload_refusal(mode.quantization, mode.offload) is None, mode.name
+        DiTConfig(quantization=mode.quantization, offload=mode.offload).check()
+    # and the rule is real: what generate refuses (e.g. sequential offload of NF4 weights) is never a row
+    assert offload_refusal("nf4", "sequential") is not None and offload_refusal("int8", "group") is not None
+
+
+# Card sizes people own, in GiB as --vram takes them, with RAM given.
 @pytest.mark.parametrize("vram,ram,expected", [
     (80, 128, "bf16"),
+    (48, 64, "int8"),
+    (40, 64, "int8"),
     (24, 64, "nf4"),
-    (12, 96, "group offload (bf16)"),
-    (12, 32, None),
+    (16, 64, "nf4 + group offload"),
+    (12, 64, "nf4 + group offload"),
+    (8, 64, "nf4 + group offload"),
+    (8, 24, None),  # group offload needs the weights twice in RAM while pinning; sequential needs 60 GiB
 ])
-def test_recommendation_is_the_fastest_mode_that_fits(flux2_dev_1024, vram, ram, expected):
+def test_recommendation_per_card(flux2_dev_1024, vram, ram, expected):
     choice = recommend(estimate_modes(flux2_dev_1024), vram, ram, reserve_gib=1.0)
     assert (choice.name if choice else None) == expected
+
+
+@pytest.mark.parametrize("vram,expected", [(80, "bf16"), (48, "int8"), (24, "nf4")])
+def test_ram_unknown_still_recommends_modes_that_need_no_ram(flux2_dev_1024, vram, expected):
+    assert recommend(estimate_modes(flux2_dev_1024), vram, None, reserve_gib=1.0).name == expected
+
+
+@pytest.mark.parametrize("vram", [8, 12, 16])
+def test_ram_unknown_never_says_an_offload_mode_fits(flux2_dev_1024, vram):
+    modes = estimate_modes(flux2_dev_1024)
+    assert recommend(modes, vram, None, reserve_gib=1.0) is None
+    assert {m.fit(vram, None, 1.0) for m in modes if m.ram_bytes} <= {"unknown", "no"}
 
 
 def test_model_offload_is_chosen_when_only_the_vae_does_not_fit(flux2_dev_1024):
     modes = {m.name: m for m in estimate_modes(flux2_dev_1024)}
     between = (modes["nf4 + model offload"].vram_bytes + modes["nf4"].vram_bytes) / 2 / GIB
     assert recommend(list(modes.values()), between + 1.0, 64, reserve_gib=1.0).name == "nf4 + model offload"
+
+
+def test_vram_8_alone_with_ram_unknown_says_what_ram_it_needs(flux2_dev_1024):
+    # What `flux2-dit plan --vram 8` prints on a machine whose RAM cannot be read.
+    modes = estimate_modes(flux2_dev_1024)
+    machine = plan_module.Machine(8.0, None, "given", None)
+    choice = recommend(modes, 8.0, None, 1.0)
+    text = plan_module.format_plan(flux2_dev_1024, modes, "FLUX.2-dev", machine, 1.0, choice)
+    assert choice is None and "recommended:" not in text
+    assert "RAM unknown: nf4 + group offload fits the VRAM if this machine has at least" in text
+    assert "pass --ram GIB" in text
+    assert not plan_module.Plan(text, choice, machine, modes, 1.0).nothing_fits  # exit 0: it may fit
+
+
+def test_cli_reads_the_machine_when_sizes_are_not_given(tiny_model_dir, monkeypatch, capsys):
+    small = ["--model", str(tiny_model_dir), "--height", "32", "--width", "32"]
+    monkeypatch.setattr(plan_module, "detect_vram_gib", lambda: 11.6)  # a "12 GB" card
+    monkeypatch.setattr(plan_module, "detect_ram_gib", lambda: 62.7)
+    assert cli.main(["plan", *small]) == 0
+    out = capsys.readouterr().out
+    assert "11.6 GiB VRAM (detected), 62.7 GiB RAM (detected)" in out and "recommended: bf16" in out
+    # given sizes win over detected ones; --no-detect reads nothing
+    assert cli.main(["plan", *small, "--vram", "80", "--ram", "128"]) == 0
+    assert "80.0 GiB VRAM (given), 128.0 GiB RAM (given)" in capsys.readouterr().out
+    assert cli.main(["plan", *small, "--no-detect"]) == 0
+    assert "VRAM unknown, RAM unknown" in capsys.readouterr().out
+
+
+def test_cli_without_cuda_asks_for_vram(tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(plan_module, "detect_ram_gib", lambda: 31.0)
+    assert cli.main(["plan", "--model", str(tiny_model_dir), "--height", "32", "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM unknown, 31.0 GiB RAM (detected)" in out and "no CUDA GPU seen here: pass --vram" in out
+
+
+def _meminfo_total_gib() -> float:
+    line = next(x for x in open("/proc/meminfo") if x.startswith("MemTotal:"))
+    return int(line.split()[1]) * 1024 / GIB
+
+
+def test_ram_detection_reads_this_machine(monkeypatch):
+    monkeypatch.setattr(plan_module, "_cgroup_limit_bytes", lambda: None)
+    assert abs(REAL_DETECT_RAM() - _meminfo_total_gib()) < 0.01 * _meminfo_total_gib()
+    # without sysconf, /proc/meminfo is read
+    monkeypatch.setattr(plan_module.os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert abs(REAL_DETECT_RAM() - _meminfo_total_gib()) < 0.01
+    # a container's memory limit is what the plan may use
+    monkeypatch.setattr(plan_module, "_cgroup_limit_bytes", lambda: 8 * GIB)
+    assert REAL_DETECT_RAM() == 8.0
+
+
+def test_vram_detection_without_cuda_is_none(monkeypatch):
+    monkeypatch.setattr(plan_module.torch.cuda, "is_available", lambda: False)
+    assert REAL_DETECT_VRAM() is None
 
 
 def test_activation_peaks_grow_with_the_picture(tiny_model_dir):
@@ -106,7 +201,7 @@ def test_cli_plan_reads_configs_only(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "recommended: bf16" in out and "--quantization none --offload none" in out
-    for mode in ("bf16", "nf4", "nf4 + model offload", "group offload (bf16)"):
+    for mode in ALL_MODES:
         assert f"\n{mode} " in out
 
 
