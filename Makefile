@@ -14,11 +14,12 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP) proto
 
+# Every extra of pyproject.toml: this checkout serves, generates, trains and tests.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,client,training,test]'
 	@touch $(STAMP)
 
 # Stubs are generated, never edited; git ignores them.

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import errno
 import http.server
-import ipaddress
 import os
 import socket
 import subprocess
 import sys
 import threading
 from concurrent import futures
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -24,6 +22,7 @@ import pytest
 
 from dit_client import cli
 from dit_client.connection import DEFAULT_PORT, TargetError, TLSConfig, TLSUsageError, parse_target
+from tests.certs import self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,28 +104,7 @@ def plaintext_grpc_port():
 @pytest.fixture(scope="module")
 def cert_pair(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flux2-test")])
-    now = datetime.now(timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "server.crt", folder / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture()

@@ -110,9 +110,84 @@ def test_encoder_command_parses_with_the_real_cli(compose):
     assert int(service["stop_grace_period"].rstrip("s")) > config.grace_period_s
 
 
-def test_encoder_reserves_a_gpu(compose):
-    devices = compose["services"]["encoder"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+def _gpu(service: dict) -> dict:
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    return device
+
+
+def test_each_gpu_service_reserves_its_own_gpu_chosen_by_env(compose):
+    encoder, client = _gpu(compose["services"]["encoder"]), _gpu(compose["services"]["client"])
+    for device in (encoder, client):
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        # `count: 1` lets Docker hand both services the same GPU on a one-GPU... or any host.
+        assert "count" not in device and len(device["device_ids"]) == 1
+    defaults = []
+    for device, variable in ((encoder, "ENCODER_GPU"), (client, "CLIENT_GPU")):
+        match = re.fullmatch(r"\$\{(\w+):-(\d+)\}", device["device_ids"][0])
+        assert match and match.group(1) == variable, device["device_ids"]
+        defaults.append(match.group(2))
+    assert defaults[0] != defaults[1]
+
+
+def test_the_header_says_every_step_a_fresh_host_needs():
+    header = "\n".join(line for line in COMPOSE.read_text().splitlines() if line.startswith("#"))
+    for step in ("chmod 600 deploy/api-keys.txt", "chown 1000 deploy/api-keys.txt", "mkdir -p out",
+                 "FLUX2_UID=$(id -u)", "FLUX2_HEALTHCHECK_TLS_CA", "ENCODER_GPU", "CLIENT_GPU"):
+        assert step in header, step
+
+
+def test_out_is_never_created_by_docker_and_is_written_as_the_host_user(compose):
+    client = compose["services"]["client"]
+    (out,) = [v for v in client["volumes"] if isinstance(v, dict) and v["target"] == "/out"]
+    assert out["type"] == "bind" and out["source"] == "./out" and out["bind"]["create_host_path"] is False
+    assert client["user"] == "${FLUX2_UID:-1000}:${FLUX2_GID:-1000}"
+    _, instructions = dockerfile(client)
+    assert any(i == "RUN" and "chmod 1777 /cache /out" in a for i, a in instructions)
+
+
+def test_hf_token_is_a_secret_not_an_environment_variable(compose):
+    assert compose["secrets"]["hf_token"] == {"environment": "HF_TOKEN"}
+    for name in ("encoder", "client"):
+        service = compose["services"][name]
+        assert "HF_TOKEN" not in service["environment"]
+        assert "hf_token" in service["secrets"]
+        assert service["environment"]["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
+
+
+def test_huggingface_hub_reads_the_token_from_the_secret_file(tmp_path):
+    token_file = tmp_path / "hf_token"
+    token_file.write_text("hf_test_token_0123456789\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_TOKEN_PATH"] = str(token_file)
+    out = subprocess.run([sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.get_token())"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "hf_test_token_0123456789", out.stderr
+
+
+@pytest.mark.parametrize("name,extras", [("encoder", ["server"]), ("client", ["client", "training"])])
+def test_dependencies_install_before_the_code_is_copied(compose, name, extras):
+    _, instructions = dockerfile(compose["services"][name])
+    steps = [f"{i} {a}" for i, a in instructions]
+    install = next(k for k, step in enumerate(steps) if "docker/requirements.py" in step and step.startswith("RUN"))
+    copy_all = steps.index("COPY . /app")
+    assert install < copy_all, "every code change would reinstall every dependency"
+    assert steps[install].split("requirements.py", 1)[1].split(">")[0].split() == extras
+    assert all(not s.startswith("COPY") or "pyproject.toml" in s or "requirements.py" in s for s in steps[:install])
+    assert "--no-deps" in next(s for s in steps[copy_all:] if "pip install" in s)
+
+
+def test_requirements_script_lists_core_and_extras_only():
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        from requirements import requirements
+    finally:
+        sys.path.pop(0)
+    server = " ".join(requirements(ROOT / "pyproject.toml", ["server"]))
+    client = " ".join(requirements(ROOT / "pyproject.toml", ["client"]))
+    assert "aiohttp" in server and "pillow" not in server
+    assert "pillow" in client and "aiohttp" not in client and "prometheus" not in client
+    with pytest.raises(SystemExit, match="no extra nope"):
+        requirements(ROOT / "pyproject.toml", ["nope"])
 
 
 def test_client_command_parses_with_the_real_cli_and_targets_the_encoder(compose):
@@ -141,6 +216,8 @@ def test_prometheus_scrapes_the_metrics_port(compose):
 
 def test_secret_files_exist_or_have_a_committed_example(compose):
     for name, secret in compose["secrets"].items():
+        if "file" not in secret:
+            continue  # read from the environment of `docker compose` (hf_token)
         path = secret["file"].removeprefix("./")
         if path in OPERATOR_FILES:
             assert (ROOT / OPERATOR_FILES[path]).is_file()
@@ -168,6 +245,47 @@ def test_health_check_script_reports_serving_and_unreachable(compose, server):
     down = subprocess.run([sys.executable, str(script), "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout
+
+
+@pytest.fixture()
+def tls_health_server(tmp_path):
+    """A gRPC server with TLS that reports the TextEncoder service SERVING over grpc.health.v1."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from tests.certs import self_signed
+
+    cert, key = self_signed(tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    servicer.set("flux2.encoder.v1.TextEncoder", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    server.start()
+    yield f"127.0.0.1:{port}", cert
+    server.stop(0)
+
+
+def test_health_check_follows_the_tls_setting_from_the_environment(compose, tls_health_server):
+    import os
+
+    target, ca = tls_health_server
+    test = compose["services"]["encoder"]["healthcheck"]["test"]
+    script = ROOT / test[2].removeprefix("/app/")
+    args = test[3:]
+    args[args.index("--target") + 1] = target
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_HEALTHCHECK_")}
+    plain = subprocess.run([sys.executable, str(script), *args, "--timeout", "3"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1 and "set FLUX2_HEALTHCHECK_TLS_CA" in plain.stdout
+    # The compose file passes these through to the container; the same command then speaks TLS.
+    assert {"FLUX2_HEALTHCHECK_TLS_CA", "FLUX2_HEALTHCHECK_TLS_CERT", "FLUX2_HEALTHCHECK_TLS_KEY"} <= set(
+        compose["services"]["encoder"]["environment"])
+    tls = subprocess.run([sys.executable, str(script), *args], env={**env, "FLUX2_HEALTHCHECK_TLS_CA": str(ca)},
+                         capture_output=True, text=True, timeout=60)
+    assert tls.returncode == 0 and "SERVING" in tls.stdout, tls.stdout + tls.stderr
 
 
 def _has_docker_compose() -> bool:
