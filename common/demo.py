@@ -1,9 +1,11 @@
-"""A tiny, random, FLUX.2-shaped model folder for demos and tests.
+"""Tiny, random, FLUX.2-shaped model folders for demos and tests.
 
 ``build_tiny_flux2(path)`` writes the same layout ``Flux2Pipeline.save_pretrained``
 writes for FLUX.2-dev (``text_encoder/``, ``tokenizer/``, ``transformer/``,
 ``vae/``, ``scheduler/``, ``model_index.json``), at toy sizes, so the demo and
 the tests load it through exactly the ``from_pretrained`` path real weights use.
+``build_tiny_klein(path)`` does the same for FLUX.2 [klein]
+(``Flux2KleinPipeline``: a Qwen3 text encoder with a Qwen-style chat template).
 
 THE WEIGHTS ARE RANDOM. Embeddings and images made from them are noise; they
 only prove that the plumbing works end to end.
@@ -134,7 +136,8 @@ def _build_text_encoder(spec: TinyFlux2Spec, vocab_size: int):
     return Mistral3ForConditionalGeneration(config).eval()
 
 
-def _build_dit(spec: TinyFlux2Spec, joint_attention_dim: int):
+def _build_dit(spec, joint_attention_dim: int, *, guidance_embeds: bool = True):
+    """DiT, VAE and scheduler for a tiny spec (``TinyFlux2Spec`` or ``TinyKleinSpec``: seed and DiT depth)."""
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -163,8 +166,15 @@ def _build_dit(spec: TinyFlux2Spec, joint_attention_dim: int):
         joint_attention_dim=joint_attention_dim,
         timestep_guidance_channels=256,
         axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
     )
     return transformer, vae, FlowMatchEulerDiscreteScheduler()
+
+
+def _write_marker(path: Path, spec) -> None:
+    (path / "flux2_remote_demo.json").write_text(
+        json.dumps({"format_version": DEMO_FORMAT_VERSION, "spec": asdict(spec), "notice": DEMO_NOTICE}, indent=2)
+    )
 
 
 def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spec()) -> Path:
@@ -193,10 +203,140 @@ def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spe
     else:
         text_encoder.save_pretrained(path / "text_encoder")
         tokenizer.save_pretrained(path / "tokenizer")
-    (path / "flux2_remote_demo.json").write_text(
-        json.dumps({"format_version": DEMO_FORMAT_VERSION, "spec": asdict(spec), "notice": DEMO_NOTICE}, indent=2)
-    )
+    _write_marker(path, spec)
     return path
+
+
+# -- FLUX.2 [klein]: a Qwen3 text encoder --------------------------------------
+
+# Qwen3's control tokens; "<think>"/"</think>" are plain added tokens there, not special ones.
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_THINK_TOKENS = ["<think>", "</think>"]
+
+# A small template of our own with the structure Qwen3's renders for the turns
+# FLUX.2 [klein] uses: "<|im_start|>{role}\n{content}<|im_end|>\n" per message,
+# then with add_generation_prompt the assistant header, and with
+# enable_thinking=False an empty think block:
+# "<|im_start|>assistant\n<think>\n\n</think>\n\n". Tools and reasoning
+# content, which FLUX.2 never sends, are left out.
+KLEIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class TinyKleinSpec:
+    """Sizes of the tiny [klein] model. Defaults keep Qwen3-4B's depth (36 layers, of
+    which hidden_states 9/18/27 are used), its tied embeddings and its wider attention
+    (heads x head_dim > hidden) at toy width."""
+
+    text_layers: int = 36
+    text_hidden: int = 16
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_head_dim: int = 8
+    text_intermediate: int = 32
+    vocab_size: int = 300
+    tie_word_embeddings: bool = True
+    padding_side: str = "right"
+    is_distilled: bool = True
+    dit_layers: int = 1
+    dit_single_layers: int = 1
+    seed: int = 0
+    with_dit: bool = True
+
+
+def _build_qwen_tokenizer(padding_side: str):
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    # Byte-level BPE without merges, as for [dev]: any text tokenizes, byte by
+    # byte, with nothing to train or download. Qwen2Tokenizer supplies Qwen's own
+    # pre-tokenizer and NFC normalizer.
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in QWEN_SPECIAL_TOKENS + QWEN_THINK_TOKENS:
+        vocab[token] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side=padding_side,
+        model_max_length=131072,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_THINK_TOKENS])
+    tok.chat_template = KLEIN_CHAT_TEMPLATE
+    return tok
+
+
+def _build_qwen3_text_encoder(spec: TinyKleinSpec, vocab_size: int, eos_token_id: int):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        head_dim=spec.text_head_dim,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-06,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        eos_token_id=eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpec()) -> Path:
+    """Write a tiny random FLUX.2 [klein] model folder at ``path`` and return it.
+
+    Deterministic, like :func:`build_tiny_flux2`. With ``spec.with_dit`` the folder
+    is a complete ``Flux2KleinPipeline`` (``model_index.json`` records
+    ``is_distilled``); without, only ``text_encoder/`` and ``tokenizer/``.
+    """
+    from common.encoder_spec import FLUX2_KLEIN
+
+    path = Path(path)
+    tokenizer = _build_qwen_tokenizer(spec.padding_side)
+    vocab_size = max(spec.vocab_size, len(tokenizer))
+    text_encoder = _build_qwen3_text_encoder(spec, vocab_size, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    if spec.with_dit:
+        from diffusers import Flux2KleinPipeline
+
+        joint_dim = FLUX2_KLEIN.embedding_dim(spec.text_hidden)
+        # [klein] has no guidance embedding: distilled models take none, base models use real CFG.
+        transformer, vae, scheduler = _build_dit(spec, joint_dim, guidance_embeds=False)
+        pipe = Flux2KleinPipeline(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+            is_distilled=spec.is_distilled,
+        )
+        pipe.save_pretrained(path)
+    else:
+        text_encoder.save_pretrained(path / "text_encoder")
+        tokenizer.save_pretrained(path / "tokenizer")
+    _write_marker(path, spec)
+    return path
+
+
+# -- the cached demo folders ---------------------------------------------------
+
+DEMO_MODELS = {"demo": "dev", "demo-klein": "klein"}
+"""MODEL names that resolve to a demo folder, and the variant each builds."""
+_BUILDERS = {"dev": build_tiny_flux2, "klein": build_tiny_klein}
 
 
 def cache_root() -> Path:
@@ -206,9 +346,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("FLUX2_REMOTE_CACHE") or platformdirs.user_cache_dir("flux2-remote"))
 
 
-def default_demo_dir() -> Path:
-    """Where ``--model demo`` lives, in :func:`cache_root`."""
-    return cache_root() / f"demo-v{DEMO_FORMAT_VERSION}"
+def default_demo_dir(variant: str = "dev") -> Path:
+    """Where ``--model demo`` (``variant="dev"``) or ``--model demo-klein`` (``"klein"``) lives, in :func:`cache_root`."""
+    if variant not in _BUILDERS:
+        raise ValueError(f"unknown demo variant {variant!r}; choose from {', '.join(_BUILDERS)}")
+    prefix = "demo" if variant == "dev" else f"demo-{variant}"
+    return cache_root() / f"{prefix}-v{DEMO_FORMAT_VERSION}"
 
 
 def is_demo_folder(path: str | os.PathLike) -> bool:
@@ -216,20 +359,20 @@ def is_demo_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "flux2_remote_demo.json").is_file()
 
 
-def ensure_demo_model(target: str | os.PathLike | None = None) -> Path:
-    """Build the demo folder once and return it; later calls reuse it.
+def ensure_demo_model(target: str | os.PathLike | None = None, *, variant: str = "dev") -> Path:
+    """Build the demo folder of ``variant`` (``"dev"`` or ``"klein"``) once and return it; later calls reuse it.
 
     The folder is built in a temporary sibling and renamed into place, so an
     interrupted build never leaves a half-written model behind, and two
     processes racing to build it both end with one complete folder.
     """
-    target = Path(target) if target is not None else default_demo_dir()
+    target = Path(target) if target is not None else default_demo_dir(variant)
     if is_demo_folder(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_flux2(tmp)
+        _BUILDERS[variant](tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -1,7 +1,7 @@
-"""Resolve a MODEL argument (hub id, local folder or ``demo``) to a local folder.
+"""Resolve a MODEL argument (hub id, local folder, ``demo`` or ``demo-klein``) to a local folder.
 
-All three end as a folder in the layout ``Flux2Pipeline.save_pretrained``
-writes; everything after this module loads from that folder with the
+All of them end as a folder in the layout ``Flux2Pipeline.save_pretrained``
+(or ``Flux2KleinPipeline.save_pretrained``) writes; everything after this module loads from that folder with the
 libraries' own ``from_pretrained``.
 """
 
@@ -30,7 +30,7 @@ class ModelNotFound(Exception):
 class ModelSource:
     """A resolved model: what the user asked for and where its files are."""
 
-    model_id: str  # as given: hub id, folder or "demo"
+    model_id: str  # as given: hub id, folder, "demo" or "demo-klein"
     folder: Path
     revision: str  # hub commit when known
     demo: bool
@@ -45,23 +45,26 @@ def resolve_model(
     components: tuple[str, ...],
     revision: str | None = None,
     configs_only: bool = False,
-    keep_weight: Callable[[str, str], bool] | None = None,
+    keep_weight_for: Callable[[Path], Callable[[str, str], bool]] | None = None,
 ) -> ModelSource:
     """Find or download only ``components`` (sub-folders such as ``text_encoder``) of ``model``.
 
     Hub downloads honour the usual Hugging Face cache and ``HF_HUB_OFFLINE``.
     With ``configs_only`` a hub model gets only the components' JSON files (kilobytes),
     so settings can be checked before gigabytes of weights are fetched.
-    With ``keep_weight(component, weight_name)``, a sharded hub checkpoint gets only the
-    shards that hold a kept weight; the returned folder is then a view (links into the
+    With ``keep_weight_for``, a sharded hub checkpoint gets only the shards that hold a
+    kept weight: ``keep_weight_for(folder)`` is called once the components' small files
+    (configs, indexes, tokenizer) are in ``folder``, and returns
+    ``keep_weight(component, weight_name)``, so which weights are kept can depend on
+    the model's own config; the returned folder is then a view (links into the
     Hugging Face cache, and an index listing only the kept weights) that
     ``from_pretrained`` loads like a complete folder. Local folders are used as they are.
     """
-    from common.demo import ensure_demo_model, is_demo_folder
+    from common.demo import DEMO_MODELS, ensure_demo_model, is_demo_folder
 
-    if model == "demo":
-        folder = ensure_demo_model()
-        return ModelSource("demo", folder, "", True)
+    if model in DEMO_MODELS:
+        folder = ensure_demo_model(variant=DEMO_MODELS[model])
+        return ModelSource(model, folder, "", True)
     path = Path(model).expanduser()
     if path.is_dir():
         missing = [c for c in components if not (path / c).is_dir()]
@@ -77,8 +80,8 @@ def resolve_model(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        if keep_weight is not None and not configs_only:
-            folder = _download_kept_weights(model, revision, components, keep_weight, snapshot_download)
+        if keep_weight_for is not None and not configs_only:
+            folder = _download_kept_weights(model, revision, components, keep_weight_for, snapshot_download)
         else:
             files = "*.json" if configs_only else "*"
             patterns = [f"{c}/{files}" for c in components] + ["model_index.json"]
@@ -103,10 +106,11 @@ def _commit_of(folder: Path) -> str:
 VIEW_MARKER = "flux2_remote_view.json"
 
 
-def _download_kept_weights(model, revision, components, keep_weight, snapshot_download) -> Path:
+def _download_kept_weights(model, revision, components, keep_weight_for, snapshot_download) -> Path:
     """Everything but the weights, then only the shards holding kept weights; a view if any shard was left out."""
     small = [f"{c}/*" for c in components] + ["model_index.json"]
     snapshot = Path(snapshot_download(model, revision=revision, allow_patterns=small, ignore_patterns=WEIGHT_PATTERNS))
+    keep_weight = keep_weight_for(snapshot)
     wanted: list[str] = []
     skipped: dict[str, set[str]] = {}
     for c in components:

@@ -239,11 +239,16 @@ def test_checkpoint_in_the_in_memory_key_layout_loads_bit_exact(tiny_model_dir, 
                        load(tiny_model_dir, torch.bfloat16).encode(PROMPTS[:3]).embeddings)
 
 
-def test_vision_tower_and_lm_head_are_never_read(tiny_model_dir, tmp_path):
+def test_vision_tower_lm_head_final_norm_and_layers_past_30_are_never_read(tiny_model_dir, tmp_path):
     """Tensors of impossible shapes there would fail any loader that materialised them."""
+    unread = ("language_model.model.norm.", *(f"language_model.model.layers.{i}." for i in range(30, 40)))
 
     def garble(tensors):
-        return {k: (torch.zeros(3, 3) if not k.startswith("language_model.model.") else v) for k, v in tensors.items()}
+        assert any(k.startswith(unread[1:]) for k in tensors)
+        return {
+            k: (torch.zeros(3, 3) if k.startswith(unread) or not k.startswith("language_model.model.") else v)
+            for k, v in tensors.items()
+        }
 
     folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "garbled", garble)
     with pytest.raises(Exception):  # the full model cannot load it...
@@ -264,12 +269,12 @@ def test_weights_in_an_unknown_layout_are_refused_not_randomised(tiny_model_dir,
 
 def test_load_backend_runs_one_warm_up_pass_before_serving(tiny_model_dir, monkeypatch):
     from common.config import ServerConfig
-    from encoder_server.text_encoder import load_backend
+    from encoder_server.text_encoder import TruncatedTextEncoder, load_backend
 
     seen = []
-    real = TruncatedMistral3Encoder.encode
+    real = TruncatedTextEncoder.encode
     monkeypatch.setattr(
-        TruncatedMistral3Encoder, "encode", lambda self, prompts: seen.append(prompts) or real(self, prompts)
+        TruncatedTextEncoder, "encode", lambda self, prompts: seen.append(prompts) or real(self, prompts)
     )
     backend, _ = load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"))
     assert seen == [[""]]
@@ -285,7 +290,7 @@ def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_pa
     import huggingface_hub
 
     from common.config import ServerConfig
-    from encoder_server.text_encoder import is_needed_weight, load_backend
+    from encoder_server.text_encoder import MISTRAL3, load_backend
 
     # A "hub repo" whose text encoder is split into many small shards.
     repo = tmp_path / "repo"
@@ -294,7 +299,7 @@ def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_pa
         repo / "text_encoder", max_shard_size="20KB"
     )
     weight_map = json.loads((repo / "text_encoder" / "model.safetensors.index.json").read_text())["weight_map"]
-    needed = {shard for name, shard in weight_map.items() if is_needed_weight(name, FLUX2_DEV.computed_layers)}
+    needed = {shard for name, shard in weight_map.items() if MISTRAL3.is_needed_weight(name)}
     unneeded = set(weight_map.values()) - needed
     assert needed and unneeded  # the layout this test needs
 
