@@ -308,7 +308,7 @@ def estimate_modes(fp: Footprint) -> list[ModeEstimate]:
     modes = [
         ModeEstimate("bf16", "none", "none", dit16 + vae + max(dit_act, vae_act), 0, "fastest"),
         ModeEstimate("int8", "int8", "none", dit8 + vae + max(dit_act + dequant, vae_act), 0,
-                     "fast; closest to bf16 of the quantized modes"),
+                     "medium (LLM.int8 matmuls); closest to bf16"),
         ModeEstimate("nf4", "nf4", "none", dit4 + vae + max(dit_act + dequant, vae_act), 0, "fast"),
         ModeEstimate("nf4 + model offload", "nf4", "model",
                      max(dit4 + dit_act + dequant, vae + vae_act), dit4 + vae,
@@ -432,13 +432,13 @@ def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, machine: 
         "the text encoder is remote (0 GiB here)",
         f"machine: {machine.describe()}, {reserve_gib:g} GiB of VRAM kept in reserve",
         "",
-        f"{'mode':<26} {'VRAM GiB':>9} {'RAM GiB':>8}  {'fits':<7}  {'speed':<46} flags",
+        f"{'mode':<26} {'VRAM GiB':>9} {'RAM GiB':>8}  {'fits':<7}  {'speed':<48} flags",
     ]
     for m in modes:
         fit = m.fit(vram_gib, ram_gib, reserve_gib)
         fit = "?" if fit == "unknown" else fit
         lines.append(f"{m.name:<26} {m.vram_bytes / GIB:>9.2f} {m.ram_bytes / GIB:>8.2f}  {fit:<7}  "
-                     f"{m.speed:<46} {m.flags}")
+                     f"{m.speed:<48} {m.flags}")
     lines.append("")
     lines.append("VRAM excludes the CUDA context and allocator slack (the reserve); RAM counts weights held on "
                  "the host only (group offload: with their pinned copies).")
