@@ -1,10 +1,21 @@
-"""The demo model: deterministic, built once, atomically, loadable like real weights."""
+"""The demo models ([dev] and [klein]): deterministic, built once, atomically, loadable like real weights."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
-from common.demo import TinyFlux2Spec, build_tiny_flux2, ensure_demo_model, is_demo_folder
+import pytest
+
+from common.demo import (
+    TinyFlux2Spec,
+    TinyKleinSpec,
+    build_tiny_flux2,
+    build_tiny_klein,
+    default_demo_dir,
+    ensure_demo_model,
+    is_demo_folder,
+)
 from common.fingerprint import file_digest
 
 
@@ -57,3 +68,47 @@ def test_large_files_are_sampled_but_still_sensitive_to_content(tmp_path, monkey
     data[-1] ^= 1  # the last block is always sampled
     path.write_bytes(bytes(data))
     assert file_digest(path) != a
+
+
+# -- demo-klein --------------------------------------------------------------------
+
+
+def test_klein_build_is_deterministic(tmp_path):
+    spec = TinyKleinSpec(with_dit=False)
+    a = digests(build_tiny_klein(tmp_path / "a", spec))
+    assert a and a == digests(build_tiny_klein(tmp_path / "b", spec))
+    assert digests(build_tiny_klein(tmp_path / "c", TinyKleinSpec(with_dit=False, seed=3))) != a
+
+
+def test_demo_klein_resolves_to_a_complete_klein_pipeline(tmp_path, monkeypatch):
+    """``--model demo-klein`` is built once beside ``demo`` and loads as a Flux2KleinPipeline
+    whose DiT takes the [klein] recipe's embeddings."""
+    from diffusers import Flux2KleinPipeline
+
+    from common.encoder_spec import FLUX2_KLEIN, spec_for_pipeline
+    from common.model_source import resolve_model
+
+    monkeypatch.setenv("FLUX2_REMOTE_CACHE", str(tmp_path))
+    source = resolve_model("demo-klein", components=("text_encoder", "tokenizer"))
+    assert source.demo and source.model_id == "demo-klein"
+    assert source.folder == default_demo_dir("klein") != default_demo_dir("dev")
+    assert ensure_demo_model(variant="klein") == source.folder
+    assert [p.name for p in tmp_path.iterdir()] == [source.folder.name]  # "demo" itself is not built
+
+    index = json.loads((source.folder / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is True
+    assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
+    assert spec_for_pipeline(index["_class_name"]) is FLUX2_KLEIN
+    pipe = Flux2KleinPipeline.from_pretrained(source.folder)
+    hidden = pipe.text_encoder.config.hidden_size
+    assert pipe.transformer.config.joint_attention_dim == FLUX2_KLEIN.embedding_dim(hidden)
+    assert pipe.text_encoder.config.num_hidden_layers == 36 >= FLUX2_KLEIN.computed_layers
+    assert pipe.transformer.config.guidance_embeds is False
+    # The pipeline's own encode_prompt runs on it: the reference path works end to end.
+    embeds, _ = pipe.encode_prompt("a cat", device="cpu")
+    assert embeds.shape == (1, 512, 3 * hidden)
+
+
+def test_unknown_demo_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown demo variant"):
+        default_demo_dir("schnell")

@@ -282,3 +282,19 @@ def test_hub_download_skips_shards_the_klein_server_never_reads(klein_dir_left, 
     assert backend.fingerprint == complete.fingerprint
     assert torch.equal(backend.encode(PROMPTS).embeddings, complete.encode(PROMPTS).embeddings)
     assert torch.equal(complete.encode(PROMPTS).embeddings, reference(repo, PROMPTS, torch.bfloat16))
+
+
+def test_the_server_serves_klein_embeddings_unchanged(klein_dir):
+    """No server code knows the family: GetInfo and Encode follow the backend's recipe."""
+    from dit_client import RemoteTextEncoder
+    from tests.helpers import ServerThread
+
+    backend = load(klein_dir)
+    with ServerThread(backend, model_id="tiny-klein") as server:
+        client = RemoteTextEncoder(server.target)
+        info = client.info()
+        got = client.encode(PROMPTS[:3])
+    assert tuple(info.hidden_states_layers) == (9, 18, 27)
+    assert (info.num_hidden_layers, info.computed_layers, info.embedding_dim) == (36, 27, 3 * HIDDEN)
+    assert info.fingerprint == backend.fingerprint and info.padding_side == "right"
+    assert torch.equal(got, reference(klein_dir, PROMPTS[:3], torch.bfloat16))
