@@ -28,7 +28,7 @@ from dit_client.generate import (
     resolve_quantization,
 )
 from dit_client.remote import RemoteTextEncoder
-from dit_client.stream import RetryPolicy
+from dit_client.retry import RetryPolicy
 from dit_client.structured_prompt import render_structured_prompt
 from encoder_server.text_encoder import EncodedBatch
 from tests.helpers import OverloadedFirst, ServerThread

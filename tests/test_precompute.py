@@ -18,7 +18,7 @@ import torch
 from common.errors import EncoderOverloaded, IntegrityError, InvalidRequest
 from dit_client import cli
 from dit_client.remote import RemoteTextEncoder
-from dit_client.stream import RetryPolicy
+from dit_client.retry import RetryPolicy
 from dit_client.training import EmbeddingStore, StoreInfo, StoreWriter, precompute, remote_text_encoder
 from dit_client.training.store import INDEX_NAME
 from tests.helpers import OverloadedFirst, ProxyBackend, ServerThread

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="REF.png",
                    help=f"reference image for multi-reference editing (repeat, up to {MAX_REFERENCE_IMAGES})")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="DiT weights: nf4 (bitsandbytes, CUDA only), none, or auto (on CUDA: nf4 unless bf16 fits)")
+                   help="DiT weights: nf4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8, no offload), both CUDA "
+                        "only; none; or auto (on CUDA: nf4 unless bf16 fits). `flux2-dit plan` says which fits")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="compute dtype (default bfloat16)")
     p.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                    help="model: enable_model_cpu_offload; group: leaf-level group offload with CUDA streams; "

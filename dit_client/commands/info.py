@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
     fields = dataclasses.asdict(info)
     fields["dtype"] = str(info.dtype).removeprefix("torch.")
     if args.json:
-        print(json.dumps({"target": args.encoder, **fields}, indent=2))
+        print(json.dumps({"target": enc.target, **fields}, indent=2))
         return 0
-    print(f"encoder at {args.encoder}")
+    print(f"encoder at {enc.target}")
     for name, value in fields.items():
         if name == "limits":
             value = ", ".join(f"{k}={v}" for k, v in value.items())

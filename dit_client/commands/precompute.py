@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from dit_client.commands.common_args import add_encoder_args, encoder_from_args
-from dit_client.stream import RetryPolicy
+from dit_client.retry import RetryPolicy
 from dit_client.training.store import DEFAULT_SHARD_BYTES
 
 

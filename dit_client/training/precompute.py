@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from common.errors import InvalidRequest
 from dit_client.remote import RemoteTextEncoder
-from dit_client.stream import RetryPolicy
+from dit_client.retry import RetryPolicy
 from dit_client.training.captions import iter_captions
 from dit_client.training.store import DEFAULT_SHARD_BYTES, StoreInfo, StoreWriter
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from dit_client.remote import RemoteTextEncoder
-from dit_client.stream import RetryPolicy
+from dit_client.retry import RetryPolicy
 from dit_client.training.dataset import text_ids_for
 from dit_client.training.store import EmbeddingStore
 
