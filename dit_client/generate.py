@@ -19,7 +19,8 @@ encoder service computes in the same dtype.
 
 This module is the run: :class:`DiTClient` and :func:`generate`. Settings live
 in :mod:`dit_client.dit_config`, loading in :mod:`dit_client.loading`, pictures
-in :mod:`dit_client.images`; their public names are importable from here too.
+in :mod:`dit_client.images`, the embedding LRU in :mod:`dit_client.embedding_cache`; their
+public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from dit_client.dit_config import (  # noqa: F401  (re-exported: `from dit_clien
     check_int,
     offload_refusal,
 )
+from dit_client.embedding_cache import EmbeddingCache  # noqa: F401
 from dit_client.images import load_reference_images, output_paths, save_images  # noqa: F401
 from dit_client.loading import (  # noqa: F401
     apply_offload,
@@ -101,41 +102,6 @@ class GenerationResult:
     def save(self, out: str | os.PathLike) -> list[Path]:
         """Write the images as PNG, atomically; see :func:`save_images`."""
         return save_images(self.images, out, metadata=self.parameters)
-
-
-class EmbeddingCache:
-    """A small LRU of prompt embeddings keyed by ``(fingerprint, prompt text)``.
-
-    The same prompt with other seeds or image counts then costs one request.
-    Keys include the fingerprint, so embeddings of two encoder models never mix.
-    """
-
-    def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, fingerprint: str, prompt: str) -> torch.Tensor | None:
-        key = (fingerprint, prompt)
-        value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return value
-
-    def put(self, fingerprint: str, prompt: str, embeds: torch.Tensor) -> None:
-        if self.max_entries == 0:
-            return
-        self._entries[(fingerprint, prompt)] = embeds
-        self._entries.move_to_end((fingerprint, prompt))
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 # -- the client --------------------------------------------------------------
