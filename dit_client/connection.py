@@ -141,7 +141,7 @@ def _hint_for(details: str, tls: bool) -> str:
         return (f"that port answers HTTP/1.1, not gRPC. Is it the --http-port? "
                 f"Use the gRPC port (default {DEFAULT_PORT})")
     if "handshake" in text or "ssl" in text or "tls" in text:
-        if "certificate_verify_failed" in text or "certificate" in text and "verify" in text:
+        if "certificate_verify_failed" in text or ("certificate" in text and "verify" in text):
             return "the server's certificate is not trusted: pass --tls-ca with the CA that signed it"
         if tls and "wrong_version_number" in text:
             return "the TLS handshake failed: the server looks like plaintext; drop --tls (or start it with --tls-cert)"
