@@ -1,9 +1,16 @@
-"""How much memory FLUX.2-dev's text encoder needs, counted rather than guessed.
+"""How much memory the FLUX.2 text encoders need, counted rather than guessed.
 
-The real model config (``common/configs/flux2_dev_text_encoder.json``) is
-instantiated on PyTorch's ``meta`` device: every parameter has its true shape
-but no storage, so the 24B model is "built" in well under a second on any
-machine. Bytes then follow from element counts and each storage format's
+The real model configs are instantiated on PyTorch's ``meta`` device: every
+parameter has its true shape but no storage, so the 24B model is "built" in
+well under a second on any machine. Bundled (``common/configs/``):
+
+- ``flux2_dev_text_encoder.json``: FLUX.2-dev's Mistral-Small-3.x 24B (``Mistral3Config``).
+- ``qwen3_4b_text_encoder.json``: Qwen3-4B, FLUX.2 [klein] 4B's text encoder; the
+  values of ``config.json`` on the hub's ``Qwen/Qwen3-4B`` model card.
+- ``qwen3_8b_text_encoder.json``: Qwen3-8B, [klein] 9B's; from ``Qwen/Qwen3-8B``.
+
+Which model class is built and how many layers the server keeps follow the
+config's ``model_type`` through the server's recipes (``encoder_server/text_encoder.py``). Bytes then follow from element counts and each storage format's
 layout:
 
 - **bf16**: 2 bytes per parameter.
@@ -16,7 +23,7 @@ layout:
   64-element block (+0.0625 byte/param). With ``bnb_4bit_use_double_quant``
   the absmax is itself 8-bit, with one float32 per 256 absmax (+~0.0157
   byte/param). bitsandbytes does not quantize ``nn.Embedding``: the 0.67B
-  embedding table stays bf16. The 16-entry code table and per-tensor
+  embedding table stays bf16 (Qwen3's 0.39B/0.62B too). The 16-entry code table and per-tensor
   quant-state header (well under 1 KiB per layer) are not counted.
 
 Activation figures are estimates from tensor shapes (formulas in
@@ -33,9 +40,15 @@ from pathlib import Path
 
 import torch
 
-from common.encoder_spec import FLUX2_DEV
+from common.encoder_spec import FLUX2_DEV, EncoderSpec
 
 CONFIG_NAME = "flux2_dev_text_encoder.json"
+BUNDLED_CONFIGS = {
+    "FLUX.2-dev: Mistral-Small-3.x 24B": "flux2_dev_text_encoder.json",
+    "FLUX.2 [klein] 4B: Qwen3-4B": "qwen3_4b_text_encoder.json",
+    "FLUX.2 [klein] 9B: Qwen3-8B": "qwen3_8b_text_encoder.json",
+}
+"""The text encoders whose real configs ship with the package (``common/configs/``)."""
 GB = 1e9  # the table is in decimal GB, like the model cards' "48 GB"
 
 FP8_BLOCK = (128, 128)  # FineGrainedFP8Config's default weight_block_size
@@ -43,30 +56,57 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize
 NF4_DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level float32 scale
 
 
-def default_config_path() -> Path:
-    """Path of the bundled FLUX.2-dev text-encoder config."""
-    return Path(str(resources.files("common") / "configs" / CONFIG_NAME))
+def default_config_path(name: str = CONFIG_NAME) -> Path:
+    """Path of a bundled text-encoder config (default: FLUX.2-dev's)."""
+    return Path(str(resources.files("common") / "configs" / name))
+
+
+def _recipe(config):
+    """The server's recipe for ``config`` (ValueError for a family it does not run)."""
+    from encoder_server.text_encoder import ConfigError, recipe_for_model_type
+
+    try:
+        return recipe_for_model_type(getattr(config, "model_type", None))
+    except ConfigError as exc:
+        raise ValueError(f"the config {exc}") from None
 
 
 def load_config(path: str | Path | None = None):
-    """The ``Mistral3Config`` at ``path`` (a config.json or its folder; default: the bundled FLUX.2-dev one)."""
+    """The text-encoder config at ``path`` (a config.json or its folder; default: the bundled FLUX.2-dev one).
+
+    A ``Mistral3Config`` ([dev]) or a ``Qwen3Config`` ([klein]); ValueError for anything else.
+    """
     from transformers import AutoConfig
 
     path = Path(path).expanduser() if path else default_config_path()
     if not path.exists():  # else transformers would take the path for a hub repo id
         raise FileNotFoundError(f"no such config file or folder: {path}")
     config = AutoConfig.from_pretrained(str(path))
-    if not hasattr(getattr(config, "text_config", None), "num_hidden_layers"):
-        raise ValueError(f"{path} is not a Mistral-3 text-encoder config (no text_config)")
+    recipe = _recipe(config)
+    try:
+        recipe.decoder_config(config)
+    except Exception as exc:  # the recipe's ConfigError: a config of the right type but the wrong shape
+        raise ValueError(f"{path}: {exc}") from None
     return config
 
 
+def decoder_config(config):
+    """The decoder stack's config inside a text-encoder ``config`` (Mistral-3's ``text_config``, Qwen3's itself)."""
+    return _recipe(config).decoder_config(config)
+
+
+def spec_for_config(config) -> EncoderSpec:
+    """The embedding recipe a text encoder with ``config`` serves (its layers decide the truncation depth)."""
+    return _recipe(config).spec
+
+
 def meta_model(config):
-    """``Mistral3ForConditionalGeneration(config)`` on the meta device: shapes, no storage."""
-    from transformers import Mistral3ForConditionalGeneration
+    """The reference's text-encoder class (``Mistral3ForConditionalGeneration``, ``Qwen3ForCausalLM``)
+    built from ``config`` on the meta device: shapes, no storage."""
+    import transformers
 
     with torch.device("meta"):
-        return Mistral3ForConditionalGeneration(config)
+        return getattr(transformers, _recipe(config).checkpoint_class)(config)
 
 
 @dataclass(frozen=True)
@@ -95,11 +135,12 @@ class Part:
         )
 
 
-def _part(module: torch.nn.Module) -> Part:
+def _part(module: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Part:
+    """Element counts of ``module``'s parameters, leaving out those whose ``id`` is in ``skip``."""
     linear = other = scales = blocks = 0
     linear_weights = set()
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear):
+        if isinstance(sub, torch.nn.Linear) and id(sub.weight) not in skip | linear_weights:
             w = sub.weight
             linear_weights.add(id(w))
             linear += w.numel()
@@ -107,7 +148,7 @@ def _part(module: torch.nn.Module) -> Part:
             scales += math.ceil(out_f / FP8_BLOCK[0]) * math.ceil(in_f / FP8_BLOCK[1])
             blocks += math.ceil(w.numel() / NF4_BLOCK)
     for p in module.parameters():
-        if id(p) not in linear_weights:
+        if id(p) not in linear_weights and id(p) not in skip:
             other += p.numel()
     return Part(linear, other, scales, blocks)
 
@@ -122,8 +163,9 @@ class ParameterCounts:
         kept_layers: the first ``layers`` decoder layers (what the server runs).
         final_norm: the language model's last RMSNorm (the server replaces it with Identity).
         lm_head: output projection, ``[vocab, hidden]``; empty when tied to the embeddings
-            (FLUX.2-dev's is not tied; the tiny demo model's is).
-        vision: Pixtral vision tower plus the multimodal projector.
+            (FLUX.2-dev's and Qwen3-8B's are not tied; Qwen3-4B's is).
+        vision: everything else: the Pixtral vision tower plus the multimodal projector
+            for Mistral-3; nothing for Qwen3.
         layers: number of kept decoder layers.
         num_hidden_layers: decoder layers in the config.
     """
@@ -152,27 +194,35 @@ class ParameterCounts:
         return self.embeddings + self.kept_layers
 
 
-def count_parameters(config=None, layers: int = FLUX2_DEV.computed_layers) -> ParameterCounts:
-    """Count parameters of ``config`` (a ``Mistral3Config``; default: FLUX.2-dev's) on the meta device.
+def _rest(model: torch.nn.Module, covered: list[torch.nn.Module]) -> Part:
+    """The :class:`Part` of ``model``'s parameters outside the ``covered`` modules."""
+    return _part(model, skip=frozenset(id(p) for m in covered for p in m.parameters()))
+
+
+def count_parameters(config=None, layers: int | None = None) -> ParameterCounts:
+    """Count parameters of a text-encoder ``config`` on the meta device.
 
     Args:
-        config: the text-encoder config, or ``None`` for the bundled FLUX.2-dev one.
-        layers: decoder layers the truncated encoder keeps (30 for FLUX.2-dev's hidden states 10/20/30).
+        config: a ``Mistral3Config`` or ``Qwen3Config``, or ``None`` for the bundled FLUX.2-dev one.
+        layers: decoder layers the truncated encoder keeps; default: what the config's recipe
+            runs (30 for FLUX.2-dev's hidden states 10/20/30, 27 for [klein]'s 9/18/27).
     """
     config = config if config is not None else load_config()
-    n_layers = config.text_config.num_hidden_layers
+    layers = layers if layers is not None else spec_for_config(config).computed_layers
+    n_layers = decoder_config(config).num_hidden_layers
     if not 1 <= layers <= n_layers:
         raise ValueError(f"layers must be between 1 and {n_layers}, got {layers}")
     model = meta_model(config)
-    lm = model.model.language_model
+    lm = model.get_decoder()  # the backbone the server loads: MistralModel, Qwen3Model
     tied = model.lm_head.weight is lm.embed_tokens.weight
+    lm_head = Part() if tied else _part(model.lm_head)
     return ParameterCounts(
         embeddings=_part(lm.embed_tokens),
         decoder_layers=sum((_part(layer) for layer in lm.layers), Part()),
         kept_layers=sum((_part(layer) for layer in lm.layers[:layers]), Part()),
         final_norm=_part(lm.norm),
-        lm_head=Part() if tied else _part(model.lm_head),
-        vision=_part(model.model.vision_tower) + _part(model.model.multi_modal_projector),
+        lm_head=lm_head,
+        vision=_rest(model, [lm, model.lm_head]),
         layers=layers,
         num_hidden_layers=n_layers,
     )
@@ -213,11 +263,14 @@ class WeightRow:
 def weight_rows(counts: ParameterCounts) -> list[WeightRow]:
     """The weight-memory table: full bf16, truncated bf16/fp8/nf4 (the server also loads no more than that)."""
     t, k = counts.truncated, counts.layers
+    vision = counts.vision.params > 0
+    head = "lm_head" if counts.lm_head.params else "lm_head tied to the embeddings"
     return [
         WeightRow("full model, bf16", counts.full.params, bf16_bytes(counts.full),
-                  f"all {counts.num_hidden_layers} layers, lm_head, vision tower (what the reference pipeline loads)"),
+                  f"all {counts.num_hidden_layers} layers, {head}{', vision tower' if vision else ''} "
+                  "(what the reference pipeline loads)"),
         WeightRow(f"truncated ({k} layers), bf16", t.params, bf16_bytes(t),
-                  f"embeddings + layers 1-{k}; no lm_head, no vision tower, no final norm"),
+                  f"embeddings + layers 1-{k}; no lm_head, {'no vision tower, ' if vision else ''}no final norm"),
         WeightRow(f"truncated ({k} layers), fp8", t.params, fp8_bytes(t),
                   "linear weights float8_e4m3fn + fp32 scale per 128x128 block; embeddings, norms bf16"),
         WeightRow(f"truncated ({k} layers), nf4", t.params, nf4_bytes(t),
@@ -258,7 +311,7 @@ def forward_flops(counts: ParameterCounts, config=None, seq_len: int = FLUX2_DEV
     per token and left out (<0.1%).
     """
     config = config if config is not None else load_config()
-    tc = config.text_config
+    tc = decoder_config(config)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     attn_core = 4 * seq_len * tc.num_attention_heads * head_dim  # per token per layer
     per_layer = 2 * counts.decoder_layers.linear // counts.num_hidden_layers + attn_core
@@ -299,9 +352,9 @@ def activation_estimate(config=None, batch: int = 1, seq_len: int = FLUX2_DEV.ma
     - output: the stacked ``[B, 3, S, hidden]`` and its ``[B, S, 3*hidden]`` copy.
     """
     config = config if config is not None else load_config()
-    tc = config.text_config
+    tc = decoder_config(config)
     state = batch * seq_len * tc.hidden_size
-    n_out = len(FLUX2_DEV.hidden_states_layers)
+    n_out = len(spec_for_config(config).hidden_states_layers)
     mlp = 3 * batch * seq_len * tc.intermediate_size
     logits = batch * seq_len * tc.vocab_size
     output = 2 * n_out * state
@@ -313,11 +366,15 @@ def activation_estimate(config=None, batch: int = 1, seq_len: int = FLUX2_DEV.ma
 # -- report --------------------------------------------------------------
 
 
-def memory_table(config_path: str | Path | None = None, layers: int = FLUX2_DEV.computed_layers,
+def memory_table(config_path: str | Path | None = None, layers: int | None = None,
                  batches: tuple[int, ...] = (1, 4, 8)) -> str:
-    """The full memory report as markdown: parameter counts, weight bytes, FLOPs, activations."""
+    """The full memory report as markdown: parameter counts, weight bytes, FLOPs, activations.
+
+    ``layers``: decoder layers kept; default: what the config's recipe runs (30 for [dev], 27 for [klein]).
+    """
     config = load_config(config_path)
     counts = count_parameters(config, layers)
+    layers = counts.layers
     flops = forward_flops(counts, config)
     rows = weight_rows(counts)
     full_bytes = rows[0].bytes
@@ -331,8 +388,9 @@ def memory_table(config_path: str | Path | None = None, layers: int = FLUX2_DEV.
         f"| decoder layers (all {counts.num_hidden_layers}) | {b(counts.decoder_layers.params)} |",
         f"| decoder layers kept (1-{layers}) | {b(counts.kept_layers.params)} |",
         f"| language model (embeddings + layers + norm) | {b(counts.language_model)} |",
-        f"| lm_head | {b(counts.lm_head.params)} |",
-        f"| vision tower + projector | {b(counts.vision.params)} |",
+        f"| lm_head | {b(counts.lm_head.params)} |" if counts.lm_head.params
+        else "| lm_head | tied to the embeddings |",
+        *([f"| vision tower + projector | {b(counts.vision.params)} |"] if counts.vision.params else []),
         f"| **total** | **{b(counts.full.params)}** |",
         "",
         "| weights | parameters | GB | vs full bf16 | what is counted |",
@@ -345,7 +403,7 @@ def memory_table(config_path: str | Path | None = None, layers: int = FLUX2_DEV.
         f"Forward FLOPs per prompt at {flops.seq_len} tokens: reference {flops.reference / 1e12:.2f} TFLOP, "
         f"truncated {flops.truncated / 1e12:.2f} TFLOP, ratio {flops.speedup:.3f}x",
         "",
-        f"| batch (x{FLUX2_DEV.max_sequence_length} tokens, bf16) "
+        f"| batch (x{flops.seq_len} tokens, bf16) "
         "| truncated activations GB | reference activations GB |",
         "|---:|---:|---:|",
     ]
@@ -355,3 +413,56 @@ def memory_table(config_path: str | Path | None = None, layers: int = FLUX2_DEV.
     lines.append("")
     lines.append("Activation figures are estimates from tensor shapes (encoder_server/memory.py), not measurements.")
     return "\n".join(lines)
+
+
+# -- the truncation ratio of every bundled text encoder ---------------------
+
+
+@dataclass(frozen=True)
+class TruncationRow:
+    """Full against truncated, for one text encoder.
+
+    Attributes:
+        name: which model (a key of :data:`BUNDLED_CONFIGS`).
+        counts: its parameter counts, truncated at its recipe's depth.
+        flops: forward FLOPs per prompt, reference and truncated.
+    """
+
+    name: str
+    counts: ParameterCounts
+    flops: FlopCounts
+
+
+def truncation_rows(configs: dict[str, str] = BUNDLED_CONFIGS) -> list[TruncationRow]:
+    """Counts and FLOPs of each bundled config, truncated where its recipe needs (no weights)."""
+    rows = []
+    for name, file in configs.items():
+        config = load_config(default_config_path(file))
+        counts = count_parameters(config)
+        rows.append(TruncationRow(name, counts, forward_flops(counts, config)))
+    return rows
+
+
+def truncation_table(configs: dict[str, str] = BUNDLED_CONFIGS) -> str:
+    """Markdown: for every bundled text encoder, parameters and FLOPs of the full reference
+    forward against the server's truncated one."""
+    lines = [
+        "| text encoder | layers run | parameters, full | parameters, truncated | ratio "
+        f"| TFLOP/prompt (x{FLUX2_DEV.max_sequence_length} tokens), full | truncated | full / truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in truncation_rows(configs):
+        c, f = r.counts, r.flops
+        lines.append(
+            f"| {r.name} | {c.layers} of {c.num_hidden_layers} | {c.full.params / 1e9:.2f}B "
+            f"| {c.truncated.params / 1e9:.2f}B | {c.truncated.params / c.full.params:.3f}x "
+            f"| {f.reference / 1e12:.2f} | {f.truncated / 1e12:.2f} | {f.speedup:.3f}x |"
+        )
+    lines += ["", "Full: the reference pipeline's text encoder (lm_head computed, vision tower loaded for [dev]); "
+              "truncated: embeddings + the layers run, as flux2-encoder serve loads them."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m encoder_server.memory: the truncation table of docs/memory.md.
+    print(truncation_table())

@@ -206,6 +206,15 @@ QWEN3 = Qwen3Recipe(
 RECIPES: tuple[TextEncoderRecipe, ...] = (MISTRAL3, QWEN3)
 """Every family the server can run; the text encoder's ``model_type`` picks one."""
 
+def recipe_for_model_type(model_type: str | None) -> TextEncoderRecipe:
+    """The recipe for a text encoder whose ``config.json`` says ``model_type`` (ConfigError when none)."""
+    recipe = next((r for r in RECIPES if r.spec.text_encoder_type == model_type), None)
+    if recipe is None:
+        known = ", ".join(f"{r.spec.text_encoder_type} ({r.spec.family})" for r in RECIPES)
+        raise ConfigError(f"has model_type {model_type!r}; this server knows {known}")
+    return recipe
+
+
 def recipe_for_folder(folder: Path) -> TextEncoderRecipe:
     """The recipe for the model in ``folder`` (``text_encoder/``, and ``model_index.json`` when present).
 
@@ -217,10 +226,10 @@ def recipe_for_folder(folder: Path) -> TextEncoderRecipe:
     if not config_path.is_file():
         raise ConfigError(f"{folder} has no text_encoder/config.json")
     model_type = json.loads(config_path.read_text()).get("model_type")
-    recipe = next((r for r in RECIPES if r.spec.text_encoder_type == model_type), None)
-    if recipe is None:
-        known = ", ".join(f"{r.spec.text_encoder_type} ({r.spec.family})" for r in RECIPES)
-        raise ConfigError(f"{config_path} has model_type {model_type!r}; this server knows {known}")
+    try:
+        recipe = recipe_for_model_type(model_type)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path} {exc}") from None
     index = folder / "model_index.json"
     if index.is_file():
         pipeline = json.loads(index.read_text()).get("_class_name", "")

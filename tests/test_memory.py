@@ -1,4 +1,5 @@
-"""encoder_server/memory.py: parameter counts of FLUX.2-dev's text encoder, from its config on the meta device."""
+"""encoder_server/memory.py: parameter counts of the FLUX.2 text encoders ([dev] Mistral-3, [klein] Qwen3),
+from their real configs on the meta device."""
 
 from __future__ import annotations
 
@@ -132,4 +133,93 @@ def test_cli_memory_prints_table(capsys):
 ])
 def test_cli_memory_bad_input_exits_2(capsys, argv, message):
     assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# -- FLUX.2 [klein]: Qwen3-4B and Qwen3-8B ----------------------------------------
+
+QWEN3 = {"4b": "qwen3_4b_text_encoder.json", "8b": "qwen3_8b_text_encoder.json"}
+
+
+@pytest.fixture(scope="module")
+def qwen3_counts():
+    return {k: memory.count_parameters(memory.load_config(memory.default_config_path(f))) for k, f in QWEN3.items()}
+
+
+@pytest.mark.parametrize("size, hidden, intermediate, tied", [("4b", 2560, 9728, True), ("8b", 4096, 12288, False)])
+def test_bundled_qwen3_configs_are_the_published_ones(size, hidden, intermediate, tied):
+    cfg = json.loads(memory.default_config_path(QWEN3[size]).read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["architectures"] == ["Qwen3ForCausalLM"]
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["tie_word_embeddings"]) == (hidden, intermediate, tied)
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) \
+        == (36, 32, 8, 128)
+    assert (cfg["vocab_size"], cfg["rope_theta"], cfg["rms_norm_eps"]) == (151936, 1000000, 1e-6)
+
+
+def test_qwen3_counts_match_the_model_cards(qwen3_counts):
+    # Qwen3-4B card: 4.0B parameters, 3.6B non-embedding; Qwen3-8B card: 8.2B, 6.95B non-embedding.
+    small, large = qwen3_counts["4b"], qwen3_counts["8b"]
+    assert small.full.params == pytest.approx(4.02e9, rel=0.005)
+    assert small.decoder_layers.params + small.final_norm.params == pytest.approx(3.6e9, rel=0.01)
+    assert small.lm_head.params == 0 and small.embeddings.params == 151936 * 2560  # tied
+    assert large.full.params == pytest.approx(8.19e9, rel=0.005)
+    assert large.full.params - large.embeddings.params - large.lm_head.params == pytest.approx(6.95e9, rel=0.005)
+    assert large.lm_head.params == 151936 * 4096  # untied
+    assert small.vision.params == large.vision.params == 0
+
+
+@pytest.mark.parametrize("size", ["4b", "8b"])
+def test_qwen3_keeps_embeddings_and_27_of_36_layers(qwen3_counts, size):
+    c = qwen3_counts[size]
+    assert (c.layers, c.num_hidden_layers) == (27, 36)  # the [klein] recipe's depth, from the config's model_type
+    per_layer = c.decoder_layers.params // 36
+    assert c.decoder_layers.params == 36 * per_layer
+    assert c.truncated.params == c.embeddings.params + 27 * per_layer
+    assert c.truncated.params + c.lm_head.params + c.final_norm.params + 9 * per_layer == c.full.params
+
+
+def test_truncation_table_covers_dev_and_both_klein_encoders():
+    rows = {r.name: r for r in memory.truncation_rows()}
+    assert [(r.counts.layers, r.counts.num_hidden_layers) for r in rows.values()] == [(30, 40), (27, 36), (27, 36)]
+    small, large = rows["FLUX.2 [klein] 4B: Qwen3-4B"], rows["FLUX.2 [klein] 9B: Qwen3-8B"]
+    # Qwen3-4B's tied embeddings stay whole in the truncated model, so it saves less weight than the 8B...
+    assert small.counts.truncated.params / small.counts.full.params == pytest.approx(0.774, abs=0.001)
+    assert large.counts.truncated.params / large.counts.full.params == pytest.approx(0.712, abs=0.001)
+    # ...but its lm_head is still computed by the reference, so both save more FLOPs than [dev].
+    assert small.flops.speedup == pytest.approx(1.470, abs=0.001)
+    assert large.flops.speedup == pytest.approx(1.450, abs=0.001)
+    assert rows["FLUX.2-dev: Mistral-Small-3.x 24B"].flops.speedup == pytest.approx(1.373, abs=0.001)
+    table = memory.truncation_table()
+    assert "| FLUX.2 [klein] 4B: Qwen3-4B | 27 of 36 | 4.02B | 3.11B | 0.774x |" in table
+
+
+def test_meta_count_equals_loaded_klein_encoder(tmp_path):
+    """The meta-device count of a Qwen3 config equals what the server holds after loading it."""
+    from common.demo import TinyKleinSpec, build_tiny_klein
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedTextEncoder
+
+    folder = build_tiny_klein(tmp_path / "klein", TinyKleinSpec(with_dit=False, tie_word_embeddings=False))
+    counts = memory.count_parameters(memory.load_config(folder / "text_encoder" / "config.json"))
+    source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
+    backend = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.float32)
+    assert backend.parameter_count() == counts.truncated.params
+    assert counts.layers == 27 and counts.lm_head.params > 0
+
+
+def test_cli_memory_reads_a_qwen3_config(capsys):
+    assert cli_main(["memory", "--config", str(memory.default_config_path(QWEN3["8b"])), "--layers", "27"]) == 0
+    out = capsys.readouterr().out
+    assert "| **total** | **8.19B** |" in out and "truncated (27 layers), bf16 | 5.83B" in out
+    assert "vision" not in out
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("qwen3", "between 1 and 36"),  # --layers 37
+    ("llama", "has model_type 'llama'; this server knows mistral3"),  # a family without a recipe
+])
+def test_cli_memory_refuses_what_it_cannot_count(capsys, tmp_path, model_type, message):
+    cfg = json.loads(memory.default_config_path(QWEN3["4b"]).read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    assert cli_main(["memory", "--config", str(tmp_path / "config.json"), "--layers", "37"]) == 2
     assert message in capsys.readouterr().err
