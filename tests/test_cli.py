@@ -106,3 +106,17 @@ def test_info_against_a_dead_server_exits_1(capsys):
     assert cli.main(["info", "--encoder", "127.0.0.1:1", "--timeout", "5"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach the encoder at 127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_encode_says_token_counts_include_the_template(server, tmp_path, capsys):
+    from dit_client import cli
+    from dit_client.remote import RemoteTextEncoder
+
+    assert cli.main(["encode", "--encoder", server.target, "--prompt", "a cat", "--out",
+                     str(tmp_path / "e.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "token counts include the chat template and system message the encoder adds" in out
+    with RemoteTextEncoder(server.target) as enc:
+        (meta,) = enc.encode_with_metadata("a cat")[1]
+    assert meta.token_count > 2  # "a cat" alone is two words: the template is in the count
+    assert f"{meta.token_count:4d} tokens" in out
