@@ -324,6 +324,25 @@ def test_prequantized_bnb_model_on_cpu_is_refused(tiny_model_dir, tmp_path):
         client.load()
 
 
+def test_int8_on_cpu_is_refused_before_anything_loads(tiny_model_dir, tmp_path, capsys):
+    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
+                 "--out", str(tmp_path / "x.png"), "--quantization", "int8", "--device", "cpu")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--quantization int8 uses bitsandbytes, which needs a CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("quantization,offload", [("nf4", "sequential"), ("int8", "model"), ("int8", "group"),
+                                                  ("int8", "sequential")])
+def test_an_offload_the_weights_do_not_support_is_refused_at_once(quantization, offload, tmp_path, capsys):
+    # The same table `flux2-dit plan` reads: no row of it recommends these pairs.
+    with pytest.raises(ClientConfigError, match=f"--offload {offload} is not supported with"):
+        DiTConfig(quantization=quantization, offload=offload).check()
+    rc = run_cli("--encoder", "127.0.0.1:1", "--model", "demo", "--prompt", PROMPT, "--out", str(tmp_path / "x.png"),
+                 "--quantization", quantization, "--offload", offload)
+    assert rc == 2 and "is not supported with" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["model", "group", "sequential"])
 def test_offload_on_cpu_is_refused(mode, tiny_model_dir, tmp_path, capsys):
     rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
@@ -356,6 +375,16 @@ def test_nf4_on_cuda_generates(offload, server, tiny_model_dir):
         result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
         assert client.quantization == "nf4"
         assert type(client.pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "Linear4bit"
+    assert pixels(result.images[0]).std() > 0
+
+
+@needs_cuda
+def test_int8_on_cuda_generates(server, tiny_model_dir):
+    with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="int8"),
+                   progress=False) as client:
+        result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
+        assert client.quantization == "int8"
+        assert type(client.pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "Linear8bitLt"
     assert pixels(result.images[0]).std() > 0
 
 
