@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -187,6 +188,7 @@ class Admission:
         self._slots_by_user: Counter[str] = Counter()
         self._closing = False
         self._calls = 0
+        self._last_call_at = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -203,8 +205,22 @@ class Admission:
     def track(self) -> "CallTracker":
         """Count one call (admitted or being refused) until its answer is sent; :meth:`wait_idle` waits for them."""
         self._calls += 1
+        self._last_call_at = time.monotonic()
         self._idle.clear()
         return CallTracker(self)
+
+    async def wait_quiet(self, quiet_s: float, at_most_s: float) -> None:
+        """After the drain: wait until no call has arrived for ``quiet_s`` (at most ``at_most_s`` in all).
+
+        gRPC's own stop cancels calls that reach it while it stops (the client
+        sees CANCELLED, which no client retries); waiting for a quiet moment
+        lets every late caller get its UNAVAILABLE from step 1 first.
+        """
+        end = time.monotonic() + at_most_s
+        while (now := time.monotonic()) < end:
+            if self._calls == 0 and now - self._last_call_at >= quiet_s:
+                return
+            await asyncio.sleep(min(quiet_s, end - now))
 
     def _untrack(self) -> None:
         self._calls -= 1

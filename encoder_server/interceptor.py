@@ -176,7 +176,9 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 stopped.append(exc)
                 return
             except Flux2RemoteError as exc:
-                yield Refused(request.request_id, exc)
+                # An over-long id is not echoed: the answer must fit a message.
+                echo = request.request_id if len(request.request_id) <= admission.limits.max_request_id_chars else ""
+                yield Refused(echo, exc)
                 continue
             tickets.append(ticket)
             yield ticket

@@ -133,15 +133,15 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.admission.close()  # new gRPC calls get UNAVAILABLE, new HTTP requests 503, from here on
         drained = await self.admission.wait_idle(grace)
-        if not drained:
-            log.warning("grace period over with %d call(s) still running; cutting them off", self.admission.calls)
+        if drained:
+            await self.admission.wait_quiet(_QUIET_S, _QUIET_AT_MOST_S)
+        elif grace:
+            log.warning("grace period over with call(s) still running; cutting them off")
         if self.http is not None:
             await self.http.stop()
         # One stop only: overlapping grpc.aio stop() calls crashed the process
-        # (segfault inside grpc's shutdown) about one run in three. The short
-        # grace lets a call that arrived in the last moment receive its
-        # UNAVAILABLE instead of being cut off with CANCELLED.
-        await self.server.stop(_LAST_CALLS_GRACE_S if drained else 0)
+        # (segfault inside grpc's shutdown) about one run in three.
+        await self.server.stop(0)
         self.engine.close()
         if self._usage_saver is not None:
             self._usage_saver.cancel()
@@ -150,8 +150,11 @@ class RunningServer:
             self.metrics_endpoint.close()
 
 
-# Long enough for a refusal already being written to reach its client.
-_LAST_CALLS_GRACE_S = 0.25
+# Before the ports close, wait for a moment without new calls, so late callers
+# get UNAVAILABLE ("retry elsewhere") rather than gRPC's CANCELLED; bounded so
+# a client hammering a stopping server cannot hold it up.
+_QUIET_S = 0.1
+_QUIET_AT_MOST_S = 2.0
 
 
 async def _save_usage(limiter: UsageLimiter) -> None:

@@ -41,6 +41,10 @@ class ServerThread:
     def call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def call_soon(self, coro):
+        """Start ``coro`` on the server's loop; returns a ``concurrent.futures.Future`` of its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def stop(self, grace: float | None = 0) -> None:
         if self.running is not None:
             self.call(self.running.stop(grace))
@@ -86,4 +90,25 @@ class OverloadedFirst(ProxyBackend):
             refuse = self.calls <= self.failures
         if refuse:
             raise EncoderOverloaded("busy (test)", retry_after_s=self.retry_after_s)
+        return self._backend.encode(prompts)
+
+
+class GatedBackend:
+    """The tiny backend, but every forward pass waits until the test opens the gate.
+
+    A gate, not a fixed delay: on a loaded CI machine a 2 s sleep could run
+    out before the test had looked at the stopping server.
+    """
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.gate = threading.Event()
+        self.seen: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def encode(self, prompts):
+        self.seen.extend(prompts)
+        assert self.gate.wait(60), "the test never opened the gate"
         return self._backend.encode(prompts)

@@ -26,7 +26,7 @@ from common.errors import Cancelled, EncoderUnavailable
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
 from dit_client.demo import free_port, wait_until_serving
 from dit_client.remote import RemoteTextEncoder
-from tests.helpers import ServerThread
+from tests.helpers import GatedBackend, ServerThread
 
 _DONE = object()
 
@@ -203,27 +203,6 @@ def test_second_signal_exits_at_once(tmp_path, channel_to):
 
 
 # -- in process: HTTP and gRPC requests in flight during stop() -----------
-
-
-class GatedBackend:
-    """The tiny backend, but every forward pass waits until the test opens the gate.
-
-    A gate, not a fixed delay: on a loaded CI machine a 2 s sleep could run
-    out before the test had looked at the stopping server.
-    """
-
-    def __init__(self, backend):
-        self._backend = backend
-        self.gate = threading.Event()
-        self.seen: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def encode(self, prompts):
-        self.seen.extend(prompts)
-        assert self.gate.wait(60), "the test never opened the gate"
-        return self._backend.encode(prompts)
 
 
 def test_stop_lets_http_and_grpc_requests_finish_and_refuses_new_http_with_503(tiny_backend):
