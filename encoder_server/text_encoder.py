@@ -206,6 +206,7 @@ QWEN3 = Qwen3Recipe(
 RECIPES: tuple[TextEncoderRecipe, ...] = (MISTRAL3, QWEN3)
 """Every family the server can run; the text encoder's ``model_type`` picks one."""
 
+
 def recipe_for_model_type(model_type: str | None) -> TextEncoderRecipe:
     """The recipe for a text encoder whose ``config.json`` says ``model_type`` (ConfigError when none)."""
     recipe = next((r for r in RECIPES if r.spec.text_encoder_type == model_type), None)
