@@ -318,7 +318,7 @@ def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpe
         from diffusers import Flux2KleinPipeline
 
         joint_dim = FLUX2_KLEIN.embedding_dim(spec.text_hidden)
-        # [klein] has no guidance embedding: distilled models take none, base models use real CFG.
+        # Flux2KleinPipeline never passes a guidance value (base models use real CFG), so no guidance embedding.
         transformer, vae, scheduler = _build_dit(spec, joint_dim, guidance_embeds=False)
         pipe = Flux2KleinPipeline(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,

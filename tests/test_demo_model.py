@@ -107,6 +107,9 @@ def test_demo_klein_resolves_to_a_complete_klein_pipeline(tmp_path, monkeypatch)
     # The pipeline's own encode_prompt runs on it: the reference path works end to end.
     embeds, _ = pipe.encode_prompt("a cat", device="cpu")
     assert embeds.shape == (1, 512, 3 * hidden)
+    # ...and so does denoising from given embeddings, the way a remote encoder's are used.
+    image = pipe(prompt_embeds=embeds, height=32, width=32, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
 
 
 def test_unknown_demo_variant_is_refused():
