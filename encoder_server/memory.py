@@ -81,11 +81,12 @@ def load_config(path: str | Path | None = None):
     path = Path(path).expanduser() if path else default_config_path()
     if not path.exists():  # else transformers would take the path for a hub repo id
         raise FileNotFoundError(f"no such config file or folder: {path}")
+    from encoder_server.text_encoder import ConfigError
+
     config = AutoConfig.from_pretrained(str(path))
-    recipe = _recipe(config)
     try:
-        recipe.decoder_config(config)
-    except Exception as exc:  # the recipe's ConfigError: a config of the right type but the wrong shape
+        decoder_config(config)
+    except ConfigError as exc:  # a config of a known type but without the decoder the recipe expects
         raise ValueError(f"{path}: {exc}") from None
     return config
 
@@ -140,7 +141,7 @@ def _part(module: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Part:
     linear = other = scales = blocks = 0
     linear_weights = set()
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear) and id(sub.weight) not in skip | linear_weights:
+        if isinstance(sub, torch.nn.Linear) and id(sub.weight) not in skip and id(sub.weight) not in linear_weights:
             w = sub.weight
             linear_weights.add(id(w))
             linear += w.numel()
