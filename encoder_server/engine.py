@@ -362,19 +362,19 @@ class EncodeEngine:
 
     def _forward(self, prompts: list[str]) -> list[tuple]:
         batch = self.backend.encode(prompts)
-        rows = list(batch.embeddings.unbind(0))
-        if len(rows) > 1:
-            # Own copies: a view would keep the whole batch tensor alive in the cache.
-            rows = [row.clone() for row in rows]
         self.metrics.prompts_computed.inc(len(prompts))
         self.metrics.batch_size.observe(len(prompts))
         self.metrics.batch_tokens.observe(len(prompts) * self._prompt_tokens)
         self.metrics.tokenize_seconds.observe(batch.tokenization_ns / 1e9)
         self.metrics.inference_seconds.observe(batch.inference_ns / 1e9)
+        # Rows are views: in a cache, one would keep the whole batch alive (and a backend's
+        # result may itself be a view of something bigger, a padded batch or stacked hidden
+        # states). Each entry owns exactly its bytes: the row itself when it is the whole
+        # storage (one prompt, exact size), else a copy made here, on the model thread.
         return [
-            (CachedEmbedding(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
+            (CachedEmbedding.owning(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
              batch.tokenization_ns, batch.inference_ns, len(prompts))
-            for i, row in enumerate(rows)
+            for i, row in enumerate(batch.embeddings.unbind(0))
         ]
 
     def _finish(self, item: WorkItem, result: tuple | BaseException, t_start: int) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import CacheConfig, ServerConfig
+from common.config import BatchingConfig, CacheConfig, ServerConfig
 from common.errors import NotCached
 from dit_client.remote import RemoteTextEncoder
-from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
+from encoder_server.cache import ENTRY_OVERHEAD_BYTES, CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.engine import EncodeEngine
 from tests.helpers import ServerThread
-from tests.test_engine import FakeBackend, embedding_of
+from tests.test_engine import FakeBackend, embedding_of, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,74 @@ def test_memory_cache_is_lru_within_its_byte_bound():
     assert cache.get("b") is None and same(cache.get("a"), entry(0)) and same(cache.get("c"), entry(2))
     assert cache.nbytes == 2 * one and len(cache) == 2 and evicted == [1]
     MemoryCache(one - 1).put("too big", entry(0))  # silently not kept
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def test_memory_cache_never_keeps_a_bigger_storage_alive_and_counts_what_it_holds():
+    """A row of a batch is a view that keeps the whole batch alive: the cache keeps its own copy
+    instead, and counts the storage its entries really hold (it used to count only the row's bytes)."""
+    batch = torch.randn(8, 512, 48).to(torch.bfloat16)
+    cache = MemoryCache(2**30)
+    for i in range(8):
+        cache.put(f"k{i}", CachedEmbedding(batch[i], 3, False))
+    held = [cache.get(f"k{i}").embedding for i in range(8)]
+    assert all(storage_bytes(t) == t.numel() * t.element_size() == 512 * 48 * 2 for t in held)
+    assert all(torch.equal(t, batch[i]) for i, t in enumerate(held))
+    assert cache.nbytes == sum(storage_bytes(t) + ENTRY_OVERHEAD_BYTES for t in held)
+    # An entry counts what keeps it in memory, view or not.
+    assert CachedEmbedding(batch[0], 3, False).nbytes == storage_bytes(batch) + ENTRY_OVERHEAD_BYTES
+
+
+def test_engine_entries_own_exactly_their_bytes_whatever_the_backend_returns():
+    """Rows the engine caches are never views into the backend's result, for one prompt as for a
+    batch, even when that result is itself a view of something bigger (a padded batch)."""
+
+    class PaddedBackend(FakeBackend):
+        def encode(self, prompts):
+            out = super().encode(prompts)
+            padded = torch.zeros(len(prompts) + 5, *out.embeddings.shape[1:])
+            padded[: len(prompts)] = out.embeddings
+            return replace(out, embeddings=padded[: len(prompts)])
+
+    backend = PaddedBackend()
+    engine = EncodeEngine(backend, batching=BatchingConfig(), memory_cache=MemoryCache(2**20))
+    for prompts in (["one alone"], ["a", "batch", "of four"]):
+        for entry, *_ in engine._forward(prompts):  # noqa: SLF001 - what the model thread hands the caches
+            t = entry.embedding
+            assert storage_bytes(t) == t.numel() * t.element_size(), prompts
+            assert entry.nbytes == storage_bytes(t) + ENTRY_OVERHEAD_BYTES
+    results = run(engine.encode(["x", "y"]))
+    assert all(torch.equal(r.embedding, embedding_of(p)) for r, p in zip(results, ["x", "y"]))
+    assert all(storage_bytes(r.embedding) == 8 * 4 * 4 for r in results)
+    engine.close()
+
+
+def test_memory_cache_counted_bytes_are_what_it_costs_in_rss():
+    """2,000 demo-size entries made as the engine makes them (own copies of batch rows): the
+    process grows by what the cache counts (storage plus ENTRY_OVERHEAD_BYTES each), within
+    2% above and 10% below."""
+    script = textwrap.dedent(f"""
+        import gc, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from encoder_server.cache import CachedEmbedding, MemoryCache, cache_key
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        batch = torch.randn(4, 512, 48).to(torch.bfloat16)
+        cache = MemoryCache(2**40)
+        gc.collect()
+        before = rss()
+        for i in range(2000):
+            cache.put(cache_key("fp", str(i)), CachedEmbedding.owning(batch[i % 4], i, False))
+        gc.collect()
+        print(rss() - before, cache.nbytes)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    grown, counted = map(int, out.stdout.split())
+    assert 0.9 * counted <= grown <= 1.02 * counted, (grown, counted)
 
 
 # -- disk ------------------------------------------------------------------
