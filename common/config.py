@@ -168,7 +168,9 @@ class ServerConfig:
         grace_period_s: how long SIGTERM waits for in-flight work before exiting.
         batching: dynamic batching and admission control.
         cache: in-memory and disk embedding caches.
-        metrics_port: Prometheus exposition port on ``host``; ``None`` serves no metrics.
+        metrics_port: Prometheus exposition port; ``None`` serves no metrics.
+        metrics_host: address the metrics port binds; loopback by default, because
+            the exposition is unauthenticated and names users.
         auth: API keys and per-user limits.
         tls: TLS / mutual TLS files.
         http: the Hugging Face-compatible HTTP endpoint.
@@ -185,8 +187,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    # Prometheus text on http://HOST:PORT/metrics (HOST is ``host``); None: off.
+    # Prometheus text on http://METRICS_HOST:PORT/metrics; None: off.
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
                        help="size bound of --cache-dir in GiB (default: %(default)s)")
     serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
-                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default: off)")
+    serve.add_argument("--metrics-host", default=ServerConfig.metrics_host,
+                       help="address the metrics port binds; they are unauthenticated and name users "
+                            "(default: %(default)s, loopback only)")
     # Users, TLS and the HTTP endpoint (docs/security.md, docs/hf-compatible-endpoint.md).
     serve.add_argument("--api-key-file", default=None, metavar="PATH",
                        help="'user:key' per line ('#' comments); every call then needs "
@@ -157,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb, scope=args.cache_scope
         ),
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         auth=AuthConfig(
             api_key_file=args.api_key_file,
             rate_limit_rpm=args.rate_limit_rpm,

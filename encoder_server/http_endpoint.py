@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import socket
 
 import grpc
 import torch
@@ -145,8 +146,8 @@ class HTTPEndpoint:
         self.app.router.add_route("*", "/predict", self._wrong_method)
         self.app.router.add_get("/health", self._health)
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind ``host:port`` (0 picks a free port) and serve; returns the bound port."""
+    async def start(self, sock: socket.socket) -> int:
+        """Serve on ``sock``, bound before the model loaded (encoder_server/ports.py); returns its port."""
         # handler_cancellation: a client that hangs up cancels its request, so
         # the engine can drop the work before it reaches the model.
         # shutdown_timeout: the server drains through the policy; cleanup need not wait again.
@@ -154,13 +155,8 @@ class HTTPEndpoint:
             self.app, handler_cancellation=True, shutdown_timeout=1.0, access_log_class=AccessLogger
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl_context)
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            raise
-        self.port = self._runner.addresses[0][1]
+        await web.SockSite(self._runner, sock, ssl_context=self._ssl_context).start()
+        self.port = sock.getsockname()[1]
         return self.port
 
     async def stop(self) -> None:

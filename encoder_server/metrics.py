@@ -21,10 +21,11 @@ The headline series:
 from __future__ import annotations
 
 import logging
-import threading
+import socket
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +128,28 @@ class EncoderMetrics:
 
 
 class MetricsEndpoint:
-    """``GET /metrics`` (Prometheus text) on ``host:port`` in a background thread.
+    """``GET /metrics`` (Prometheus text) on a socket bound before the model loads.
 
-    ``port`` is the one actually bound (useful with port 0).
+    Served by aiohttp on the server's event loop: a scrape only formats
+    counters, so it needs no thread of its own. ``port`` is the one bound.
     """
 
-    def __init__(self, metrics: EncoderMetrics, host: str, port: int):
-        self._httpd, self._thread = start_http_server(port, addr=host.strip("[]"), registry=metrics.registry)
-        self.port = self._httpd.server_port
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+    def __init__(self, metrics: EncoderMetrics, sock: socket.socket):
+        self._metrics = metrics
+        self._sock = sock
+        self.host: str = sock.getsockname()[0]
+        self.port: int = sock.getsockname()[1]
+        app = web.Application()
+        app.router.add_get("/metrics", self._scrape)
+        self._runner = web.AppRunner(app, access_log=None)
 
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not threading.current_thread():
-            self._thread.join(5)
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock).start()
+        log.info("metrics on port %d, path /metrics", self.port)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

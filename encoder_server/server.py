@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +23,7 @@ from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
 from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
+from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
 from encoder_server.tls import ServerTLS, load_server_tls
@@ -45,6 +47,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # over replicas (gRPC balances connections, not requests).
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
+        # Never share a port with another process: two servers on one port
+        # would each get some of the connections (and maybe another model).
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -147,7 +152,7 @@ class RunningServer:
             self._usage_saver.cancel()
             await _save_usage(self.limiter)  # what was counted up to the very end
         if self.metrics_endpoint is not None:
-            self.metrics_endpoint.close()
+            await self.metrics_endpoint.close()
 
 
 # Before the ports close, wait for a moment without new calls, so late callers
@@ -171,6 +176,76 @@ async def _save_usage_every(limiter: UsageLimiter, period_s: float) -> None:
         await _save_usage(limiter)
 
 
+@dataclass
+class Listeners:
+    """Everything that needs no model, set up and bound before it loads.
+
+    ``port`` is the gRPC port actually bound (useful with port 0).
+    """
+
+    security: Security
+    metrics: EncoderMetrics
+    admission: Admission
+    server: grpc.aio.Server
+    port: int
+    http_socket: socket.socket | None
+    metrics_endpoint: MetricsEndpoint | None
+
+    async def close(self) -> None:
+        """Release every port (start-up failed before serving)."""
+        await self.server.stop(0)
+        if self.http_socket is not None:
+            self.http_socket.close()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
+
+
+def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, tls: ServerTLS | None) -> int:
+    if config.port != 0:
+        # Our own bind first, for an error that says why; gRPC's only says it failed.
+        listen_socket(config.host, config.port, "--port").close()
+    try:
+        if tls is not None:
+            port = server.add_secure_port(config.address, tls.grpc_credentials())
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise describe_bind_error(config.host, config.port, "--port")
+    return port
+
+
+async def bind_listeners(config: ServerConfig, security: Security | None = None) -> Listeners:
+    """Read keys and TLS, build the request policy and bind every port; no model needed.
+
+    Raises a ConfigError subclass for a bad keys or TLS file and
+    :class:`~encoder_server.ports.PortInUse` naming the port and its flag.
+    """
+    security = security or load_security(config)
+    metrics = EncoderMetrics()
+    admission = Admission(security.authenticator, security.limiter, config.limits, metrics)
+    server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
+    http_socket = metrics_socket = None
+    try:
+        port = _bind_grpc(server, config, security.tls)
+        if config.http.port is not None:
+            http_socket = listen_socket(config.http.host, config.http.port, "--http-port")
+        if config.metrics_port is not None:
+            metrics_socket = listen_socket(config.metrics_host, config.metrics_port, "--metrics-port")
+    except OSError:
+        for sock in (http_socket, metrics_socket):
+            if sock is not None:
+                sock.close()
+        await server.stop(0)
+        raise
+    metrics_endpoint = None
+    if metrics_socket is not None:
+        metrics_endpoint = MetricsEndpoint(metrics, metrics_socket)
+        await metrics_endpoint.start()
+    return Listeners(security, metrics, admission, server, port, http_socket, metrics_endpoint)
+
+
 async def start_server(
     config: ServerConfig,
     backend: EmbeddingBackend,
@@ -179,62 +254,62 @@ async def start_server(
     revision: str = "",
     demo: bool = False,
     security: Security | None = None,
+    listeners: Listeners | None = None,
 ) -> RunningServer:
-    """Start serving ``backend`` on ``config.address``; returns once the port is bound."""
-    security = security or load_security(config)
-    metrics = EncoderMetrics()
-    admission = Admission(security.authenticator, security.limiter, config.limits, metrics)
+    """Start serving ``backend``; returns once every port is serving.
+
+    ``listeners`` are the ports :func:`bind_listeners` bound before the model
+    loaded; without them they are bound here.
+    """
+    listeners = listeners or await bind_listeners(config, security)
+    security, metrics, admission, server = listeners.security, listeners.metrics, listeners.admission, listeners.server
     cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
     engine = EncodeEngine.from_config(config, backend, metrics=metrics, cache_scope=cache_scope)
     info = build_info(
         config, backend, admission, model_id=model_id, revision=revision, demo=demo, cache_scope=cache_scope
     )
-    server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
     pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits), server)
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     service_names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)
-
-    if security.tls is not None:
-        port = server.add_secure_port(config.address, security.tls.grpc_credentials())
-    else:
-        port = server.add_insecure_port(config.address)
-    if port == 0:
-        raise OSError(f"could not bind {config.address}")
     await server.start()
-    metrics_endpoint = None
-    if config.metrics_port is not None:
-        metrics_endpoint = MetricsEndpoint(metrics, config.host, config.metrics_port)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     http = None
-    if config.http.port is not None:
+    if listeners.http_socket is not None:
         http = HTTPEndpoint(
             engine,
             admission,
             fingerprint=backend.fingerprint,
             ssl_context=security.tls.ssl_context() if security.tls is not None else None,
         )
-        try:
-            await http.start(config.http.host, config.http.port)
-        except OSError as exc:
-            await RunningServer(server, port, health, engine, admission, metrics, metrics_endpoint).stop(0)
-            raise OSError(f"could not bind the HTTP endpoint on {config.http.host}:{config.http.port}: {exc}") from None
-    return RunningServer(server, port, health, engine, admission, metrics, metrics_endpoint, http)
+        await http.start(listeners.http_socket)
+    return RunningServer(server, listeners.port, health, engine, admission, metrics, listeners.metrics_endpoint, http)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
 
 
 async def serve(config: ServerConfig, *, on_ready=None) -> None:
     """Load the model, serve until SIGTERM/SIGINT, drain, exit. A second signal exits at once."""
     security = load_security(config)  # a bad keys or TLS file fails before minutes of loading weights
-    if config.host not in ("127.0.0.1", "::1", "localhost") and not security.authenticator.required:
+    if config.host not in _LOOPBACK and not security.authenticator.required:
         log.warning("listening on %s without --api-key-file: anyone who can reach the port may use it", config.host)
     if config.auth.quota_prompts_per_day and config.auth.usage_file is None:
         log.warning("daily quota counts are kept in memory only: a restart resets them (see --usage-file)")
-    backend, source = load_backend(config)
+    if config.http.port is not None and config.http.host not in _LOOPBACK and not security.authenticator.required:
+        log.warning("HTTP /predict on %s without --api-key-file: anyone who can reach the port may use it",
+                    config.http.host)
+    listeners = await bind_listeners(config, security)  # a port clash fails now, not after loading the weights
+    try:
+        backend, source = load_backend(config)
+    except BaseException:
+        await listeners.close()
+        raise
     running = await start_server(
-        config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo, security=security
+        config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo, listeners=listeners
     )
     log.info(
         "serving %s (fingerprint %s) on %s:%d, %s %s%s",
