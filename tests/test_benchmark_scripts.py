@@ -1,7 +1,9 @@
 """The GPU benchmark scripts run end to end in their --dry-run mode (tiny configs, on the CPU).
 
 A GPU is lent for minutes at a time; a script that breaks on the first line
-would waste the loan. These runs check the logic, not the figures.
+would waste the loan. These runs check the logic, not the figures. The soak
+benchmark's dry run (a real server for a few seconds, memory cache on and off)
+is here for the same reason: its real runs take minutes.
 """
 
 from __future__ import annotations
@@ -31,3 +33,12 @@ def test_gpu_encoder_dry_run_is_bit_exact_in_bf16_and_nf4():
 def test_gpu_client_dry_run_times_the_steps():
     out = run_script("benchmarks/gpu_client.py", "--dry-run")
     assert "s_per_step" in out and "nf4_linear_layers" in out
+
+
+def test_soak_dry_run_serves_with_the_memory_cache_on_and_off():
+    out = run_script("benchmarks/soak.py", "--dry-run")
+    assert "| | 1 MiB | off |" in out, out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["errors"].split("|")[2:4] == [" 0 ", " 0 "], rows["errors"]
+    assert int(rows["requests"].split("|")[2]) > 0 and int(rows["requests"].split("|")[3]) > 0
+    assert "RSS over time, memory cache off" in out
