@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from common import dtypes as dtype_table
 from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN, EncoderSpec, spec_for_pipeline
 from common.errors import InvalidRequest
 from common.fingerprint import fingerprint
@@ -34,7 +35,8 @@ from common.model_source import WEIGHTS_INDEX, ModelSource
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Compute dtypes by command-line name, from the one dtype table.
+DTYPES = {row.name: row.torch for row in dtype_table.DTYPES}
 QUANTIZATIONS = ("none", "fp8", "nf4")
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -292,11 +294,14 @@ class EmbeddingBackend(Protocol):
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
+    """:func:`common.devices.resolve_device`, with its refusal as a :class:`ConfigError` (exit code 2)."""
+    from common.devices import DeviceUnavailable
+    from common.devices import resolve_device as _resolve_device
+
+    try:
+        return _resolve_device(device)
+    except DeviceUnavailable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def quantization_config(quantization: str, dtype: torch.dtype, device: torch.device):

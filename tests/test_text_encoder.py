@@ -328,3 +328,13 @@ def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_pa
     complete = load(repo, torch.bfloat16)  # every shard present, as in a plain local folder
     assert backend.fingerprint == complete.fingerprint
     assert torch.equal(backend.encode(PROMPTS).embeddings, complete.encode(PROMPTS).embeddings)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("device, message", [("cuda:0", "torch sees no CUDA device"), ("mps", "not supported")])
+def test_an_unusable_device_is_a_config_error(device, message):
+    """The shared common.devices reading, refused as ConfigError so the CLI exits with code 2."""
+    from encoder_server.text_encoder import resolve_device
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(device)
