@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from common.config import (
@@ -39,80 +40,128 @@ def _number(kind, minimum):
     return parse
 
 
+def env_name(dest: str) -> str:
+    """The environment variable of a ``serve`` flag: ``--max-batch-tokens`` -> ``FLUX2_MAX_BATCH_TOKENS``."""
+    return f"FLUX2_{dest.upper()}"
+
+
+class _ServeHelp(argparse.HelpFormatter):
+    """Every flag's help ends with its default and its environment variable."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.dest == "help":
+            return text
+        default = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {default}; env {env_name(action.dest)})"
+
+
+def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
+    """Take each flag's default from its FLUX2_* variable when set (read when the parser is built, not at import).
+
+    A value that its flag would refuse is refused here, naming the variable.
+    """
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = env_name(action.dest)
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        try:
+            converted = action.type(value) if action.type is not None else value
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"${name}={value!r}: {exc}")
+        if action.choices is not None and converted not in action.choices:
+            parser.error(f"${name}={value!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = converted
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2-encoder", description="FLUX.2 text-encoder service over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="load the text encoder and serve embeddings")
+    serve = sub.add_parser(
+        "serve", help="load the text encoder and serve embeddings", formatter_class=_ServeHelp,
+        description="Every flag may also be set by the environment variable named in its help "
+                    "(FLUX2_ and the flag in capitals: --max-batch-tokens is FLUX2_MAX_BATCH_TOKENS); "
+                    "a flag on the command line wins.",
+    )
     serve.add_argument("--model", default=DEFAULT_MODEL,
                        help="hub id, local folder (text_encoder/, tokenizer/) or 'demo' (random tiny model)")
-    serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit); none means the latest")
+    serve.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds (loopback only by default)")
+    serve.add_argument("--port", type=_number(int, 0), default=50051, help="gRPC port; 0 picks a free one")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    serve.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS))
-    serve.add_argument("--grace-period", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
-    serve.add_argument("--max-prompts-per-request", type=int, default=Limits.max_prompts_per_request)
-    serve.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
+    serve.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                       help="compute dtype of the text encoder (FLUX.2-dev computes in bfloat16)")
+    serve.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS),
+                       help="weight quantization; fp8 and nf4 need CUDA and change the embeddings (docs/memory.md)")
+    serve.add_argument("--grace-period", type=_number(float, 0), default=30.0,
+                       help="seconds SIGTERM waits for in-flight work before exiting")
+    serve.add_argument("--max-prompts-per-request", type=_number(int, 1), default=Limits.max_prompts_per_request,
+                       help="larger requests get INVALID_ARGUMENT")
+    serve.add_argument("--max-prompt-chars", type=_number(int, 1), default=Limits.max_prompt_chars,
+                       help="longer prompts get INVALID_ARGUMENT (only 512 tokens are used anyway)")
     serve.add_argument("--max-concurrent-calls", type=_number(int, 1), default=Limits.max_concurrent_calls,
                        help="Encode/EncodeStream calls and HTTP requests served at once, all together; "
-                            "more get RESOURCE_EXHAUSTED / 429 (default %(default)s)")
+                            "more get RESOURCE_EXHAUSTED / 429")
     serve.add_argument("--max-concurrent-calls-per-user", type=_number(int, 0),
                        default=Limits.max_concurrent_calls_per_user, metavar="N",
                        help="how many of those one user may hold; 0 = automatic: a quarter of "
                             "--max-concurrent-calls when --api-key-file names several users, all of it "
-                            "otherwise (default %(default)s)")
+                            "otherwise")
     serve.add_argument("--write-timeout", type=_number(float, 0.1), default=Limits.write_timeout_s, metavar="S",
                        help="cancel an answer the client does not read within S seconds, freeing its slot "
-                            "(default %(default)s)")
+                            "")
     serve.add_argument("--body-timeout", type=_number(float, 0.1), default=Limits.body_timeout_s, metavar="S",
-                       help="an HTTP request body must arrive within S seconds, else 408 (default %(default)s)")
-    serve.add_argument("--log-level", default="INFO")
+                       help="an HTTP request body must arrive within S seconds, else 408")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       type=str.upper, help="how much the server logs")
     # Batching, cache and metrics (docs/serving.md).
     serve.add_argument("--max-batch-tokens", type=_number(int, 1), default=BatchingConfig.max_batch_tokens,
-                       help="padded tokens per forward pass; each prompt is 512 tokens (default: %(default)s)")
+                       help="padded tokens per forward pass; each prompt is 512 tokens")
     serve.add_argument("--max-batch-prompts", type=_number(int, 1), default=BatchingConfig.max_batch_prompts,
-                       help="prompts per forward pass (default: %(default)s)")
+                       help="prompts per forward pass")
     serve.add_argument("--max-queue-delay-ms", type=_number(float, 0), default=BatchingConfig.max_queue_delay_ms,
-                       help="longest a prompt waits for others to fill its batch (default: %(default)s)")
+                       help="longest a prompt waits for others to fill its batch")
     serve.add_argument("--max-queue-prompts", type=_number(int, 1), default=BatchingConfig.max_queue_prompts,
-                       help="prompts that may wait; past it calls get RESOURCE_EXHAUSTED (default: %(default)s)")
+                       help="prompts that may wait; past it calls get RESOURCE_EXHAUSTED")
     serve.add_argument("--scheduling", choices=("fair", "fifo"), default="fair",
                        help="fair: batches take prompts round-robin across users; fifo: in arrival order "
-                            "(default: %(default)s)")
+                            "")
     serve.add_argument("--memory-cache-mb", type=_number(int, 0), default=CacheConfig.memory_mb,
-                       help="in-memory embedding cache in MiB, 0 disables (default: %(default)s)")
-    serve.add_argument("--cache-dir", default=None, help="persistent embedding cache folder (default: none)")
+                       help="in-memory embedding cache in MiB, 0 disables")
+    serve.add_argument("--cache-dir", default=None, help="persistent embedding cache folder")
     serve.add_argument("--cache-scope", choices=CACHE_SCOPES, default=CacheConfig.scope,
                        help="who shares cached embeddings: 'shared' (everyone: one user's prompts can be "
                             "detected by another), 'user' (each their own), 'auto' ('user' when "
-                            "--api-key-file names several users) (default: %(default)s)")
+                            "--api-key-file names several users)")
     serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
-                       help="size bound of --cache-dir in GiB (default: %(default)s)")
+                       help="size bound of --cache-dir in GiB")
     serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
-                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default: off)")
+                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
     serve.add_argument("--metrics-host", default=ServerConfig.metrics_host,
-                       help="address the metrics port binds; they are unauthenticated and name users "
-                            "(default: %(default)s, loopback only)")
+                       help="address the metrics port binds; they are unauthenticated and name users")
     # Users, TLS and the HTTP endpoint (docs/security.md, docs/hf-compatible-endpoint.md).
     serve.add_argument("--api-key-file", default=None, metavar="PATH",
                        help="'user:key' per line ('#' comments); every call then needs "
-                            "'authorization: Bearer KEY' (default: no keys, anyone may call)")
+                            "'authorization: Bearer KEY' (without it anyone who reaches the port may call)")
     serve.add_argument("--rate-limit-rpm", type=_number(int, 0), default=0, metavar="N",
-                       help="Encode requests per user per minute, 0 = unlimited (default: %(default)s)")
+                       help="Encode requests per user per minute, 0 = unlimited")
     serve.add_argument("--quota-prompts-per-day", type=_number(int, 0), default=0, metavar="N",
-                       help="prompts per user per UTC day, 0 = unlimited (default: %(default)s)")
+                       help="prompts per user per UTC day, 0 = unlimited")
     serve.add_argument("--usage-file", default=None, metavar="PATH",
                        help="JSON file keeping today's prompt counts across restarts "
-                            "(default: in memory; a restart resets the daily quota)")
+                            "(without it a restart resets the daily quota)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain; enables TLS")
     serve.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (unencrypted)")
     serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
                        help="CA that signs client certificates; clients without one are refused (mutual TLS)")
     serve.add_argument("--http-port", type=_number(int, 0), default=None,
-                       help="serve the Hugging Face-compatible POST /predict on this port (default: off)")
+                       help="serve the Hugging Face-compatible POST /predict on this port")
     serve.add_argument("--http-host", default="127.0.0.1",
-                       help="address the HTTP endpoint binds (default: loopback only)")
+                       help="address the HTTP endpoint binds (loopback only by default)")
+    _defaults_from_env(serve)
     memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
     memory.add_argument("--config", default=None,
                         help="Mistral3 config.json (default: the bundled FLUX.2-dev text-encoder config)")
