@@ -10,9 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 PROTOS := $(shell find proto -name '*.proto')
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto test demo serve bench clean
+.PHONY: install proto redis-server test demo serve bench clean
 
-install: $(STAMP) proto
+install: $(STAMP) proto redis-server
 
 # Every extra of pyproject.toml: this checkout serves, generates, trains and tests.
 $(STAMP): pyproject.toml Makefile
@@ -21,6 +21,29 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[server,client,training,test]'
 	@touch $(STAMP)
+
+# A Redis-compatible server for the tests that start their own (tests/redis_server.py:
+# a free loopback port, no persistence). Debian's package when none is on PATH; as root
+# only, and without starting the package's own service: a policy-rc.d that forbids it
+# stands in for the install when the machine has none (Docker images have one already).
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1; then \
+	  echo "redis-server: $$(command -v redis-server)"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make install: no redis-server on PATH, and the Redis-backed tests need one: install Debian/Ubuntu's package as root ('sudo apt-get install --no-install-recommends redis-server'), or put any Redis or Valkey 7+ server on PATH as redis-server"; \
+	else \
+	  made=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\n# made by flux2-remote make install: do not start services\nexit 101\n' > /usr/sbin/policy-rc.d && \
+	    chmod 755 /usr/sbin/policy-rc.d && made=1; \
+	  fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	  status=$$?; \
+	  if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  if [ $$status -ne 0 ]; then echo "make install: apt-get could not install redis-server (exit $$status)"; exit $$status; fi; \
+	  echo "redis-server: $$(command -v redis-server || echo /usr/bin/redis-server) (Debian's package; its service was not started)"; \
+	fi
 
 # Stubs are generated, never edited; git ignores them.
 proto: $(STAMP) $(PROTOS)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.demo import TinyFlux2Spec, build_tiny_flux2  # noqa: E402
 from common.model_source import resolve_model  # noqa: E402
+from tests.redis_server import redis_server  # noqa: E402,F401  (a real redis-server on a free port)
 
 
 @pytest.fixture(scope="session")
