@@ -93,12 +93,16 @@ class CacheConfig:
             that other user it was sent), ``user`` (each user their own: nothing one
             user sends can reveal another's prompts) or ``auto`` (``user`` when the
             API key file names several users, ``shared`` otherwise). See docs/security.md.
+        shared_url: ``redis://HOST:PORT/DB`` of a Redis or Valkey server that replicas
+            share: embeddings, compute-once leases, and the per-user rate and daily quota
+            (docs/replicas.md); ``None``: this server shares nothing.
     """
 
     memory_mb: int = 2048
     dir: str | None = None
     max_gb: float = 50.0
     scope: str = "auto"
+    shared_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from common.config import Limits
 from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError, Unauthenticated
 from common.protocol import SERVICE_NAME
 from encoder_server.auth import Authenticator
+from encoder_server.cluster import ClusterLimits, ClusterUnavailable
 from encoder_server.identity import ANONYMOUS
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.usage import QuotaExhausted, Reservation, UsageLimiter
@@ -124,7 +125,7 @@ class Ticket:
     request_id: str = ""
     request: Any = None
     slot: Slot | None = None
-    reservation: Reservation | None = None
+    reservation: Reservation | ClusterReservation | None = None
     _settled: bool = field(default=False, repr=False)
 
     @contextmanager
@@ -176,10 +177,12 @@ class Admission:
     """
 
     def __init__(
-        self, authenticator: Authenticator, limiter: UsageLimiter, limits: Limits, metrics: EncoderMetrics
+        self, authenticator: Authenticator, limiter: UsageLimiter, limits: Limits, metrics: EncoderMetrics,
+        cluster: ClusterLimits | None = None,
     ):
         self.authenticator = authenticator
         self.limiter = limiter
+        self.cluster = cluster
         self.limits = limits
         self.metrics = metrics
         self.max_calls = limits.max_concurrent_calls
@@ -255,8 +258,19 @@ class Admission:
             raise Unauthenticated("malformed authorization: send exactly one 'authorization' header")
         return self.authenticator.authenticate(authorization[0] if authorization else None)
 
-    def check_rate(self, user: str) -> None:
-        """Step 3 for a request that can be refused."""
+    async def check_rate(self, user: str) -> None:
+        """Step 3: raises :class:`RateLimited`. Counted cluster-wide when replicas share Redis, else locally."""
+        if not self.limiter.rpm:
+            return
+        if self.cluster is not None:
+            try:
+                wait_s = await self.cluster.take_request(user)
+            except ClusterUnavailable:
+                pass  # counted here until Redis is back
+            else:
+                if wait_s > 0:
+                    raise self.limiter.rate_limited(user, wait_s)
+                return
         self.limiter.take_request(user)
 
     def validate(
@@ -267,7 +281,8 @@ class Admission:
 
     def acquire_slot(self, user: str) -> Slot:
         """Step 5: one of the user's share of slots, and one of the server's."""
-        if self._slots_by_user[user] >= self.max_calls_per_user:
+        # With no share below the total (one user, or none) the total's message says more.
+        if self.max_calls_per_user < self.max_calls and self._slots_by_user[user] >= self.max_calls_per_user:
             raise EncoderOverloaded(
                 f"user {user!r} already has {self._slots_by_user[user]} calls running, the per-user share "
                 "(--max-concurrent-calls-per-user); read the answers of the running ones first, or send "
@@ -290,8 +305,18 @@ class Admission:
         if not self._slots_by_user[user]:
             del self._slots_by_user[user]
 
-    def reserve(self, user: str, prompts: int) -> Reservation:
-        """Step 6."""
+    async def reserve(self, user: str, prompts: int) -> Reservation | ClusterReservation:
+        """Step 6: raises :class:`QuotaExhausted`. Cluster-wide with shared Redis, else local."""
+        if self.cluster is not None and self.limiter.prompts_per_day:
+            day = self.limiter.today()
+            try:
+                counted, used = await self.cluster.reserve(user, day, prompts)
+            except ClusterUnavailable:
+                pass
+            else:
+                if not counted:
+                    raise self.limiter.quota_exhausted(user, used, prompts)
+                return ClusterReservation(self.cluster, user, day, prompts)
         return self.limiter.reserve(user, prompts)
 
     # -- the steps composed, as the transports use them --------------------
@@ -306,10 +331,10 @@ class Admission:
             self.refused(method, user, exc)
             raise
 
-    def admit_rate(self, method: Method, user: str) -> None:
+    async def admit_rate(self, method: Method, user: str) -> None:
         """Step 3 on its own, for a transport that checks it before reading the request; counted when refused."""
         try:
-            self.check_rate(user)
+            await self.check_rate(user)
         except Flux2RemoteError as exc:
             self.refused(method, user, exc)
             raise
@@ -322,7 +347,7 @@ class Admission:
             self.refused(method, user, exc)
             raise
 
-    def admit_request(
+    async def admit_request(
         self,
         method: Method,
         user: str,
@@ -344,11 +369,11 @@ class Admission:
         taken: Slot | None = None
         try:
             if not rate_checked:
-                self.check_rate(user)
+                await self.check_rate(user)
             prompts = self.validate(prompts, request_id=request_id, time_remaining_s=time_remaining_s)
             if slot is None:
                 slot = taken = self.acquire_slot(user)
-            reservation = self.reserve(user, len(prompts))
+            reservation = await self.reserve(user, len(prompts))
         except Flux2RemoteError as exc:
             if taken is not None:
                 taken.release()
@@ -376,6 +401,33 @@ class Admission:
             "%s: user %s did not read the answer within %.0f s (--write-timeout); cancelled, slot freed",
             method.name, user, self.limits.write_timeout_s,
         )
+
+
+class ClusterReservation:
+    """Prompts counted against a user's quota in Redis; :meth:`refund` gives them back (in the background)."""
+
+    def __init__(self, cluster: ClusterLimits, user: str, day: str, prompts: int):
+        self._cluster = cluster
+        self.user, self.day, self.prompts = user, day, prompts
+
+    def refund(self) -> None:
+        if not self.prompts:
+            return
+        prompts, self.prompts = self.prompts, 0
+        task = asyncio.get_running_loop().create_task(self._refund(prompts))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    async def _refund(self, prompts: int) -> None:
+        try:
+            await self._cluster.refund(self.user, self.day, prompts)
+        except ClusterUnavailable:
+            log.warning("could not give %d prompts back to %s's quota: the shared state is unavailable",
+                        prompts, self.user)
+
+
+# Refund tasks in flight (the loop keeps only weak references to tasks).
+_BACKGROUND: set[asyncio.Task] = set()
 
 
 class CallTracker:

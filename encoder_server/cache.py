@@ -364,3 +364,13 @@ def _checksum(key: str, tensor: torch.Tensor, token_count: int, truncated: bool)
     metadata that give them meaning (a flipped shape or token count must not pass either)."""
     described = f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|{int(token_count)}|{int(truncated)}".encode()
     return crc32c(tensor_bytes(tensor), crc32c(described))
+
+
+def encode_entry(key: str, entry: CachedEmbedding) -> bytes:
+    """The bytes of one checksummed entry (safetensors), as the disk cache and the shared cache store it."""
+    return _encode(key, entry)
+
+
+def decode_entry(data: bytes, key: str) -> CachedEmbedding:
+    """Parse and verify one entry made by :func:`encode_entry` for ``key``; raise on any damage or mismatch."""
+    return _decode(data, key)

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="who shares cached embeddings: 'shared' (everyone: one user's prompts can be "
                             "detected by another), 'user' (each their own), 'auto' ('user' when "
                             "--api-key-file names several users)")
+    serve.add_argument("--shared-cache", default=None, metavar="URL",
+                       help="redis://HOST:PORT/DB of a Redis or Valkey server shared by replicas: embeddings, "
+                            "compute-once and per-user limits span them all (docs/replicas.md)")
     serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
                        help="size bound of --cache-dir in GiB")
     serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
@@ -206,7 +209,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             fair=args.scheduling == "fair",
         ),
         cache=CacheConfig(
-            memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb, scope=args.cache_scope
+            memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb, scope=args.cache_scope,
+            shared_url=args.shared_cache,
         ),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,

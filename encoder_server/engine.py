@@ -3,9 +3,11 @@
 ``EncodeEngine.encode`` is what the gRPC servicer and the HTTP endpoint call.
 For each distinct prompt of a request it tries, in order:
 
-1. the in-memory LRU, then the disk cache (``cache_hit=True``);
+1. the in-memory LRU, then the disk cache, then the cache shared by every
+   replica (``cache_hit=True``);
 2. an identical prompt already queued or running (same model fingerprint and
    prompt): the request waits on that computation instead of starting its own;
+   with a shared cache, one computing on another replica (its lease) too;
 3. a new :class:`~encoder_server.batcher.WorkItem` in the user's queue.
 
 A single model loop takes batches from the :class:`~encoder_server.batcher.Batcher`
@@ -36,6 +38,7 @@ from common.errors import (
 )
 from encoder_server.batcher import DONE, QUEUED, Batcher, WorkItem
 from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
+from encoder_server.cluster import SharedCache
 from encoder_server.identity import ANONYMOUS
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.text_encoder import EmbeddingBackend
@@ -94,6 +97,8 @@ class EncodeEngine:
             computations; ``"user"``: each user has their own (the user is part of
             every cache key, so no hit, ``cache_only`` answer or joined computation
             can tell one user what another sent).
+        shared_cache: embeddings and compute-once leases shared with other replicas
+            (Redis); ``None`` for a lone server.
     """
 
     def __init__(
@@ -105,11 +110,16 @@ class EncodeEngine:
         disk_cache: DiskCache | None = None,
         metrics: EncoderMetrics | None = None,
         cache_scope: str = "shared",
+        shared_cache: SharedCache | None = None,
     ):
         if cache_scope not in ("shared", "user"):
             raise ValueError(f"cache_scope must be 'shared' or 'user', not {cache_scope!r}")
         self.backend = backend
         self.cache_scope = cache_scope
+        self.shared_cache = shared_cache
+        self._cluster_lookups: dict[str, asyncio.Future] = {}
+        self._leases: set[str] = set()
+        self._background: set[asyncio.Task] = set()
         self.batching = batching or BatchingConfig()
         self.memory_cache = memory_cache
         self.disk_cache = disk_cache
@@ -127,7 +137,8 @@ class EncodeEngine:
 
     @classmethod
     def from_config(
-        cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None, cache_scope: str = "shared"
+        cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None, cache_scope: str = "shared",
+        shared_cache: SharedCache | None = None,
     ) -> "EncodeEngine":
         """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches).
 
@@ -138,7 +149,7 @@ class EncodeEngine:
         disk = DiskCache(cache.dir, int(cache.max_gb * 2**30)) if cache.dir else None
         return cls(
             backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics,
-            cache_scope=cache_scope,
+            cache_scope=cache_scope, shared_cache=shared_cache,
         )
 
     # -- public API ------------------------------------------------------
@@ -195,6 +206,16 @@ class EncodeEngine:
                         found[key] = (entry, "disk")
                         if self.memory_cache is not None:
                             self.memory_cache.put(key, entry)
+        if self.shared_cache is not None:
+            # Other replicas' results, and (unless cache_only) compute-once across replicas.
+            to_ask = [k for k in prompt_of if k not in found and k not in self._inflight]
+            if to_ask:
+                lookups = (self.shared_cache.get(k) if cache_only else self._from_cluster(k, deadline) for k in to_ask)
+                for key, entry in zip(to_ask, await asyncio.gather(*lookups)):
+                    if entry is not None:
+                        found[key] = (entry, "shared")
+                        if self.memory_cache is not None:
+                            self.memory_cache.put(key, entry)
         for _, tier in found.values():
             self.metrics.cache_hits.labels(tier=tier).inc()
         missing = [k for k in prompt_of if k not in found]
@@ -210,7 +231,7 @@ class EncodeEngine:
         waiting: dict[str, tuple[WorkItem, str]] = {}
         # After any await (the disk read, waiting for room), work that finished
         # meanwhile is in the memory cache and must not be computed again.
-        awaited = self.disk_cache is not None
+        awaited = self.disk_cache is not None or self.shared_cache is not None
         try:
             while missing:
                 if self._closed:
@@ -315,7 +336,53 @@ class EncodeEngine:
     def _on_drop(self, item: WorkItem, reason: str) -> None:
         if self._inflight.get(item.key) is item:
             del self._inflight[item.key]
+        self._give_up_lease(item.key)
         self.metrics.prompts_dropped.labels(reason=reason).inc()
+
+    # -- across replicas (shared cache) --------------------------------------
+
+    async def _from_cluster(self, key: str, deadline: float | None) -> CachedEmbedding | None:
+        """Another replica's entry for ``key`` (waiting while one computes it), or None: compute it here.
+
+        Concurrent requests for one key on this replica share one lookup.
+        """
+        lookup = self._cluster_lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup_cluster(key, deadline))
+            self._cluster_lookups[key] = lookup
+            lookup.add_done_callback(lambda _done, k=key: self._cluster_lookups.pop(k, None))
+        return await asyncio.shield(lookup)
+
+    async def _lookup_cluster(self, key: str, deadline: float | None) -> CachedEmbedding | None:
+        shared = self.shared_cache
+        entry = await shared.get(key)
+        while entry is None:
+            if await shared.try_lease(key):
+                self._leases.add(key)  # ours to compute, publish and release (_finish, _on_drop)
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed while another replica computed this prompt")
+            # Another replica computes it; None here means its lease ended without an entry (it died or failed).
+            entry = await shared.wait_for(key, deadline)
+        return entry
+
+    def _publish(self, key: str, entry: CachedEmbedding | None) -> None:
+        """Put what this replica computed under its lease into the shared cache, then release the lease."""
+        if key not in self._leases:
+            return
+        self._leases.discard(key)
+
+        async def publish() -> None:
+            if entry is not None:
+                await self.shared_cache.put(key, entry)
+            await self.shared_cache.release(key)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _give_up_lease(self, key: str) -> None:
+        self._publish(key, None)
 
     def _read_disk(self, keys: list[str]) -> list[CachedEmbedding | None]:
         return [self.disk_cache.get(k) for k in keys]
@@ -382,6 +449,7 @@ class EncodeEngine:
             del self._inflight[item.key]
         item.state = DONE
         if isinstance(result, BaseException):
+            self._give_up_lease(item.key)
             if not item.future.done():
                 item.future.set_exception(result)
                 item.future.exception()
@@ -392,6 +460,7 @@ class EncodeEngine:
         if self.memory_cache is not None:
             self.memory_cache.put(item.key, entry)
         self._write_disk(item.key, entry)
+        self._publish(item.key, entry)
         if not item.future.done():
             item.future.set_result(_Computed(entry, queue_ns, tokenization_ns, inference_ns, batch_size))
 

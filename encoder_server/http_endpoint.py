@@ -208,14 +208,14 @@ class HTTPEndpoint:
         user = admission.admit_call(HTTP_PREDICT, request.headers.getall("Authorization", []))
         current_user.set(user)
         # 3. The rate, before the body costs anything.
-        admission.admit_rate(HTTP_PREDICT, user)
+        await admission.admit_rate(HTTP_PREDICT, user)
         try:
             prompts = parse_prompts(await self._read_json(request), self._limits)
         except Flux2RemoteError as exc:
             admission.refused(HTTP_PREDICT, user, exc)
             raise
         # 4-6. Validation, slots, quota.
-        ticket = admission.admit_request(HTTP_PREDICT, user, prompts, rate_checked=True)
+        ticket = await admission.admit_request(HTTP_PREDICT, user, prompts, rate_checked=True)
         try:
             with ticket.charging():
                 results = await self._engine.encode(ticket.prompts, user=user)

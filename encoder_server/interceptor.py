@@ -109,7 +109,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                     exc = InvalidRequest(request.reason)
                     admission.refused(method, user, exc)
                     raise exc
-                ticket = admission.admit_request(
+                ticket = await admission.admit_request(
                     method, user, list(request.prompts), request_id=request.request_id, request=request,
                     time_remaining_s=context.time_remaining(),
                 )
@@ -159,14 +159,14 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 continue
             while True:
                 try:
-                    admission.check_rate(user)
+                    await admission.check_rate(user)
                     break
                 except RateLimited as exc:
                     # A stream over its rate waits instead of failing: this is
                     # backpressure on a bulk job, not an error.
                     await asyncio.sleep(exc.retry_after_s)
             try:
-                ticket = admission.admit_request(
+                ticket = await admission.admit_request(
                     method, user, list(request.prompts), request_id=request.request_id, request=request,
                     time_remaining_s=context.time_remaining(), rate_checked=True, slot=slot,
                 )

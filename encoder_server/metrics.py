@@ -88,7 +88,7 @@ class EncoderMetrics:
             buckets=_DURATION_BUCKETS, registry=r,
         )
         self.cache_hits = Counter(
-            "flux2_encoder_cache_hits", "Prompts found in a cache, by tier (memory, disk).", ["tier"], registry=r
+            "flux2_encoder_cache_hits", "Prompts found in a cache, by tier (memory, disk, shared).", ["tier"], registry=r
         )
         self.cache_misses = Counter(
             "flux2_encoder_cache_misses", "Prompts found in no cache.", registry=r
@@ -104,6 +104,15 @@ class EncoderMetrics:
         )
         self.cache_corrupt = Counter(
             "flux2_encoder_cache_corrupt", "Disk entries that failed their checks and were dropped.", registry=r
+        )
+        self.shared_cache_errors = Counter(
+            "flux2_encoder_shared_cache_errors",
+            "Calls to the shared Redis that failed or timed out (the server then used local state).",
+            registry=r,
+        )
+        self.shared_cache_up = Gauge(
+            "flux2_encoder_shared_cache_up", "1 while the shared Redis answers, 0 while it is marked down.",
+            registry=r,
         )
         self.cache_write_errors = Counter(
             "flux2_encoder_cache_write_errors", "Disk cache writes that failed or were skipped.", registry=r

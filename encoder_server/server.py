@@ -19,6 +19,7 @@ from common.wire import dtype_to_wire
 from encoder_server import __version__
 from encoder_server.admission import Admission, resolve_cache_scope
 from encoder_server.auth import Authenticator, KeyStore
+from encoder_server.cluster import ClusterLimits, RedisLink, SharedCache
 from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
 from encoder_server.interceptor import PolicyInterceptor
@@ -116,6 +117,7 @@ class RunningServer:
     metrics: EncoderMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     http: HTTPEndpoint | None = None
+    link: RedisLink | None = None
     _usage_saver: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -153,6 +155,8 @@ class RunningServer:
             await _save_usage(self.limiter)  # what was counted up to the very end
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
+        if self.link is not None:
+            await self.link.close()
 
 
 # Before the ports close, wait for a moment without new calls, so late callers
@@ -190,10 +194,13 @@ class Listeners:
     port: int
     http_socket: socket.socket | None
     metrics_endpoint: MetricsEndpoint | None
+    link: RedisLink | None = None
 
     async def close(self) -> None:
         """Release every port (start-up failed before serving)."""
         await self.server.stop(0)
+        if self.link is not None:
+            await self.link.close()
         if self.http_socket is not None:
             self.http_socket.close()
         if self.metrics_endpoint is not None:
@@ -224,7 +231,15 @@ async def bind_listeners(config: ServerConfig, security: Security | None = None)
     """
     security = security or load_security(config)
     metrics = EncoderMetrics()
-    admission = Admission(security.authenticator, security.limiter, config.limits, metrics)
+    link = None
+    cluster_limits = None
+    if config.cache.shared_url:
+        link = RedisLink(config.cache.shared_url, metrics=metrics)
+        metrics.bind_gauge(metrics.shared_cache_up, lambda: float(link.up))
+        cluster_limits = ClusterLimits(
+            link, requests_per_minute=config.auth.rate_limit_rpm, prompts_per_day=config.auth.quota_prompts_per_day
+        )
+    admission = Admission(security.authenticator, security.limiter, config.limits, metrics, cluster_limits)
     server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
     http_socket = metrics_socket = None
     try:
@@ -243,7 +258,7 @@ async def bind_listeners(config: ServerConfig, security: Security | None = None)
     if metrics_socket is not None:
         metrics_endpoint = MetricsEndpoint(metrics, metrics_socket)
         await metrics_endpoint.start()
-    return Listeners(security, metrics, admission, server, port, http_socket, metrics_endpoint)
+    return Listeners(security, metrics, admission, server, port, http_socket, metrics_endpoint, link)
 
 
 async def start_server(
@@ -264,7 +279,10 @@ async def start_server(
     listeners = listeners or await bind_listeners(config, security)
     security, metrics, admission, server = listeners.security, listeners.metrics, listeners.admission, listeners.server
     cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
-    engine = EncodeEngine.from_config(config, backend, metrics=metrics, cache_scope=cache_scope)
+    shared_cache = SharedCache(listeners.link) if listeners.link is not None else None
+    engine = EncodeEngine.from_config(
+        config, backend, metrics=metrics, cache_scope=cache_scope, shared_cache=shared_cache
+    )
     info = build_info(
         config, backend, admission, model_id=model_id, revision=revision, demo=demo, cache_scope=cache_scope
     )
@@ -286,7 +304,9 @@ async def start_server(
             ssl_context=security.tls.ssl_context() if security.tls is not None else None,
         )
         await http.start(listeners.http_socket)
-    return RunningServer(server, listeners.port, health, engine, admission, metrics, listeners.metrics_endpoint, http)
+    return RunningServer(
+        server, listeners.port, health, engine, admission, metrics, listeners.metrics_endpoint, http, listeners.link
+    )
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")

@@ -161,12 +161,33 @@ class UsageLimiter:
             usage.tokens = min(float(self.rpm), usage.tokens + (now - usage.refilled_at) * self.rpm / 60.0)
             usage.refilled_at = now
             if usage.tokens < 1.0:
-                wait = (1.0 - usage.tokens) * 60.0 / self.rpm
-                raise RateLimited(
-                    f"user {user!r} is over the limit of {self.rpm} requests per minute; retry in {wait:.1f} s",
-                    wait,
-                )
+                raise self.rate_limited(user, (1.0 - usage.tokens) * 60.0 / self.rpm)
             usage.tokens -= 1.0
+
+    def rate_limited(self, user: str, wait_s: float) -> "RateLimited":
+        """The refusal for ``user`` over the rate, ``wait_s`` seconds before a request is free."""
+        return RateLimited(
+            f"user {user!r} is over the limit of {self.rpm} requests per minute; retry in {wait_s:.1f} s", wait_s
+        )
+
+    def today(self) -> str:
+        """Today's UTC date, ``YYYY-MM-DD``: the day quotas count for."""
+        return self._utc_now().date().isoformat()
+
+    def quota_exhausted(self, user: str, used: int, asked: int) -> "QuotaExhausted":
+        """The refusal for ``user``, who has used ``used`` prompts today, asking for ``asked`` more."""
+        wall = self._utc_now()
+        midnight = datetime.combine(wall.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
+        wait = (midnight - wall).total_seconds()
+        if asked > self.prompts_per_day:
+            hint = f"one request may hold at most {self.prompts_per_day} prompts"
+        else:
+            hint = f"the quota resets at 00:00 UTC, in {_human(wait)}"
+        return QuotaExhausted(
+            f"user {user!r} has used {used} of {self.prompts_per_day} prompts today "
+            f"(UTC) and this request asks for {asked}; {hint}",
+            wait,
+        )
 
     def reserve(self, user: str, prompts: int) -> "Reservation":
         """Count ``prompts`` against ``user``'s quota for today; raise :class:`QuotaExhausted` without counting.
@@ -177,22 +198,11 @@ class UsageLimiter:
             return Reservation(self, user, "", 0)
         with self._lock:
             usage = self._usage_of(user, self._clock())
-            wall = self._utc_now()
-            today = wall.date().isoformat()
+            today = self.today()
             if usage.day != today:
                 usage.day, usage.prompts_today = today, 0
             if usage.prompts_today + prompts > self.prompts_per_day:
-                midnight = datetime.combine(wall.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
-                wait = (midnight - wall).total_seconds()
-                if prompts > self.prompts_per_day:
-                    hint = f"one request may hold at most {self.prompts_per_day} prompts"
-                else:
-                    hint = f"the quota resets at 00:00 UTC, in {_human(wait)}"
-                raise QuotaExhausted(
-                    f"user {user!r} has used {usage.prompts_today} of {self.prompts_per_day} prompts today "
-                    f"(UTC) and this request asks for {prompts}; {hint}",
-                    wait,
-                )
+                raise self.quota_exhausted(user, usage.prompts_today, prompts)
             usage.prompts_today += prompts
             self._unsaved = True
             return Reservation(self, user, today, prompts)
