@@ -227,7 +227,7 @@ def test_encoder_ports_probes_and_args_agree(encoder_config):
     assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     assert c["startupProbe"]["grpc"]["service"] == SERVICE_NAME
     startup = c["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60  # the first start downloads weights
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60  # the first start downloads weights
     annotations = ENCODER["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(encoder_config.metrics_port)
     assert flags(c["args"][1:])["--metrics-host"] == "0.0.0.0"
