@@ -13,6 +13,7 @@ import argparse
 import copy
 import re
 import socket
+import textwrap
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -388,3 +389,54 @@ def test_docs_show_the_kubernetes_path():
     assert "dns:///flux2-encoder.flux2.svc.cluster.local:50051" in section
     for path in MANIFEST_FILES:
         assert path.name in section, f"docs/replicas.md#kubernetes does not mention {path.name}"
+
+
+# --- kubectl's own kustomize, where kubectl is installed (it is not a dependency) -----------------------
+
+def _kubectl() -> str | None:
+    import shutil
+
+    return shutil.which("kubectl")
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    import subprocess
+
+    done = subprocess.run([_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.mark.skipif(_kubectl() is None, reason="needs kubectl (its built-in kustomize); not installed here")
+def test_kubectl_kustomize_builds_the_objects_in_the_namespace():
+    namespace = one("Namespace")["metadata"]["name"]
+    for kustomization in KUSTOMIZATIONS:
+        built = _kustomize(kustomization.parent)
+        files = [kustomization.parent / e for e in yaml.safe_load(kustomization.read_text())["resources"]]
+        expected = [d for f in files for d in _documents(f)]
+        assert len(built) == len(expected)
+        for doc in expected:
+            (out,) = [b for b in built if (b["kind"], b["metadata"]["name"]) == (doc["kind"], doc["metadata"]["name"])]
+            if doc["kind"] != "Namespace":
+                assert out["metadata"]["namespace"] == namespace
+            assert out["spec" if "spec" in doc else "kind"] == doc["spec" if "spec" in doc else "kind"]
+
+
+@pytest.mark.skipif(_kubectl() is None, reason="needs kubectl (its built-in kustomize); not installed here")
+def test_the_documented_overlay_replaces_the_placeholder_keys(tmp_path):
+    import base64
+
+    docs = (ROOT / "docs/replicas.md").read_text()
+    block = re.search(r"\n( *)```yaml\n(\1# my-flux2/kustomization\.yaml.*?)\1```", docs, flags=re.S)
+    assert block, "docs/replicas.md lost its overlay example"
+    overlay = textwrap.dedent(block.group(2))
+    (tmp_path / "flux2-remote").symlink_to(ROOT)
+    mine = tmp_path / "my-flux2"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(overlay)
+    (mine / "api-keys.txt").write_text("alice:" + "k" * 32 + "\n")
+    built = _kustomize(mine)
+    (secret,) = [d for d in built if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == one("Secret")["metadata"]["name"]
+    assert "stringData" not in secret
+    assert base64.b64decode(secret["data"]["api-keys.txt"]).decode() == "alice:" + "k" * 32 + "\n"
