@@ -6,6 +6,7 @@ explicitly; nothing reads settings from the environment at import time.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from common.model_source import DEFAULT_MODEL
@@ -158,11 +159,30 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """One model of a server that serves several (``--model NAME=SOURCE``).
+
+    Attributes:
+        name: what requests name it by (``EncodeRequest.model``, ``/models/NAME/predict``).
+        source: hub id, local folder, ``demo`` or ``demo-klein``.
+        dtype: its compute dtype; ``None``: the server's ``--dtype``.
+        quantization: its quantization; ``None``: the server's ``--quantization``.
+    """
+
+    name: str
+    source: str
+    dtype: str | None = None
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``flux2-encoder serve`` needs.
 
     Attributes:
-        model: hub id, local folder in the FLUX.2 layout, or ``"demo"``.
+        model: hub id, local folder in the FLUX.2 layout, ``"demo"`` or ``"demo-klein"``
+            (the one model, when ``models`` is empty).
+        models: the models of a server that serves several; see :meth:`served_models`.
         revision: hub revision (branch, tag or commit) for hub ids.
         host: address to bind; loopback unless the operator opens it on purpose.
         port: TCP port; 0 picks a free one (tests).
@@ -181,6 +201,8 @@ class ServerConfig:
     """
 
     model: str = DEFAULT_MODEL
+    # Several models on one server; empty: just ``model``, named after it.
+    models: tuple[ModelConfig, ...] = ()
     revision: str | None = None
     host: str = "127.0.0.1"
     port: int = 50051
@@ -198,7 +220,19 @@ class ServerConfig:
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
 
+    def served_models(self) -> tuple[ModelConfig, ...]:
+        """The models to serve: ``models``, or ``model`` alone under its default name."""
+        return self.models or (ModelConfig(default_model_name(self.model), self.model),)
+
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+
+def default_model_name(source: str) -> str:
+    """The name a model is served under when ``--model`` gives none: a hub id as it is
+    (``black-forest-labs/FLUX.2-dev``), a folder by its last part, ``demo`` as ``demo``."""
+    if os.path.isdir(source) or source.startswith((".", "/", "~")):
+        return os.path.basename(os.path.normpath(os.path.expanduser(source))) or source
+    return source

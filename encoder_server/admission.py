@@ -10,8 +10,8 @@ added here holds on every way in. The steps, and what a refusal looks like:
    (``UNAUTHENTICATED`` / 401);
 3. **rate limit**: the user's requests per minute (``RESOURCE_EXHAUSTED`` / 429
    with a retry hint; a stream waits instead, which is backpressure);
-4. **cheap validation**: counts, sizes, text, request ids, deadlines
-   (``INVALID_ARGUMENT`` / 400, 413 for sizes);
+4. **cheap validation**: counts, sizes, text, request ids, deadlines, the
+   model named (``INVALID_ARGUMENT`` / 400, 413 for sizes);
 5. **concurrency slots**: the user's share, then the server's total
    (``RESOURCE_EXHAUSTED`` / 429, retry in 1 s);
 6. **daily quota**: the prompts are reserved (``RESOURCE_EXHAUSTED`` / 429,
@@ -51,6 +51,7 @@ from encoder_server.auth import Authenticator
 from encoder_server.cluster import ClusterLimits, ClusterUnavailable
 from encoder_server.identity import ANONYMOUS
 from encoder_server.metrics import EncoderMetrics
+from encoder_server.models import resolve_model_name
 from encoder_server.usage import QuotaExhausted, Reservation, UsageLimiter
 from encoder_server.validation import validate_request
 
@@ -116,6 +117,7 @@ class Ticket:
         request_id: echoed in the answer (EncodeStream), ``""`` otherwise.
         request: the transport's own request object (the protobuf on gRPC), for
             fields the policy does not look at (dtype, cache_only).
+        model: the name of the served model that encodes it.
     """
 
     admission: "Admission"
@@ -124,6 +126,7 @@ class Ticket:
     prompts: list[str]
     request_id: str = ""
     request: Any = None
+    model: str = ""
     slot: Slot | None = None
     reservation: Reservation | ClusterReservation | None = None
     _settled: bool = field(default=False, repr=False)
@@ -178,8 +181,9 @@ class Admission:
 
     def __init__(
         self, authenticator: Authenticator, limiter: UsageLimiter, limits: Limits, metrics: EncoderMetrics,
-        cluster: ClusterLimits | None = None,
+        cluster: ClusterLimits | None = None, *, model_names: list[str] | None = None,
     ):
+        self.model_names = list(model_names or [""])
         self.authenticator = authenticator
         self.limiter = limiter
         self.cluster = cluster
@@ -279,6 +283,10 @@ class Admission:
         """Step 4 (see :func:`encoder_server.validation.validate_request`)."""
         return validate_request(prompts, self.limits, request_id=request_id, time_remaining_s=time_remaining_s)
 
+    def resolve_model(self, name: str) -> str:
+        """Step 4 too: the served model a request names (``""``: the only one); InvalidRequest listing them."""
+        return resolve_model_name(name, self.model_names)
+
     def acquire_slot(self, user: str) -> Slot:
         """Step 5: one of the user's share of slots, and one of the server's."""
         # With no share below the total (one user, or none) the total's message says more.
@@ -355,6 +363,7 @@ class Admission:
         *,
         request_id: str = "",
         request: Any = None,
+        model: str = "",
         time_remaining_s: float | None = None,
         rate_checked: bool = False,
         slot: Slot | None = None,
@@ -371,6 +380,7 @@ class Admission:
             if not rate_checked:
                 await self.check_rate(user)
             prompts = self.validate(prompts, request_id=request_id, time_remaining_s=time_remaining_s)
+            model = self.resolve_model(model)
             if slot is None:
                 slot = taken = self.acquire_slot(user)
             reservation = await self.reserve(user, len(prompts))
@@ -380,7 +390,7 @@ class Admission:
             self.refused(method, user, exc)
             raise
         return Ticket(
-            self, method, user, prompts, request_id, request, slot=taken, reservation=reservation
+            self, method, user, prompts, request_id, request, model=model, slot=taken, reservation=reservation
         )
 
     def refused(self, method: Method, user: str, exc: Flux2RemoteError) -> None:

@@ -20,6 +20,7 @@ from common.config import (
 )
 from common.logs import quiet_third_party_logs
 from common.model_source import DEFAULT_MODEL, ModelNotFound
+from encoder_server.models import apply_per_model, parse_model_flag
 from encoder_server.text_encoder import DTYPES, QUANTIZATIONS, ConfigError
 
 EXIT_CONFIG = 2
@@ -68,13 +69,17 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
         value = os.environ.get(name)
         if value is None:
             continue
-        try:
-            converted = action.type(value) if action.type is not None else value
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            parser.error(f"${name}={value!r}: {exc}")
-        if action.choices is not None and converted not in action.choices:
-            parser.error(f"${name}={value!r}: choose from {', '.join(map(str, action.choices))}")
-        action.default = converted
+        # A repeatable flag takes several values, separated by spaces (FLUX2_MODEL="dev=demo klein=demo-klein").
+        values = value.split() if isinstance(action, argparse._AppendAction) else [value]
+        converted = []
+        for one in values:
+            try:
+                converted.append(action.type(one) if action.type is not None else one)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"${name}={value!r}: {exc}")
+            if action.choices is not None and converted[-1] not in action.choices:
+                parser.error(f"${name}={value!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = converted if isinstance(action, argparse._AppendAction) else converted[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,16 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "(FLUX2_ and the flag in capitals: --max-batch-tokens is FLUX2_MAX_BATCH_TOKENS); "
                     "a flag on the command line wins.",
     )
-    serve.add_argument("--model", default=DEFAULT_MODEL,
-                       help="hub id, local folder (text_encoder/, tokenizer/) or 'demo' (random tiny model)")
+    serve.add_argument("--model", action="append", metavar="[NAME=]SOURCE",
+                       help="hub id, local folder (text_encoder/, tokenizer/), 'demo' or 'demo-klein' (random tiny "
+                            "models); repeat to serve several, each under NAME (default: the hub id or folder "
+                            f"name); without it {DEFAULT_MODEL}")
     serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit); none means the latest")
     serve.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds (loopback only by default)")
     serve.add_argument("--port", type=_number(int, 0), default=50051, help="gRPC port; 0 picks a free one")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
-                       help="compute dtype of the text encoder (FLUX.2-dev computes in bfloat16)")
-    serve.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS),
-                       help="weight quantization; fp8 and nf4 need CUDA and change the embeddings (docs/memory.md)")
+    serve.add_argument("--dtype", action="append", type=_per_model(DTYPES), metavar="[NAME=]DTYPE",
+                       help=f"compute dtype ({', '.join(DTYPES)}); NAME=DTYPE sets one model's (default bfloat16, "
+                            "FLUX.2's own)")
+    serve.add_argument("--quantization", action="append", type=_per_model(QUANTIZATIONS), metavar="[NAME=]Q",
+                       help=f"weight quantization ({', '.join(QUANTIZATIONS)}); fp8 and nf4 need CUDA and change the "
+                            "embeddings (docs/memory.md); NAME=Q sets one model's (default none)")
     serve.add_argument("--grace-period", type=_number(float, 0), default=30.0,
                        help="seconds SIGTERM waits for in-flight work before exiting")
     serve.add_argument("--max-prompts-per-request", type=_number(int, 1), default=Limits.max_prompts_per_request,
@@ -183,15 +192,32 @@ def run_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_model(allowed):
+    """argparse type: VALUE or NAME=VALUE, VALUE one of ``allowed``."""
+
+    def parse(text: str) -> str:
+        value = text.partition("=")[2] if "=" in text else text
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the flags describe; raises ConfigError for flags that contradict each other."""
+    models = tuple(parse_model_flag(v) for v in (args.model or [DEFAULT_MODEL]))
+    dtype, models = apply_per_model(models, args.dtype or [], "dtype", "--dtype")
+    quantization, models = apply_per_model(models, args.quantization or [], "quantization", "--quantization")
     return ServerConfig(
-        model=args.model,
+        model=models[0].source,
+        models=models,
         revision=args.revision,
         host=args.host,
         port=args.port,
         device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
+        dtype=dtype or "bfloat16",
+        quantization=quantization or "none",
         grace_period_s=args.grace_period,
         limits=Limits(
             max_prompts_per_request=args.max_prompts_per_request,

@@ -144,13 +144,19 @@ class EncodeEngine:
 
         ``cache_scope`` is the resolved scope (``config.cache.scope`` may say ``auto``).
         """
-        cache = config.cache
-        memory = MemoryCache(cache.memory_mb * 2**20) if cache.memory_mb > 0 else None
-        disk = DiskCache(cache.dir, int(cache.max_gb * 2**30)) if cache.dir else None
+        memory, disk = cls.caches_from_config(config)
         return cls(
             backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics,
             cache_scope=cache_scope, shared_cache=shared_cache,
         )
+
+    @staticmethod
+    def caches_from_config(config) -> tuple[MemoryCache | None, DiskCache | None]:
+        """The memory and disk caches a ServerConfig asks for (engines of several models share them)."""
+        cache = config.cache
+        memory = MemoryCache(cache.memory_mb * 2**20) if cache.memory_mb > 0 else None
+        disk = DiskCache(cache.dir, int(cache.max_gb * 2**30)) if cache.dir else None
+        return memory, disk
 
     # -- public API ------------------------------------------------------
 

@@ -11,8 +11,10 @@ nodes cannot read anything else; flux2-remote's own clients use gRPC with raw
 bytes and never unpickle anything. The server only writes pickles, never reads
 one. See docs/hf-compatible-endpoint.md.
 
-The endpoint calls the same :class:`EncodeEngine` as gRPC, on the same event
-loop, so it shares batching, the cache, API keys and per-user limits.
+The endpoint calls the same engines as gRPC, on the same event loop, so it
+shares batching, the caches, API keys and per-user limits. ``/predict`` is
+FLUX.2-dev's; every served model, [klein] included, is also at
+``/models/NAME/predict`` with the same body and answer.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from common.config import Limits
-from common.errors import DeadlineExceeded, Flux2RemoteError, InvalidRequest, PayloadTooLarge, http_status_of, status_of
+from common.errors import (
+    DeadlineExceeded,
+    Flux2RemoteError,
+    InvalidRequest,
+    PayloadTooLarge,
+    http_status_of,
+    status_of,
+)
 from encoder_server.admission import HTTP_PREDICT, Admission
-from encoder_server.engine import EncodeEngine
+from encoder_server.models import DEV_FAMILY, ModelRegistry
 from encoder_server.identity import ANONYMOUS, current_user
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,12 @@ log = logging.getLogger(__name__)
 RESPONSE_DTYPE = torch.bfloat16
 # The body is written in pieces of this size, each within the write timeout.
 _WRITE_CHUNK_BYTES = 1 << 20
+
+
+class ModelNotServed(Flux2RemoteError):
+    """The path names no model this server serves there (HTTP 404)."""
+
+    code = grpc.StatusCode.NOT_FOUND
 
 
 class BodyTimeout(DeadlineExceeded):
@@ -132,11 +147,10 @@ class HTTPEndpoint:
         ssl_context: TLS (and mutual TLS) policy; ``None`` for plain HTTP.
     """
 
-    def __init__(self, engine: EncodeEngine, admission: Admission, *, fingerprint: str, ssl_context=None):
-        self._engine = engine
+    def __init__(self, models: ModelRegistry, admission: Admission, *, ssl_context=None):
+        self._models = models
         self._admission = admission
         self._limits = admission.limits
-        self._fingerprint = fingerprint
         self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -144,6 +158,9 @@ class HTTPEndpoint:
         self.app = web.Application(client_max_size=max_body_bytes(self._limits))
         self.app.router.add_post("/predict", self._predict)
         self.app.router.add_route("*", "/predict", self._wrong_method)
+        # Model names may be hub ids, with a '/'.
+        self.app.router.add_post("/models/{name:.+}/predict", self._predict)
+        self.app.router.add_route("*", "/models/{name:.+}/predict", self._wrong_method)
         self.app.router.add_get("/health", self._health)
 
     async def start(self, sock: socket.socket) -> int:
@@ -210,20 +227,39 @@ class HTTPEndpoint:
         # 3. The rate, before the body costs anything.
         await admission.admit_rate(HTTP_PREDICT, user)
         try:
+            name = self._model_of(request)
             prompts = parse_prompts(await self._read_json(request), self._limits)
         except Flux2RemoteError as exc:
             admission.refused(HTTP_PREDICT, user, exc)
             raise
         # 4-6. Validation, slots, quota.
-        ticket = await admission.admit_request(HTTP_PREDICT, user, prompts, rate_checked=True)
+        ticket = await admission.admit_request(HTTP_PREDICT, user, prompts, model=name, rate_checked=True)
         try:
+            model = self._models.get(ticket.model)
             with ticket.charging():
-                results = await self._engine.encode(ticket.prompts, user=user)
+                results = await model.engine.encode(ticket.prompts, user=user)
             # Serialise off the loop: torch.save of 15 MiB per prompt takes tens of ms.
             payload = await asyncio.to_thread(embeddings_to_torch_save, [r.embedding for r in results])
-            return await self._send(request, payload, [r.cache_hit for r in results], user)
+            return await self._send(request, payload, [r.cache_hit for r in results], user, model.backend.fingerprint)
         finally:
             ticket.release()
+
+    def _model_of(self, request: web.Request) -> str:
+        """The model a path names: ``/models/NAME/predict``, or [dev]'s for the hosted endpoint's ``/predict``."""
+        name = request.match_info.get("name")
+        if name is not None:
+            if name not in self._models.names:
+                raise ModelNotServed(
+                    f"this server serves no model named {name!r}; it serves: {', '.join(self._models.names)}"
+                )
+            return name
+        dev = self._models.first_of_family(DEV_FAMILY)
+        if dev is None:
+            others = ", ".join(f"/models/{n}/predict" for n in self._models.names)
+            raise ModelNotServed(
+                f"POST /predict is the FLUX.2-dev endpoint and this server serves no FLUX.2-dev model; use {others}"
+            )
+        return dev.name
 
     async def _read_json(self, request: web.Request) -> object:
         limit = max_body_bytes(self._limits)
@@ -242,10 +278,10 @@ class HTTPEndpoint:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequest(f'the body is not valid JSON ({exc}); send {{"prompt": "text"}}') from None
 
-    async def _send(self, request: web.Request, payload: bytes, cache_hits: list[bool], user: str):
+    async def _send(self, request: web.Request, payload: bytes, cache_hits: list[bool], user: str, fingerprint: str):
         """Write the answer while the request still holds its slot, each piece within the write timeout."""
         response = web.StreamResponse(headers={
-            "X-Flux2-Fingerprint": self._fingerprint,
+            "X-Flux2-Fingerprint": fingerprint,
             "X-Flux2-Cache-Hits": ",".join("1" if hit else "0" for hit in cache_hits),
         })
         response.content_type = "application/octet-stream"

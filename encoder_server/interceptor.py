@@ -111,7 +111,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                     raise exc
                 ticket = await admission.admit_request(
                     method, user, list(request.prompts), request_id=request.request_id, request=request,
-                    time_remaining_s=context.time_remaining(),
+                    model=request.model, time_remaining_s=context.time_remaining(),
                 )
             except Flux2RemoteError as exc:
                 await _abort(context, exc)
@@ -168,7 +168,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             try:
                 ticket = await admission.admit_request(
                     method, user, list(request.prompts), request_id=request.request_id, request=request,
-                    time_remaining_s=context.time_remaining(), rate_checked=True, slot=slot,
+                    model=request.model, time_remaining_s=context.time_remaining(), rate_checked=True, slot=slot,
                 )
             except QuotaExhausted as exc:
                 # Stop reading; what was admitted is still answered, then the

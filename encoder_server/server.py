@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import ServerConfig
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
-from common.wire import dtype_to_wire
 from encoder_server import __version__
 from encoder_server.admission import Admission, resolve_cache_scope
 from encoder_server.auth import Authenticator, KeyStore
@@ -24,6 +23,7 @@ from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
 from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
+from encoder_server.models import ModelRegistry, ServedModel, config_for, model_configs
 from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
@@ -54,25 +54,10 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def build_info(
-    config: ServerConfig, backend: EmbeddingBackend, admission: Admission, *,
-    model_id: str, revision: str, demo: bool, cache_scope: str,
-):
-    spec = backend.spec
+def build_info(config: ServerConfig, registry: ModelRegistry, admission: Admission, *, cache_scope: str):
+    """What GetInfo answers, but for the per-model fields (the servicer fills those per request)."""
     limits = config.limits
     return pb2.GetInfoResponse(
-        model_id=model_id,
-        revision=revision,
-        fingerprint=backend.fingerprint,
-        hidden_states_layers=list(spec.hidden_states_layers),
-        num_hidden_layers=getattr(backend, "num_hidden_layers", spec.computed_layers),
-        computed_layers=spec.computed_layers,
-        hidden_size=backend.hidden_size,
-        embedding_dim=spec.embedding_dim(backend.hidden_size),
-        max_sequence_length=spec.max_sequence_length,
-        dtype=dtype_to_wire(backend.dtype),
-        quantization=getattr(backend, "quantization", "none"),
-        device=str(getattr(backend, "device", "cpu")),
         limits=pb2.ServerLimits(
             max_prompts_per_request=limits.max_prompts_per_request,
             max_prompt_chars=limits.max_prompt_chars,
@@ -84,9 +69,8 @@ def build_info(
             max_request_id_chars=limits.max_request_id_chars,
         ),
         server_version=__version__,
-        demo=demo,
-        padding_side=getattr(backend, "padding_side", ""),
         cache_scope=cache_scope,
+        models=[m.info() for m in registry],
     )
 
 
@@ -112,7 +96,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
-    engine: EncodeEngine
+    models: ModelRegistry
     admission: Admission
     metrics: EncoderMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
@@ -127,6 +111,11 @@ class RunningServer:
     @property
     def limiter(self) -> UsageLimiter:
         return self.admission.limiter
+
+    @property
+    def engine(self) -> EncodeEngine:
+        """The engine of the first model (the only one, on a one-model server)."""
+        return next(iter(self.models)).engine
 
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new work, let running work finish within ``grace`` seconds, then stop.
@@ -149,7 +138,7 @@ class RunningServer:
         # One stop only: overlapping grpc.aio stop() calls crashed the process
         # (segfault inside grpc's shutdown) about one run in three.
         await self.server.stop(0)
-        self.engine.close()
+        self.models.close()
         if self._usage_saver is not None:
             self._usage_saver.cancel()
             await _save_usage(self.limiter)  # what was counted up to the very end
@@ -223,7 +212,9 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, tls: ServerTLS | N
     return port
 
 
-async def bind_listeners(config: ServerConfig, security: Security | None = None) -> Listeners:
+async def bind_listeners(
+    config: ServerConfig, security: Security | None = None, model_names: list[str] | None = None
+) -> Listeners:
     """Read keys and TLS, build the request policy and bind every port; no model needed.
 
     Raises a ConfigError subclass for a bad keys or TLS file and
@@ -239,7 +230,11 @@ async def bind_listeners(config: ServerConfig, security: Security | None = None)
         cluster_limits = ClusterLimits(
             link, requests_per_minute=config.auth.rate_limit_rpm, prompts_per_day=config.auth.quota_prompts_per_day
         )
-    admission = Admission(security.authenticator, security.limiter, config.limits, metrics, cluster_limits)
+    if model_names is None:
+        model_names = [m.name for m in model_configs(config)]
+    admission = Admission(
+        security.authenticator, security.limiter, config.limits, metrics, cluster_limits, model_names=model_names
+    )
     server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
     http_socket = metrics_socket = None
     try:
@@ -261,32 +256,62 @@ async def bind_listeners(config: ServerConfig, security: Security | None = None)
     return Listeners(security, metrics, admission, server, port, http_socket, metrics_endpoint, link)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded for serving, before its engine exists."""
+
+    name: str
+    backend: EmbeddingBackend
+    model_id: str = ""
+    revision: str = ""
+    demo: bool = False
+
+
+def load_models(config: ServerConfig) -> list[LoadedModel]:
+    """Load every model ``config`` names, each with its own dtype and quantization."""
+    loaded = []
+    for model in model_configs(config):
+        backend, source = load_backend(config_for(config, model))
+        loaded.append(LoadedModel(model.name, backend, source.model_id, source.revision, source.demo))
+    return loaded
+
+
 async def start_server(
     config: ServerConfig,
-    backend: EmbeddingBackend,
+    backend: EmbeddingBackend | None = None,
     *,
+    models: list[LoadedModel] | None = None,
     model_id: str = "",
     revision: str = "",
     demo: bool = False,
     security: Security | None = None,
     listeners: Listeners | None = None,
 ) -> RunningServer:
-    """Start serving ``backend``; returns once every port is serving.
+    """Start serving ``models`` (or the one ``backend``); returns once every port is serving.
 
     ``listeners`` are the ports :func:`bind_listeners` bound before the model
     loaded; without them they are bound here.
     """
-    listeners = listeners or await bind_listeners(config, security)
+    if models is None:
+        models = [LoadedModel(config.served_models()[0].name, backend, model_id, revision, demo)]
+    listeners = listeners or await bind_listeners(config, security, [m.name for m in models])
     security, metrics, admission, server = listeners.security, listeners.metrics, listeners.admission, listeners.server
     cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
     shared_cache = SharedCache(listeners.link) if listeners.link is not None else None
-    engine = EncodeEngine.from_config(
-        config, backend, metrics=metrics, cache_scope=cache_scope, shared_cache=shared_cache
-    )
-    info = build_info(
-        config, backend, admission, model_id=model_id, revision=revision, demo=demo, cache_scope=cache_scope
-    )
-    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(engine, info, config.limits), server)
+    memory_cache, disk_cache = EncodeEngine.caches_from_config(config)  # one bound for every model
+    registry = ModelRegistry([
+        ServedModel(
+            m.name, m.backend,
+            EncodeEngine(
+                m.backend, batching=config.batching, memory_cache=memory_cache, disk_cache=disk_cache,
+                metrics=metrics, cache_scope=cache_scope, shared_cache=shared_cache,
+            ),
+            m.model_id, m.revision, m.demo,
+        )
+        for m in models
+    ])
+    info = build_info(config, registry, admission, cache_scope=cache_scope)
+    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(registry, info, config.limits), server)
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -298,14 +323,11 @@ async def start_server(
     http = None
     if listeners.http_socket is not None:
         http = HTTPEndpoint(
-            engine,
-            admission,
-            fingerprint=backend.fingerprint,
-            ssl_context=security.tls.ssl_context() if security.tls is not None else None,
+            registry, admission, ssl_context=security.tls.ssl_context() if security.tls is not None else None
         )
         await http.start(listeners.http_socket)
     return RunningServer(
-        server, listeners.port, health, engine, admission, metrics, listeners.metrics_endpoint, http, listeners.link
+        server, listeners.port, health, registry, admission, metrics, listeners.metrics_endpoint, http, listeners.link
     )
 
 
@@ -324,19 +346,18 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
                     config.http.host)
     listeners = await bind_listeners(config, security)  # a port clash fails now, not after loading the weights
     try:
-        backend, source = load_backend(config)
+        models = load_models(config)
     except BaseException:
         await listeners.close()
         raise
-    running = await start_server(
-        config, backend, model_id=source.model_id, revision=source.revision, demo=source.demo, listeners=listeners
-    )
-    log.info(
-        "serving %s (fingerprint %s) on %s:%d, %s %s%s",
-        source.model_id, backend.fingerprint, config.host, running.port, backend.device,
-        next(k for k, v in DTYPES.items() if v == backend.dtype),
-        " [DEMO MODEL: random weights]" if source.demo else "",
-    )
+    running = await start_server(config, models=models, listeners=listeners)
+    for m in running.models:
+        log.info(
+            "serving %s as %r (%s, fingerprint %s) on %s:%d, %s %s%s",
+            m.model_id, m.name, m.family, m.backend.fingerprint, config.host, running.port, m.backend.device,
+            next(k for k, v in DTYPES.items() if v == m.backend.dtype),
+            " [DEMO MODEL: random weights]" if m.demo else "",
+        )
     log.info(
         "%s; %s; %s",
         ("mutual TLS" if security.tls.mutual else "TLS") if security.tls else "plaintext (no TLS)",

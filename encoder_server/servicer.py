@@ -12,27 +12,41 @@ from common.errors import Flux2RemoteError, retry_after_ms, retry_metadata, stat
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.admission import Refused, Ticket
-from encoder_server.engine import EncodedPrompt, EncodeEngine
+from encoder_server.engine import EncodedPrompt
+from encoder_server.models import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 
 class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
-    """Implements ``flux2.encoder.v1.TextEncoder`` on top of an :class:`EncodeEngine`.
+    """Implements ``flux2.encoder.v1.TextEncoder`` on top of the served models' engines.
 
     The policy interceptor (encoder_server/interceptor.py) runs first and hands
     ``Encode`` one :class:`Ticket`, and ``EncodeStream`` an iterator of tickets
     and :class:`Refused` messages, instead of raw requests.
     """
 
-    def __init__(self, engine: EncodeEngine, info: pb2.GetInfoResponse, limits: Limits):
-        self._engine = engine
+    def __init__(self, models: ModelRegistry, info: pb2.GetInfoResponse, limits: Limits):
+        self._models = models
         self._info = info
         self._limits = limits
-        self._default_dtype = dtype_from_wire(info.dtype)
 
     async def GetInfo(self, request, context):
-        return self._info
+        try:
+            model = self._models.get(request.model or self._models.names[0])
+        except Flux2RemoteError as exc:
+            await context.abort(*status_of(exc))
+        described = model.info()
+        reply = pb2.GetInfoResponse()
+        reply.CopyFrom(self._info)
+        # The top-level fields describe one model, as they did before servers had several.
+        for field in ("model_id", "revision", "fingerprint", "num_hidden_layers", "computed_layers", "hidden_size",
+                      "embedding_dim", "max_sequence_length", "dtype", "quantization", "device", "demo",
+                      "padding_side", "family"):
+            setattr(reply, field, getattr(described, field))
+        reply.hidden_states_layers[:] = described.hidden_states_layers
+        reply.model_name = described.name
+        return reply
 
     async def Encode(self, ticket: Ticket, context) -> AsyncIterator[bytes]:
         try:
@@ -112,9 +126,10 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         """
         t0 = time.perf_counter_ns()
         request = ticket.request
+        model = self._models.get(ticket.model)
         with ticket.charging():
-            dtype = dtype_from_wire(request.dtype, default=self._default_dtype)
-            results = await self._engine.encode(
+            dtype = dtype_from_wire(request.dtype, default=model.backend.dtype)
+            results = await model.engine.encode(
                 ticket.prompts,
                 user=ticket.user,
                 cache_only=request.cache_only,
@@ -122,10 +137,10 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 wait_for_capacity=wait_for_capacity,
             )
         total_ns = time.perf_counter_ns() - t0
-        return self._messages(ticket.request_id, results, dtype, total_ns)
+        return self._messages(ticket.request_id, results, dtype, total_ns, model.backend.fingerprint)
 
     def _messages(
-        self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int
+        self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int, fingerprint: str
     ) -> Iterator[bytes]:
         """Serialized EncodeResponse messages, framed straight from the embeddings' memory
         (see common/wire.py: protobuf-python would copy each 1 MiB chunk three times)."""
@@ -137,7 +152,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 tokenization_time_ns=result.tokenization_ns,
                 inference_time_ns=result.inference_ns,
                 total_time_ns=total_ns,
-                model_fingerprint=self._info.fingerprint,
+                model_fingerprint=fingerprint,
                 cache_hit=result.cache_hit,
                 batch_size=result.batch_size,
             )

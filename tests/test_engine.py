@@ -22,7 +22,8 @@ from encoder_server.engine import EncodeEngine
 from encoder_server.text_encoder import EncodedBatch
 from tests.helpers import ServerThread
 
-FAKE_SPEC = EncoderSpec(name="fake/recipe", hidden_states_layers=(1,), max_sequence_length=8, system_message="")
+# Named as a [dev] recipe so /predict (FLUX.2-dev's endpoint) serves it.
+FAKE_SPEC = EncoderSpec(name="flux2-dev/fake-recipe", hidden_states_layers=(1,), max_sequence_length=8, system_message="")
 
 
 class FakeBackend:
@@ -35,8 +36,11 @@ class FakeBackend:
     spec = FAKE_SPEC
     fingerprint = "fake:0000000000000000"
     hidden_size = 4
+    num_hidden_layers = 1
     dtype = torch.float32
+    quantization = "none"
     device = "cpu"
+    padding_side = "left"
 
     def __init__(self, fail_on: str | None = None):
         self.batches: list[list[str]] = []
