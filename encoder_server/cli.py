@@ -176,16 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     _defaults_from_env(serve)
     memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
     memory.add_argument("--config", default=None,
-                        help="Mistral3 config.json (default: the bundled FLUX.2-dev text-encoder config)")
-    memory.add_argument("--layers", type=int, default=30, help="decoder layers the server keeps (default: 30)")
+                        help="a text encoder's config.json, Mistral3 ([dev]) or Qwen3 ([klein]) "
+                             "(default: the bundled FLUX.2-dev text-encoder config)")
+    memory.add_argument("--layers", type=_number(int, 1), default=None,
+                        help="decoder layers the server keeps (default: what the config's recipe runs: "
+                             "30 for [dev], 27 for [klein])")
+    memory.add_argument("--all", action="store_true",
+                        help="print the truncation table of every bundled encoder ([dev], [klein] 4B and 9B) instead")
     return parser
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from encoder_server.memory import memory_table
+    from encoder_server.memory import memory_table, truncation_table
 
     try:
-        print(memory_table(args.config, args.layers))
+        print(truncation_table() if args.all else memory_table(args.config, args.layers))
     except (OSError, ValueError) as exc:
         print(f"flux2-encoder memory: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -59,3 +59,16 @@ def test_fairness_and_privacy_flags_reach_the_config():
     assert (config.limits.max_concurrent_calls_per_user, config.limits.write_timeout_s) == (3, 5.0)
     assert config.limits.body_timeout_s == 2.0 and config.cache.scope == "shared"
     assert (config.metrics_port, config.metrics_host) == (9100, "0.0.0.0")
+
+
+def test_memory_defaults_to_each_recipes_depth_and_lists_every_bundled_encoder(capsys):
+    from encoder_server.cli import main
+
+    assert main(["memory", "--config", "common/configs/qwen3_4b_text_encoder.json"]) == 0
+    assert "decoder layers kept (1-27)" in capsys.readouterr().out
+    assert main(["memory"]) == 0
+    assert "decoder layers kept (1-30)" in capsys.readouterr().out
+    assert main(["memory", "--all"]) == 0
+    table = capsys.readouterr().out
+    for row in ("Mistral-Small-3.x 24B | 30 of 40", "Qwen3-4B | 27 of 36", "Qwen3-8B | 27 of 36"):
+        assert row in table
