@@ -62,9 +62,13 @@ def test_fairness_and_privacy_flags_reach_the_config():
 
 
 def test_memory_defaults_to_each_recipes_depth_and_lists_every_bundled_encoder(capsys):
+    from pathlib import Path
+
+    import common
     from encoder_server.cli import main
 
-    assert main(["memory", "--config", "common/configs/qwen3_4b_text_encoder.json"]) == 0
+    qwen3_4b = Path(common.__file__).parent / "configs" / "qwen3_4b_text_encoder.json"
+    assert main(["memory", "--config", str(qwen3_4b)]) == 0
     assert "decoder layers kept (1-27)" in capsys.readouterr().out
     assert main(["memory"]) == 0
     assert "decoder layers kept (1-30)" in capsys.readouterr().out
