@@ -204,10 +204,11 @@ class Connection:
     def close(self) -> None:
         self.channel.close()
 
-    def get_info(self) -> pb2.GetInfoResponse:
-        """The raw ``GetInfo`` answer (at most 30 s), or the translated error."""
+    def get_info(self, model: str = "") -> pb2.GetInfoResponse:
+        """The raw ``GetInfo`` answer about ``model`` (empty: the server's first) in at most 30 s, or the translated error."""
         try:
-            return self.stub.GetInfo(pb2.GetInfoRequest(), timeout=min(self.timeout, 30.0), metadata=self.metadata)
+            return self.stub.GetInfo(pb2.GetInfoRequest(model=model), timeout=min(self.timeout, 30.0),
+                                     metadata=self.metadata)
         except grpc.RpcError as err:
             raise self.translate(err) from None
 

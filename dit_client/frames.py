@@ -6,7 +6,7 @@ Sits on :mod:`common.wire` (the byte format) and below the clients
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -17,8 +17,57 @@ from common.wire import TensorAssembler, dtype_from_wire
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model a server serves (``GetInfoResponse.models``): what :meth:`RemoteTextEncoder.encode`'s
+    ``model=`` names, and what its embeddings are."""
+
+    name: str
+    model_id: str
+    fingerprint: str
+    family: str  # the recipe: "flux2-dev" or "flux2-klein" (common.encoder_spec)
+    hidden_states_layers: tuple[int, ...]
+    num_hidden_layers: int
+    computed_layers: int
+    hidden_size: int
+    embedding_dim: int
+    max_sequence_length: int
+    dtype: torch.dtype
+    quantization: str
+    device: str
+    demo: bool
+    padding_side: str
+    revision: str = ""
+
+    @classmethod
+    def from_proto(cls, m: pb2.ModelInfo) -> "ModelInfo":
+        return cls(
+            name=m.name,
+            model_id=m.model_id,
+            fingerprint=m.fingerprint,
+            family=m.family,
+            hidden_states_layers=tuple(m.hidden_states_layers),
+            num_hidden_layers=m.num_hidden_layers,
+            computed_layers=m.computed_layers,
+            hidden_size=m.hidden_size,
+            embedding_dim=m.embedding_dim,
+            max_sequence_length=m.max_sequence_length,
+            dtype=dtype_from_wire(m.dtype),
+            quantization=m.quantization,
+            device=m.device,
+            demo=m.demo,
+            padding_side=m.padding_side,
+            revision=m.revision,
+        )
+
+
+@dataclass(frozen=True)
 class EncoderInfo:
-    """What ``GetInfo`` reports about the server (see encoder.proto for each field)."""
+    """What ``GetInfo`` reports about the server (see encoder.proto for each field).
+
+    The model fields describe one model: the one ``GetInfo`` was asked about
+    (:attr:`model_name`), or the server's first. :attr:`models` lists every model
+    the server serves (empty from servers older than several-model support).
+    """
 
     model_id: str
     revision: str
@@ -36,6 +85,17 @@ class EncoderInfo:
     demo: bool
     padding_side: str
     limits: dict[str, int] = field(default_factory=dict)
+    model_name: str = ""
+    family: str = ""
+    models: tuple[ModelInfo, ...] = ()
+
+    def model(self, name: str) -> ModelInfo | None:
+        """The entry of :attr:`models` called ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
 
     @classmethod
     def from_proto(cls, m: pb2.GetInfoResponse) -> "EncoderInfo":
@@ -56,6 +116,9 @@ class EncoderInfo:
             demo=m.demo,
             padding_side=m.padding_side,
             limits={f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields},
+            model_name=m.model_name,
+            family=m.family,
+            models=tuple(ModelInfo.from_proto(x) for x in m.models),
         )
 
 
@@ -75,7 +138,8 @@ class PromptMetadata:
 
     @classmethod
     def from_proto(cls, m: pb2.PromptMetadata) -> "PromptMetadata":
-        return cls(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
+        # The dataclass's fields, not the message's: a field added to the proto reaches callers when it is added here.
+        return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
 
 
 class ResponseAssembler:

@@ -42,6 +42,8 @@ class RemoteTextEncoder:
         tls: ``None`` for plaintext, ``True`` for TLS with the system roots, or a :class:`TLSConfig`.
         timeout: seconds per call (deadline), covering queueing, compute and transfer.
         expected_fingerprint: refuse to return embeddings made by any other model.
+        model: the server model to use when a call names none (a name from ``info().models``);
+            ``None``: the server's only model (a server with several then refuses ``encode``).
 
     All failures raise a :class:`common.errors.Flux2RemoteError` subclass with a
     readable message: ``EncoderUnavailable`` (unreachable), ``EncoderOverloaded``,
@@ -56,10 +58,12 @@ class RemoteTextEncoder:
         tls: TLSConfig | bool | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         expected_fingerprint: str | None = None,
+        model: str | None = None,
     ):
         self.connection = Connection(target, api_key=api_key, tls=tls, timeout=timeout)
         self.expected_fingerprint = expected_fingerprint
-        self._info: EncoderInfo | None = None
+        self.model = model or None
+        self._infos: dict[str, EncoderInfo] = {}  # GetInfo per model name ("" = the server's default)
 
     @property
     def target(self) -> str:
@@ -84,21 +88,46 @@ class RemoteTextEncoder:
 
     # -- API -------------------------------------------------------------
 
-    def info(self, *, refresh: bool = False) -> EncoderInfo:
-        """Server facts (cached after the first call). Raises if the fingerprint is not the expected one."""
-        if self._info is None or refresh:
-            reply = self.connection.get_info()
-            info = EncoderInfo.from_proto(reply)
+    @property
+    def _info(self) -> EncoderInfo | None:
+        """The cached info of the default model (tests pre-seed it)."""
+        return self._infos.get(self.model or "")
+
+    @_info.setter
+    def _info(self, info: EncoderInfo | None) -> None:
+        if info is None:
+            self._infos.pop(self.model or "", None)
+        else:
+            self._infos[self.model or ""] = info
+
+    def info(self, *, model: str | None = None, refresh: bool = False) -> EncoderInfo:
+        """Server facts about ``model`` (default: the client's ``model``, else the server's first), cached per model.
+
+        :attr:`EncoderInfo.models` lists every model the server serves. A name the
+        server does not serve raises :class:`InvalidRequest` listing those it does.
+        Raises :class:`IntegrityError` if the fingerprint is not the expected one.
+        """
+        name = (model if model is not None else self.model) or ""
+        info = self._infos.get(name)
+        if info is None or refresh:
+            info = EncoderInfo.from_proto(self.connection.get_info(name))
+            if name and info.model_name != name:
+                # A server from before several models ignores the name: it would answer with its only model.
+                raise InvalidRequest(
+                    f"the encoder at {self.target} serves one model ({info.model_id}) and cannot select "
+                    f"model {name!r}: it predates several models per server; call without a model name"
+                )
             if self.expected_fingerprint and info.fingerprint != self.expected_fingerprint:
                 raise IntegrityError(
                     f"encoder at {self.target} serves fingerprint {info.fingerprint}, "
                     f"expected {self.expected_fingerprint}: it runs a different model or settings"
                 )
-            self._info = info
-        return self._info
+            self._infos[name] = info
+        return info
 
     def encode(
-        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False
+        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False,
+        model: str | None = None,
     ) -> torch.Tensor:
         """Prompt embeddings, ready for ``Flux2Pipeline(prompt_embeds=...)``.
 
@@ -107,21 +136,25 @@ class RemoteTextEncoder:
                 ``max_prompts_per_request`` are split into several calls.
             dtype: output dtype; ``None`` is the server's compute dtype (bit-exact).
             cache_only: answer only from the server cache; a miss raises ``NotCached``.
+            model: which of the server's models encodes (a name from ``info().models``);
+                default: the client's ``model``, else the server's only one.
 
         Returns:
             ``[B, max_sequence_length, embedding_dim]`` tensor on the CPU
-            (``[B, 512, 15360]`` bfloat16 for FLUX.2-dev).
+            (``[B, 512, 15360]`` bfloat16 for FLUX.2-dev, ``[B, 512, 7680]`` for [klein] 4B).
         """
-        return self.encode_with_metadata(prompts, dtype=dtype, cache_only=cache_only)[0]
+        return self.encode_with_metadata(prompts, dtype=dtype, cache_only=cache_only, model=model)[0]
 
     def encode_with_metadata(
-        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False
+        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False,
+        model: str | None = None,
     ) -> tuple[torch.Tensor, list[PromptMetadata]]:
         """Like :meth:`encode`, plus the per-prompt metadata (token counts, timings, cache hits)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InvalidRequest("no prompts given")
-        info = self.info()
+        name = (model if model is not None else self.model) or ""
+        info = self.info(model=name)
         out_dtype = dtype or info.dtype
         check_output_dtype(out_dtype)
         # One preallocated buffer; chunks are copied straight into it.
@@ -130,7 +163,8 @@ class RemoteTextEncoder:
         step = max(1, info.limits.get("max_prompts_per_request", len(prompts)))
         for start in range(0, len(prompts), step):
             part = prompts[start : start + step]
-            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only)
+            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only,
+                                        model=name)
             try:
                 responses = self.connection.encode_raw(request, timeout=self.timeout, metadata=self.connection.metadata)
                 metadata.extend(self._receive(responses, out[start : start + len(part)], info))
@@ -161,6 +195,7 @@ class RemoteTextEncoder:
         dtype: torch.dtype | None = None,
         cache_only: bool = False,
         retry: RetryPolicy | None = None,
+        model: str | None = None,
     ) -> Iterator[StreamedEmbedding]:
         """Embeddings for many prompts over one ``EncodeStream`` call, yielded as they complete.
 
@@ -175,6 +210,7 @@ class RemoteTextEncoder:
             retry: how ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, broken streams and
                 stalls (no response for ``timeout`` seconds) are retried
                 (:class:`dit_client.retry.RetryPolicy`).
+            model: which of the server's models encodes; default: the client's ``model``.
 
         Yields:
             :class:`dit_client.stream.StreamedEmbedding` per prompt, with
@@ -186,5 +222,5 @@ class RemoteTextEncoder:
         """
         return encode_stream(
             self, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
-            cache_only=cache_only, retry=retry,
+            cache_only=cache_only, retry=retry, model=model if model is not None else self.model,
         )

@@ -59,7 +59,7 @@ class EncoderClient(Protocol):
     """What the stream machinery uses of a client (:class:`dit_client.remote.RemoteTextEncoder` has it)."""
 
     connection: Connection
-    info: Callable[..., EncoderInfo]  # info(refresh=False) -> EncoderInfo, cached by the client
+    info: Callable[..., EncoderInfo]  # info(model=None, refresh=False) -> EncoderInfo, cached by the client
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,13 @@ _CLOSE = object()
 class _StreamJob:
     """State of one ``encode_stream`` call across stream reopenings."""
 
-    def __init__(self, client: EncoderClient, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry):
+    def __init__(self, client: EncoderClient, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry,
+                 model=None):
         self.client = client
         self.retry = retry or RetryPolicy()
         self.cache_only = cache_only
-        self.info: EncoderInfo = client.info()
+        self.model = model or ""  # the server's model that encodes ("" = its only one)
+        self.info: EncoderInfo = client.info(model=self.model)
         self.fingerprint = self.info.fingerprint
         limits = self.info.limits
         server_batch = int(limits.get("max_prompts_per_request") or DEFAULT_BATCH_SIZE)
@@ -215,7 +217,7 @@ class _StreamJob:
 
     def _check_same_model(self) -> None:
         try:
-            info = self.client.info(refresh=True)
+            info = self.client.info(model=self.model, refresh=True)
         except RETRYABLE:
             return  # still down: the next stream fails fast and backs off again
         if info.fingerprint != self.fingerprint:
@@ -244,6 +246,7 @@ class _StreamJob:
                             dtype=dtype_to_wire(self.dtype),
                             cache_only=self.cache_only,
                             request_id=request_id,
+                            model=self.model,
                         )
                     )
                 if not in_flight:
@@ -327,10 +330,11 @@ def encode_stream(
     dtype: torch.dtype | None = None,
     cache_only: bool = False,
     retry: RetryPolicy | None = None,
+    model: str | None = None,
 ) -> Iterator[StreamedEmbedding]:
     """See :meth:`dit_client.remote.RemoteTextEncoder.encode_stream`."""
     job = _StreamJob(
         client, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
-        cache_only=cache_only, retry=retry,
+        cache_only=cache_only, retry=retry, model=model,
     )
     return job.run()
