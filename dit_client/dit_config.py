@@ -71,7 +71,7 @@ class DiTConfig:
     Attributes:
         model: hub id (``black-forest-labs/FLUX.2-dev``), pre-quantized repo
             (``diffusers/FLUX.2-dev-bnb-4bit``), local folder in the diffusers
-            layout, or ``"demo"`` (tiny random model).
+            layout, or ``"demo"`` / ``"demo-klein"`` (tiny random [dev] / [klein] models).
         revision: hub revision for hub ids.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
@@ -89,6 +89,8 @@ class DiTConfig:
         lora_scale: strength of the LoRA (0 disables it, 1 is as trained).
         embedding_cache_size: prompt embeddings kept on the client (LRU);
             FLUX.2-dev's are 15.7 MB each in bf16.
+        encoder_model: the encoder server's model to use (a name from ``flux2-dit info``);
+            None picks the one whose family and width fit the DiT.
     """
 
     model: str = DEFAULT_MODEL
@@ -101,6 +103,7 @@ class DiTConfig:
     lora: str | None = None
     lora_scale: float = 1.0
     embedding_cache_size: int = 8
+    encoder_model: str | None = None
 
     def check(self) -> None:
         """Raise :class:`ClientConfigError` for values no machine could run."""

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from common.errors import IntegrityError
 from common.model_source import ModelSource, resolve_model
 from dit_client.connection import TLSConfig
 from dit_client.dit_config import (  # noqa: F401  (re-exported: `from dit_client.generate import ...`)
@@ -66,6 +65,7 @@ from dit_client.loading import (  # noqa: F401
     resolve_quantization,
     set_attention_backend,
 )
+from dit_client.model_match import EncoderMismatch, PipelineKind, choose_encoder_model, read_pipeline_kind  # noqa: F401
 from dit_client.remote import RemoteTextEncoder
 from dit_client.retry import RetryPolicy, call_with_retries
 from dit_client.structured_prompt import render_structured_prompt, validate_structured_prompt
@@ -84,6 +84,8 @@ class GenerationResult:
         seed: the seed used (drawn at random when none was given), for reproduction.
         prompt_text: the exact text the encoder received (canonical JSON for structured prompts).
         fingerprint: the encoder's model fingerprint.
+        encoder_model: the name of the server's model that made the embeddings
+            (``""`` for a server from before several models).
         parameters: size, steps, guidance, model... as written into the PNG metadata.
         encode_s: seconds spent getting the embedding (0 on a client-cache hit).
         denoise_s: seconds in the pipeline call (denoising + VAE decode).
@@ -98,6 +100,7 @@ class GenerationResult:
     encode_s: float
     denoise_s: float
     demo: bool = False
+    encoder_model: str = ""
 
     def save(self, out: str | os.PathLike) -> list[Path]:
         """Write the images as PNG, atomically; see :func:`save_images`."""
@@ -118,9 +121,11 @@ class DiTClient:
         progress: show tqdm bars for model loading and denoising steps.
 
     The model loads on first use (or on :meth:`load`). Before any weights are
-    read, the encoder's embedding width is checked against the DiT's
-    ``joint_attention_dim``, so a mismatched pair fails in seconds, not after
-    loading 20 GB.
+    read, the pipeline class (``model_index.json``) and the DiT's
+    ``joint_attention_dim`` pick the encoder's model: the one of the pipeline's
+    family ([dev] or [klein]) that makes embeddings of that width
+    (``config.encoder_model``, or the encoder's own ``model``, names one
+    instead). A mismatched pair fails in seconds, not after loading 20 GB.
     """
 
     def __init__(
@@ -152,6 +157,8 @@ class DiTClient:
         self.device: torch.device | None = None
         self.quantization: str | None = None
         self.pixel_multiple: int | None = None  # pixels per latent token side, known after prepare()
+        self.kind: PipelineKind | None = None  # the pipeline the model folder names, known after prepare()
+        self.encoder_model: str | None = None  # the server model feeding this DiT, known after prepare()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -190,13 +197,14 @@ class DiTClient:
         # 2. Only the DiT's components' configs: the text encoder is never downloaded.
         configs = resolve_model(cfg.model, components=DIT_COMPONENTS, revision=cfg.revision, configs_only=True)
         transformer_config = read_transformer_config(configs)
+        self.kind = read_pipeline_kind(configs, transformer_config)
         self.pixel_multiple = pixel_multiple(read_component_config(configs, "vae"))
         quantization = resolve_quantization(cfg, transformer_config, device)
         # The same table `flux2-dit plan` reads, so it never recommends what is refused here.
         why = offload_refusal(quantization, cfg.offload)
         if why:
             raise ClientConfigError(why)
-        # 3. The encoder must produce what this DiT reads.
+        # 3. The encoder must serve a model whose embeddings this DiT reads.
         self.check_encoder(transformer_config)
         self._prepared = (device, quantization)
         return self._prepared
@@ -209,7 +217,7 @@ class DiTClient:
         device, quantization = self.prepare()
         # 4. Load the three components (the weights of a hub model are fetched here).
         source = resolve_model(cfg.model, components=DIT_COMPONENTS, revision=cfg.revision)
-        pipe = load_pipeline(source, quantization, device, cfg, progress=self.progress)
+        pipe = load_pipeline(source, quantization, device, cfg, progress=self.progress, kind=self.kind)
         # 5. Extras, then placement (LoRA and attention hooks go in before offload hooks).
         if cfg.lora:
             load_lora(pipe, cfg.lora, cfg.lora_scale)
@@ -221,29 +229,25 @@ class DiTClient:
         return pipe
 
     def check_encoder(self, transformer_config: Mapping[str, Any]):
-        """Raise :class:`IntegrityError` unless the encoder's embedding width is the DiT's ``joint_attention_dim``."""
-        info = self.encoder.info()
-        expected = transformer_config.get("joint_attention_dim")
-        if expected is None:  # config.json leaves out defaults: the class default is FLUX.2-dev's
-            import inspect
+        """Pick the encoder's model for this DiT (:attr:`encoder_model`) and return its info.
 
-            from diffusers import Flux2Transformer2DModel
-
-            expected = inspect.signature(Flux2Transformer2DModel.__init__).parameters["joint_attention_dim"].default
-        if info.embedding_dim != expected:
-            raise IntegrityError(
-                f"the encoder at {self.encoder.target} (model {info.model_id or '?'}, fingerprint {info.fingerprint}) "
-                f"makes {info.embedding_dim}-wide embeddings, but the DiT of {self.config.model} expects "
-                f"joint_attention_dim {expected}: they are different models. Point --encoder at a server "
-                f"running the text encoder that belongs to this DiT"
-            )
-        return info
+        Raises :class:`EncoderMismatch` (exit 2) when the server serves no model of
+        the pipeline's family with the DiT's ``joint_attention_dim`` as width, or
+        when the model named by ``config.encoder_model`` is not one.
+        """
+        kind = self.kind  # set by prepare(), which calls this
+        wanted = self.config.encoder_model or self.encoder.model
+        self.encoder_model = choose_encoder_model(
+            self.encoder.info(), kind, wanted=wanted, target=self.encoder.target, dit_model=self.config.model
+        )
+        return self.encoder.info(model=self.encoder_model)
 
     # -- generation ------------------------------------------------------
 
     def prompt_embeds(self, prompt: str) -> tuple[torch.Tensor, bool]:
         """The embedding of one prompt text: ``([1, 512, D] CPU tensor in the server dtype, cache_hit)``."""
-        fingerprint = self.encoder.info().fingerprint
+        self.prepare()  # picks the encoder's model
+        fingerprint = self.encoder.info(model=self.encoder_model).fingerprint
         cached = self.cache.get(fingerprint, prompt)
         if cached is not None:
             return cached, True
@@ -253,7 +257,8 @@ class DiTClient:
 
     def _encode_retrying(self, prompt: str) -> torch.Tensor:
         """One prompt from the service; a busy or restarting encoder is retried per ``self.retry``."""
-        return call_with_retries(lambda: self.encoder.encode([prompt]), self.retry, what="encoder")
+        return call_with_retries(lambda: self.encoder.encode([prompt], model=self.encoder_model), self.retry,
+                                 what="encoder")
 
     def generate(
         self,
@@ -262,10 +267,11 @@ class DiTClient:
         height: int = 1024,
         width: int = 1024,
         steps: int = 28,
-        guidance: float = 4.0,
+        guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
         images: Sequence[str | os.PathLike] = (),
+        negative_prompt: str | Mapping[str, Any] | None = "",
     ) -> GenerationResult:
         """Make ``num_images`` pictures of ``prompt``.
 
@@ -274,12 +280,19 @@ class DiTClient:
                 form, sent as canonical JSON text).
             height, width: output size in pixels; multiples of 16 for FLUX.2-dev.
             steps: denoising steps (28 is the FLUX.2-dev default on the model card).
-            guidance: embedded guidance scale (FLUX.2-dev is guidance-distilled: one pass per step).
+            guidance: ``guidance_scale``; None is the pipeline's default. For [dev] the embedded
+                guidance (guidance-distilled: one pass per step, default 4); for a [klein] base
+                model the classifier-free guidance scale (default 4: two passes per step, the
+                second on ``negative_prompt``); a distilled [klein] ignores it (default 1).
             seed: ``torch.Generator(device).manual_seed(seed)`` on the execution
                 device, as in the diffusers docs; None draws one and reports it.
             num_images: images from one generator, as ``num_images_per_prompt``.
             images: up to 10 reference images (paths) for multi-reference editing;
                 they are encoded by the local VAE.
+            negative_prompt: for [klein] base models with guidance above 1, the prompt whose
+                embedding classifier-free guidance steers away from (fetched from the encoder
+                like the prompt; ``""`` as in diffusers). None refuses such a run. Unused by
+                models without CFG.
 
         Returns:
             :class:`GenerationResult` with PIL images and the seed and settings used.
@@ -288,7 +301,7 @@ class DiTClient:
         prompt_text = self._prompt_text(prompt)
         check_int("steps", steps, 1, MAX_STEPS)
         check_int("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
-        if not isinstance(guidance, (int, float)) or not (0.0 <= guidance <= 100.0):
+        if guidance is not None and (not isinstance(guidance, (int, float)) or not (0.0 <= guidance <= 100.0)):
             raise ClientConfigError(f"guidance {guidance!r} must be a number in [0, 100]")
         if seed is None:
             seed = secrets.randbelow(2**32)
@@ -298,18 +311,39 @@ class DiTClient:
         multiple = self.pixel_multiple
         check_int("height", height, multiple, MAX_SIDE, multiple_of=multiple)
         check_int("width", width, multiple, MAX_SIDE, multiple_of=multiple)
+        kind = self.kind
+        if guidance is None:
+            guidance = kind.default_guidance()
+        elif not kind.takes_guidance():
+            raise ClientConfigError(f"{self.config.model} is a {kind.class_name}, which takes no guidance; "
+                                    "leave out --guidance")
+        cfg = kind.uses_cfg(guidance)
+        if cfg and negative_prompt is None:
+            raise ClientConfigError(
+                f"{self.config.model} is a base (not distilled) {kind.class_name}: guidance {guidance:g} > 1 runs "
+                "classifier-free guidance, which needs a negative prompt's embedding; give a negative prompt "
+                "(the empty string is diffusers' default), or guidance 1 to turn CFG off"
+            )
+        negative_text = self._prompt_text(negative_prompt) if cfg else None
 
         # 2. Prompt embeddings from the service (or the client cache), after the
         # cheap checks but before the weights: a refused prompt or quota then
-        # costs seconds, not a model download and load.
+        # costs seconds, not a model download and load. A base [klein] model
+        # with CFG needs the negative prompt's as well.
         t0 = time.perf_counter()
         embeds, _ = self.prompt_embeds(prompt_text)
+        negative_embeds = self.prompt_embeds(negative_text)[0] if cfg else None
         encode_s = time.perf_counter() - t0
         pipe = self.load()
         device = pipe._execution_device
 
         # 3. Denoise and decode.
         generator = torch.Generator(device=device).manual_seed(seed)
+        extra: dict[str, Any] = {}
+        if kind.takes_guidance():
+            extra["guidance_scale"] = float(guidance)
+        if cfg:
+            extra["negative_prompt_embeds"] = negative_embeds.to(device=device, dtype=self.dtype)
         t1 = time.perf_counter()
         output = pipe(
             image=references,
@@ -317,13 +351,13 @@ class DiTClient:
             height=height,
             width=width,
             num_inference_steps=steps,
-            guidance_scale=float(guidance),
             num_images_per_prompt=num_images,
             generator=generator,
+            **extra,
         )
         denoise_s = time.perf_counter() - t1
 
-        info = self.encoder.info()
+        info = self.encoder.info(model=self.encoder_model)
         parameters = {
             "prompt": prompt_text,
             "seed": seed,
@@ -331,14 +365,17 @@ class DiTClient:
             "width": width,
             "steps": steps,
             "guidance": float(guidance),
+            "negative_prompt": negative_text,
             "num_images": num_images,
             "reference_images": [Path(p).name for p in images],
             "model": self.config.model,
+            "pipeline": kind.class_name,
             "dtype": self.config.dtype,
             "quantization": self.quantization,
             "lora": self.config.lora,
             "lora_scale": self.config.lora_scale if self.config.lora else None,
             "encoder_fingerprint": info.fingerprint,
+            "encoder_model": self.encoder_model,
         }
         return GenerationResult(
             images=list(output.images),
@@ -349,6 +386,7 @@ class DiTClient:
             encode_s=encode_s,
             denoise_s=denoise_s,
             demo=bool(info.demo or (self.source is not None and self.source.demo)),
+            encoder_model=self.encoder_model or "",
         )
 
     @staticmethod

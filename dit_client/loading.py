@@ -86,16 +86,20 @@ def resolve_quantization(config: DiTConfig, transformer_config: dict[str, Any], 
 
 
 def load_pipeline(source: ModelSource, quantization: str, device: torch.device, config: DiTConfig,
-                  *, progress: bool = True):
+                  *, progress: bool = True, kind=None):
     """``Flux2Pipeline(text_encoder=None, tokenizer=None, ...)`` with the DiT, VAE and scheduler of ``source``.
 
     The DiT is loaded in ``config.dtype``, quantized per ``quantization``; on
     CUDA without offload it goes straight to ``device``, shard by shard.
+    ``kind`` (:class:`dit_client.model_match.PipelineKind`) names another
+    pipeline class (``Flux2KleinPipeline``...) and its ``is_distilled``.
     """
+    import inspect
+
+    import diffusers
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
-        Flux2Pipeline,
         Flux2Transformer2DModel,
     )
     from tqdm.auto import tqdm
@@ -127,7 +131,10 @@ def load_pipeline(source: ModelSource, quantization: str, device: torch.device, 
                 parts[name] = load(source.component(name))
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ClientConfigError(f"cannot load {name} from {source.component(name)}: {exc}") from exc
-    return Flux2Pipeline(text_encoder=None, tokenizer=None, **parts)
+    pipeline_class = getattr(diffusers, kind.class_name if kind is not None else "Flux2Pipeline")
+    if kind is not None and "is_distilled" in inspect.signature(pipeline_class.__init__).parameters:
+        parts["is_distilled"] = kind.is_distilled
+    return pipeline_class(text_encoder=None, tokenizer=None, **parts)
 
 
 def load_lora(pipe, lora: str, scale: float) -> None:

@@ -23,6 +23,7 @@ from dit_client.generate import (
     DiTClient,
     DiTConfig,
     EmbeddingCache,
+    EncoderMismatch,
     apply_offload,
     load_reference_images,
     resolve_quantization,
@@ -487,7 +488,11 @@ class _NarrowBackend:
     spec = FLUX2_DEV
     fingerprint = "other:0000000000000000"
     hidden_size = 8
+    num_hidden_layers = 30
     dtype = torch.float32
+    quantization = "none"
+    device = torch.device("cpu")
+    padding_side = "left"
 
     def encode(self, prompts):
         return EncodedBatch(torch.zeros(len(prompts), 512, 24), [1] * len(prompts), [False] * len(prompts), 0, 0)
@@ -505,10 +510,11 @@ def test_embedding_width_mismatch_is_refused_before_loading(tiny_model_dir, tmp_
                      "--out", str(tmp_path / "x.png"), "--quantization", "none", "--device", "cpu")
         err = capsys.readouterr().err
         with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32)) as client:
-            with pytest.raises(IntegrityError, match="joint_attention_dim 48"):
+            with pytest.raises(EncoderMismatch, match="joint_attention_dim 48"):
                 client.load()
-    assert rc == 1
-    assert "24-wide embeddings" in err and "joint_attention_dim 48" in err and "Traceback" not in err
+    assert rc == 2  # a settings mistake (which server, which model), like the other refusals before loading
+    assert "serves no model for this DiT" in err and "joint_attention_dim 48" in err and "24 wide" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -30,7 +30,11 @@ def add_parser(sub) -> None:
     )
     add_encoder_args(p)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, pre-quantized repo (diffusers/FLUX.2-dev-bnb-4bit), local folder, or 'demo'")
+                   help="hub id (FLUX.2-dev, FLUX.2-klein-4B, ...), pre-quantized repo (diffusers/FLUX.2-dev-bnb-4bit), "
+                        "local folder, 'demo' or 'demo-klein'")
+    p.add_argument("--encoder-model", default=None, metavar="NAME",
+                   help="which of the encoder server's models to use (names: `flux2-dit info`); default: the one "
+                        "whose family and width fit the DiT's pipeline and joint_attention_dim")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="prompt text, or a structured prompt as a JSON string")
@@ -40,7 +44,12 @@ def add_parser(sub) -> None:
     p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
-    p.add_argument("--guidance", type=float, default=4.0, help="embedded guidance scale (default 4)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale: [dev]'s embedded guidance, a [klein] base model's classifier-free guidance "
+                        "(default 4 for both); distilled [klein] ignores it (default 1)")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="for [klein] base models (classifier-free guidance): the negative prompt, encoded by the "
+                        "service too (default: empty, as in diffusers)")
     p.add_argument("--seed", type=int, default=None, help="seed; default: random, printed for reproduction")
     p.add_argument("--num-images", type=int, default=1, help="images of the same prompt (one embedding fetch)")
     p.add_argument("--image", action="append", default=[], metavar="REF.png",
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         lora=args.lora,
         lora_scale=args.lora_scale,
+        encoder_model=args.encoder_model,
     )
     try:
         with encoder_from_args(args) as encoder, DiTClient(encoder, config, progress=not args.quiet) as client:
@@ -92,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 num_images=args.num_images,
                 images=args.image,
+                negative_prompt=args.negative_prompt,
             )
             paths = result.save(args.out)
     except ModelNotFound as exc:
@@ -99,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for path in paths:
         print(f"wrote {path}")
-    print(f"seed {result.seed}, {args.steps} steps, {args.width}x{args.height}, encoder {result.fingerprint}; "
+    model = f" ({result.encoder_model})" if result.encoder_model else ""
+    print(f"seed {result.seed}, {args.steps} steps, {args.width}x{args.height}, encoder {result.fingerprint}{model}; "
           f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s")
     if result.demo:
         print("note: DEMO model: its weights are random, so the picture is noise; it only proves the plumbing")
