@@ -64,7 +64,7 @@ class Method:
 
     Attributes:
         name: label in metrics and logs.
-        metered: costs model time, so it passes steps 3-6 (``GetInfo`` passes only 1-2).
+        metered: costs model time, so it passes steps 3-6 (``GetInfo`` and ``GetPadTable`` pass only 1-2).
         streaming_requests: many requests in one call (steps 3, 4 and 6 run per message).
     """
 
@@ -74,6 +74,7 @@ class Method:
 
 
 GET_INFO = Method("GetInfo", metered=False)
+GET_PAD_TABLE = Method("GetPadTable", metered=False)
 ENCODE = Method("Encode", metered=True)
 ENCODE_STREAM = Method("EncodeStream", metered=True, streaming_requests=True)
 HTTP_PREDICT = Method("HTTP /predict", metered=True)
@@ -81,7 +82,9 @@ HTTP_PREDICT = Method("HTTP /predict", metered=True)
 # The one registry of gRPC methods. Services not named here (health checks,
 # reflection) stay open: load balancers and grpcurl probe them without keys,
 # and they reveal only SERVING/NOT_SERVING and the public schema.
-GRPC_METHODS: dict[str, Method] = {f"/{SERVICE_NAME}/{m.name}": m for m in (GET_INFO, ENCODE, ENCODE_STREAM)}
+GRPC_METHODS: dict[str, Method] = {
+    f"/{SERVICE_NAME}/{m.name}": m for m in (GET_INFO, GET_PAD_TABLE, ENCODE, ENCODE_STREAM)
+}
 
 
 class Slot:

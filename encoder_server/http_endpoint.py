@@ -286,6 +286,7 @@ class HTTPEndpoint:
         })
         response.content_type = "application/octet-stream"
         response.content_length = len(payload)
+        self._admission.metrics.response_bytes.labels(transport="http").inc(len(payload))
         timeout = self._limits.write_timeout_s
         view = memoryview(payload)
         try:

@@ -37,7 +37,7 @@ from encoder_server.validation import UndecodableRequest, tolerant_deserializer
 log = logging.getLogger(__name__)
 
 # Handlers of these yield serialized EncodeResponse bytes (common/wire.py framing).
-_FRAMED = frozenset({"Encode", "EncodeStream"})
+_FRAMED = frozenset({"Encode", "EncodeStream", "GetPadTable"})
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
@@ -70,7 +70,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         authorization = _authorization(handler_call_details)
         wrap = {
             "unary_unary": self._unary,
-            "unary_stream": self._unary_request,
+            "unary_stream": self._unary_request if method.metered else self._unmetered_stream,
             "stream_stream": self._stream,
         }
         return _replace_behaviours(handler, lambda behaviour, kind: wrap[kind](behaviour, method, authorization))
@@ -95,6 +95,20 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             response = await behaviour(request, context)
             admission.count(method, grpc.StatusCode.OK, user)
             return response
+
+        return wrapped
+
+    def _unmetered_stream(self, behaviour, method: Method, authorization: list[str]):
+        """GetPadTable: steps 1-2, then the answer written like Encode's (with the write timeout)."""
+        admission = self._admission
+
+        async def wrapped(request, context):
+            try:
+                user = self._begin(context, method, authorization)
+            except Flux2RemoteError as exc:
+                await _abort(context, exc)
+            await self._write_all(behaviour(request, context), context, method, user)
+            admission.count(method, grpc.StatusCode.OK, user)
 
         return wrapped
 

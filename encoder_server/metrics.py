@@ -105,6 +105,11 @@ class EncoderMetrics:
         self.cache_corrupt = Counter(
             "flux2_encoder_cache_corrupt", "Disk entries that failed their checks and were dropped.", registry=r
         )
+        self.response_bytes = Counter(
+            "flux2_encoder_response_bytes",
+            "Embedding bytes put on the wire (pad rows a client holds are not sent), by transport.",
+            ["transport"], registry=r,
+        )
         self.shared_cache_errors = Counter(
             "flux2_encoder_shared_cache_errors",
             "Calls to the shared Redis that failed or timed out (the server then used local state).",

@@ -15,9 +15,12 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
+import torch
+
 from common.config import ModelConfig, ServerConfig
 from common.errors import InvalidRequest
 from common.protocol import pb2
+from common.pad_table import pad_table_id
 from common.wire import dtype_to_wire
 from encoder_server.engine import EncodeEngine
 from encoder_server.text_encoder import ConfigError, EmbeddingBackend
@@ -31,7 +34,12 @@ DEV_FAMILY = "flux2-dev"
 
 @dataclass
 class ServedModel:
-    """One model: its backend, the engine that batches for it, and what GetInfo says of it."""
+    """One model: its backend, the engine that batches for it, and what GetInfo says of it.
+
+    ``pad_table`` (``[P, D]``, compute dtype) holds the rows every left-padded
+    prompt has at its pad positions (see :func:`compute_pad_table`); ``None``
+    when the model cannot leave pad rows out.
+    """
 
     name: str
     backend: EmbeddingBackend
@@ -39,10 +47,28 @@ class ServedModel:
     model_id: str = ""
     revision: str = ""
     demo: bool = False
+    pad_table: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.pad_table_id = pad_table_id(self.backend.fingerprint, self.pad_table)
 
     @property
     def family(self) -> str:
         return self.backend.spec.family
+
+    def elide(self, embedding: torch.Tensor, token_count: int, client_table: str) -> tuple[torch.Tensor, int]:
+        """``(rows to send, leading rows left out)`` for one ``[L, D]`` embedding.
+
+        Rows are left out only when the client holds this very table and they
+        equal it bit for bit: the check runs on every answer, so a batch that
+        happened to compute a pad row differently is sent whole, never wrong.
+        """
+        if not client_table or client_table != self.pad_table_id:
+            return embedding, 0
+        pad = min(embedding.shape[0] - token_count, self.pad_table.shape[0])
+        if pad <= 0 or not torch.equal(embedding[:pad], self.pad_table[:pad]):
+            return embedding, 0
+        return embedding[pad:], pad
 
     def info(self) -> pb2.ModelInfo:
         backend, spec = self.backend, self.backend.spec
@@ -63,6 +89,8 @@ class ServedModel:
             demo=self.demo,
             padding_side=backend.padding_side,
             family=self.family,
+            pad_table=self.pad_table_id,
+            pad_table_rows=0 if self.pad_table is None else self.pad_table.shape[0],
         )
 
 
@@ -93,6 +121,23 @@ class ModelRegistry:
     def close(self) -> None:
         for model in self._models.values():
             model.engine.close()
+
+
+def compute_pad_table(backend: EmbeddingBackend) -> torch.Tensor | None:
+    """The pad rows of ``backend``'s embeddings, through the exact reference path: ``[P, D]`` or None.
+
+    With left padding a pad token attends only to pads, so the row at pad
+    position i is the same for every prompt (measured through diffusers'
+    reference on tiny models; tests/test_pad_table.py). The empty prompt has the most
+    pad positions (the chat template is all it holds), so its leading rows are
+    the table. Right padding puts the pads after the prompt, where they see
+    it: nothing is shared, and None is returned.
+    """
+    if backend.padding_side != "left":
+        return None
+    batch = backend.encode([""])
+    pad = batch.embeddings.shape[1] - int(batch.token_counts[0])
+    return batch.embeddings[0, :pad].clone() if pad > 0 else None
 
 
 def resolve_model_name(name: str, names: list[str]) -> str:

@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -23,7 +24,7 @@ from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
 from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
-from encoder_server.models import ModelRegistry, ServedModel, config_for, model_configs
+from encoder_server.models import ModelRegistry, ServedModel, compute_pad_table, config_for, model_configs
 from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
@@ -265,14 +266,17 @@ class LoadedModel:
     model_id: str = ""
     revision: str = ""
     demo: bool = False
+    pad_table: torch.Tensor | None = None
 
 
 def load_models(config: ServerConfig) -> list[LoadedModel]:
-    """Load every model ``config`` names, each with its own dtype and quantization."""
+    """Load every model ``config`` names, each with its own dtype and quantization, and its pad table."""
     loaded = []
     for model in model_configs(config):
         backend, source = load_backend(config_for(config, model))
-        loaded.append(LoadedModel(model.name, backend, source.model_id, source.revision, source.demo))
+        loaded.append(LoadedModel(
+            model.name, backend, source.model_id, source.revision, source.demo, compute_pad_table(backend)
+        ))
     return loaded
 
 
@@ -306,12 +310,12 @@ async def start_server(
                 m.backend, batching=config.batching, memory_cache=memory_cache, disk_cache=disk_cache,
                 metrics=metrics, cache_scope=cache_scope, shared_cache=shared_cache,
             ),
-            m.model_id, m.revision, m.demo,
+            m.model_id, m.revision, m.demo, m.pad_table,
         )
         for m in models
     ])
     info = build_info(config, registry, admission, cache_scope=cache_scope)
-    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(registry, info, config.limits), server)
+    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(registry, info, config.limits, metrics), server)
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from common.config import Limits
-from common.errors import Flux2RemoteError, retry_after_ms, retry_metadata, status_of
+from common.errors import Flux2RemoteError, InvalidRequest, retry_after_ms, retry_metadata, status_of
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.admission import Refused, Ticket
 from encoder_server.engine import EncodedPrompt
-from encoder_server.models import ModelRegistry
+from encoder_server.metrics import EncoderMetrics
+from encoder_server.models import ModelRegistry, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
     and :class:`Refused` messages, instead of raw requests.
     """
 
-    def __init__(self, models: ModelRegistry, info: pb2.GetInfoResponse, limits: Limits):
+    def __init__(self, models: ModelRegistry, info: pb2.GetInfoResponse, limits: Limits, metrics: EncoderMetrics):
         self._models = models
+        self._metrics = metrics
         self._info = info
         self._limits = limits
 
@@ -47,6 +49,23 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         reply.hidden_states_layers[:] = described.hidden_states_layers
         reply.model_name = described.name
         return reply
+
+    async def GetPadTable(self, request, context) -> AsyncIterator[bytes]:
+        try:
+            model = self._models.get(request.model)
+            if model.pad_table is None:
+                raise InvalidRequest(
+                    f"model {model.name!r} has no pad table (its tokenizer pads on the {model.backend.padding_side}); "
+                    "ask Encode for whole embeddings"
+                )
+        except Flux2RemoteError as exc:
+            await context.abort(*status_of(exc))
+        metadata = pb2.PromptMetadata(model_fingerprint=model.backend.fingerprint)
+        for msg in WireTensor.from_tensor(model.pad_table).frames(
+            request_id="", prompt_index=0, metadata=metadata, chunk_bytes=self._limits.max_chunk_bytes,
+            request_done=True,
+        ):
+            yield msg
 
     async def Encode(self, ticket: Ticket, context) -> AsyncIterator[bytes]:
         try:
@@ -137,10 +156,11 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 wait_for_capacity=wait_for_capacity,
             )
         total_ns = time.perf_counter_ns() - t0
-        return self._messages(ticket.request_id, results, dtype, total_ns, model.backend.fingerprint)
+        return self._messages(ticket.request_id, results, dtype, total_ns, model, request.pad_table)
 
     def _messages(
-        self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int, fingerprint: str
+        self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int, model: ServedModel,
+        client_table: str,
     ) -> Iterator[bytes]:
         """Serialized EncodeResponse messages, framed straight from the embeddings' memory
         (see common/wire.py: protobuf-python would copy each 1 MiB chunk three times)."""
@@ -152,11 +172,14 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 tokenization_time_ns=result.tokenization_ns,
                 inference_time_ns=result.inference_ns,
                 total_time_ns=total_ns,
-                model_fingerprint=fingerprint,
+                model_fingerprint=model.backend.fingerprint,
                 cache_hit=result.cache_hit,
                 batch_size=result.batch_size,
             )
-            yield from WireTensor.from_tensor(result.embedding.to(dtype)).frames(
+            rows, metadata.pad_rows_elided = model.elide(result.embedding, result.token_count, client_table)
+            tensor = WireTensor.from_tensor(rows.to(dtype))
+            self._metrics.response_bytes.labels(transport="grpc").inc(tensor.nbytes)
+            yield from tensor.frames(
                 request_id=request_id,
                 prompt_index=index,
                 metadata=metadata,

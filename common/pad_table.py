@@ -1,0 +1,39 @@
+"""What both sides agree on about pad tables: how one is named, and how an embedding is put back together.
+
+A pad table (``[P, D]``) holds the rows a left-padded FLUX.2 embedding has at
+pad positions 0..P-1; they depend on the position only. The server names a
+table by the model fingerprint and the table's own CRC-32C, so a client's copy
+is known to be this very table, and leaves rows out of an answer only when
+they equal it bit for bit (encoder_server/models.py); the client puts them
+back (dit_client/pad_table.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.errors import IntegrityError
+from common.wire import crc32c, tensor_bytes
+
+
+def pad_table_id(fingerprint: str, table: torch.Tensor | None) -> str:
+    """``"<model fingerprint>/pad:<rows>:<crc32c>"``, or ``""`` when there is no table."""
+    if table is None:
+        return ""
+    return f"{fingerprint}/pad:{table.shape[0]}:{crc32c(tensor_bytes(table)):08x}"
+
+
+def rebuild(rows: torch.Tensor, elided: int, table: torch.Tensor) -> torch.Tensor:
+    """The full ``[elided + n, D]`` embedding from its ``[n, D]`` real rows and the table's first ``elided`` rows.
+
+    ``table`` is in the server's compute dtype; it is cast like the rows were
+    (an elementwise cast of equal values gives equal values).
+    """
+    if elided == 0:
+        return rows
+    if elided > table.shape[0] or table.shape[1] != rows.shape[1]:
+        raise IntegrityError(
+            f"the server left out {elided} rows of width {rows.shape[1]}; the pad table has "
+            f"{table.shape[0]} rows of width {table.shape[1]}"
+        )
+    return torch.cat([table[:elided].to(rows.dtype), rows], dim=0)

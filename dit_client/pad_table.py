@@ -1,0 +1,108 @@
+"""Pad tables: the rows every left-padded embedding shares, kept once on disk instead of sent every time.
+
+FLUX.2 pads every prompt on the left to 512 tokens, and a pad row depends only
+on its position (a left pad token attends to nothing but pads). A prompt fills
+43-132 rows of 512 (docs/benchmarks.md), so most of each 15.7 MB embedding is
+the same rows again. A server that has a model's pad table (``ModelInfo.pad_table``
+names it) sends it once (``GetPadTable``); a client that holds it asks
+``Encode`` for only the real rows (``EncodeRequest.pad_table``) and puts the
+pad rows back here. The rebuilt tensor equals the server's bit for bit: the
+server leaves rows out only when they equal the table exactly.
+
+Tables live in ``<cache>/pad-tables/`` as safetensors (never pickle), named by
+the table id (model fingerprint, rows and CRC-32C), with that CRC checked on
+every read; a damaged or foreign file is deleted and fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from common.atomic import atomic_write
+from common.errors import IntegrityError
+from common.protocol import pb2
+from common.pad_table import pad_table_id, rebuild  # noqa: F401 - rebuild is part of this module's API
+from common.wire import TensorAssembler, dtype_from_wire
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "flux2-remote-pad-table/1"
+
+
+class PadTables:
+    """The pad tables this machine holds, on disk, verified on every read.
+
+    Args:
+        root: folder for the tables (e.g. ``<flux2-remote cache>/pad-tables``).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path_of(self, table: str) -> Path:
+        return self.root / (hashlib.sha256(table.encode()).hexdigest()[:32] + ".safetensors")
+
+    def load(self, table: str) -> torch.Tensor | None:
+        """The table named ``table``, or None when absent, damaged or another one (the file is then removed)."""
+        path = self.path_of(table)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            tensors = safetensors.torch.load(data)
+            meta = safetensors.safe_open(path, "pt").metadata() or {}
+            loaded = tensors["pad_rows"]
+            if meta.get("format") != _FORMAT or meta.get("table") != table:
+                raise ValueError("another table's file")
+            fingerprint = table.rpartition("/pad:")[0]
+            if pad_table_id(fingerprint, loaded) != table:
+                raise ValueError("CRC-32C or row count mismatch")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # any damage: fetch it again rather than rebuild wrong embeddings
+            log.warning("pad table %s is damaged (%s); fetching it again", path.name, exc)
+            path.unlink(missing_ok=True)
+            return None
+        return loaded
+
+    def save(self, table: str, tensor: torch.Tensor) -> None:
+        """Keep ``tensor`` as ``table`` (atomic: a crash leaves the old file or none)."""
+        body = safetensors.torch.save({"pad_rows": tensor.contiguous()}, metadata={"format": _FORMAT, "table": table})
+        atomic_write(self.path_of(table), lambda tmp: tmp.write_bytes(body))
+
+    def get(self, stub, model_info: pb2.ModelInfo, *, metadata=(), timeout: float = 60.0) -> torch.Tensor | None:
+        """The model's table: from disk, else fetched with ``GetPadTable`` and kept. None: the model has none."""
+        if not model_info.pad_table:
+            return None
+        table = self.load(model_info.pad_table)
+        if table is not None:
+            return table
+        table = fetch(stub, model_info, metadata=metadata, timeout=timeout)
+        self.save(model_info.pad_table, table)
+        return table
+
+
+def fetch(stub, model_info: pb2.ModelInfo, *, metadata=(), timeout: float = 60.0) -> torch.Tensor:
+    """Download ``model_info``'s pad table through ``stub.GetPadTable`` (raw frames), checked against its id."""
+    out = None
+    assembler = None
+    for msg in stub.GetPadTable(pb2.GetPadTableRequest(model=model_info.name), metadata=metadata, timeout=timeout):
+        if msg.HasField("header"):
+            header = msg.header
+            out = torch.empty(tuple(header.shape), dtype=dtype_from_wire(header.dtype))
+            assembler = TensorAssembler(out, header)
+        if assembler is None:
+            raise IntegrityError("the pad table's first message carried no header")
+        assembler.add_bytes(msg.chunk.offset, msg.chunk.data)
+    if assembler is None:
+        raise IntegrityError("the server sent no pad table")
+    assembler.finish()
+    if pad_table_id(model_info.fingerprint, out) != model_info.pad_table:
+        raise IntegrityError(f"the pad table received is not {model_info.pad_table}")
+    return out
