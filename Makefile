@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROTOS := $(shell find proto -name '*.proto')
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto redis-server test demo serve bench clean
+.PHONY: install proto redis-server test demo demo-klein serve bench clean
 
 install: $(STAMP) proto redis-server
 
@@ -54,6 +54,11 @@ test: install
 
 demo: install
 	$(BIN)/python -m dit_client.demo
+
+# FLUX.2 [klein] end to end: ONE encoder serving both demo models (--model dev=demo
+# --model klein=demo-klein); the client picks the klein one from the DiT's pipeline.
+demo-klein: install
+	$(BIN)/python -m dit_client.demo --klein
 
 bench: install
 	$(BIN)/python benchmarks/encoder_forward.py
