@@ -37,7 +37,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +132,9 @@ class Ticket:
     model: str = ""
     slot: Slot | None = None
     reservation: Reservation | ClusterReservation | None = None
+    # Called once by release(): a stream forgets the ticket then, so a long
+    # bulk stream does not keep every request it ever answered.
+    on_release: Callable[[], None] | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
 
     @contextmanager
@@ -170,6 +173,9 @@ class Ticket:
         self._settled = True
         if self.slot is not None:
             self.slot.release()
+        if self.on_release is not None:
+            on_release, self.on_release = self.on_release, None
+            on_release()
 
 
 class Admission:

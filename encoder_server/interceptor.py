@@ -147,14 +147,14 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             except Flux2RemoteError as exc:
                 await _abort(context, exc)
             stopped: list[Flux2RemoteError] = []
-            tickets: list[Ticket] = []
+            open_tickets: dict[int, Ticket] = {}  # admitted, not yet released by the servicer
             try:
-                requests = self._admitted(request_iterator, context, method, user, slot, stopped, tickets)
+                requests = self._admitted(request_iterator, context, method, user, slot, stopped, open_tickets)
                 await self._write_all(behaviour(requests, context), context, method, user)
                 if stopped:
                     await _abort(context, stopped[0])
             finally:
-                for ticket in tickets:
+                for ticket in list(open_tickets.values()):
                     ticket.release()  # a ticket the servicer never got to gives its quota back
                 slot.release()
 
@@ -162,7 +162,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admitted(
         self, requests: AsyncIterator, context, method: Method, user: str, slot: Slot,
-        stopped: list[Flux2RemoteError], tickets: list[Ticket],
+        stopped: list[Flux2RemoteError], open_tickets: dict[int, Ticket],
     ) -> AsyncIterator[Ticket | Refused]:
         admission = self._admission
         async for request in requests:
@@ -194,7 +194,8 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 echo = request.request_id if len(request.request_id) <= admission.limits.max_request_id_chars else ""
                 yield Refused(echo, exc)
                 continue
-            tickets.append(ticket)
+            open_tickets[id(ticket)] = ticket
+            ticket.on_release = lambda key=id(ticket): open_tickets.pop(key, None)
             yield ticket
 
     async def _write_all(self, messages: AsyncIterator[bytes], context, method: Method, user: str) -> None:

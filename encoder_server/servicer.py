@@ -104,6 +104,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 ])
             except Exception as exc:  # a bug: end the call with it rather than hold a slot forever
                 msgs = exc
+            finally:
+                if isinstance(item, Ticket):
+                    item.release()  # served or failed: its quota is settled, the stream may forget it
             await ready.put(msgs)  # the writer releases its in_flight slot once it is written
 
         async def read_all() -> None:

@@ -271,10 +271,12 @@ def test_stream_over_its_rate_is_paced_not_failed(monkeypatch):
         for i in range(4):
             yield pb2.EncodeRequest(prompts=[f"p{i}"])
 
+    open_tickets: dict = {}
+
     async def run():
         slot = admission.acquire_slot("alice")
         admitted = PolicyInterceptor(admission)._admitted(
-            requests(), _NoDeadline(), ENCODE_STREAM, "alice", slot, stopped=[], tickets=[]
+            requests(), _NoDeadline(), ENCODE_STREAM, "alice", slot, stopped=[], open_tickets=open_tickets
         )
         return [t async for t in admitted]
 
@@ -283,6 +285,11 @@ def test_stream_over_its_rate_is_paced_not_failed(monkeypatch):
     assert [t.prompts for t in tickets] == [["p0"], ["p1"], ["p2"], ["p3"]]
     assert all(isinstance(t, Ticket) for t in tickets)
     assert slept == [pytest.approx(30.0), pytest.approx(30.0)]
+    # A stream keeps a ticket only until the servicer releases it: a bulk job's answered requests are let go.
+    assert len(open_tickets) == 4
+    for t in tickets:
+        t.release()
+    assert not open_tickets
 
 
 # -- over gRPC -----------------------------------------------------------
