@@ -314,3 +314,14 @@ def test_inpaint_pipeline_is_not_a_generate(studio, klein_dir, tmp_path, capsys,
     rc = run_cli(*generate_args(studio, folder, tmp_path / "x.png"))
     err = capsys.readouterr().err
     assert rc == 2 and "Flux2KleinInpaintPipeline" in err and "runs Flux2Pipeline, Flux2KleinPipeline" in err
+
+
+def test_info_command_lists_the_models(studio, capsys):
+    assert cli.main(["info", "--encoder", studio.target, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in data["models"]] == ["dev", "klein"]
+    assert data["models"][1]["family"] == "flux2-klein" and data["models"][1]["dtype"] == "float32"
+    assert cli.main(["info", "--encoder", studio.target, "--model", "klein"]) == 0
+    out = capsys.readouterr().out
+    assert "model_name           klein" in out and "family               flux2-klein" in out
+    assert "models               2" in out

@@ -10,27 +10,45 @@ from dit_client.commands.common_args import add_encoder_args, encoder_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="show what the encoder serves (model, fingerprint, dtype, limits)")
+    p = sub.add_parser("info", help="show what the encoder serves (models, fingerprints, dtype, limits)")
     add_encoder_args(p)
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="describe this one of the server's models (default: its first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=run)
 
 
+def _plain(value):
+    """JSON-ready: torch dtypes by name, tuples as lists, nested models as objects."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "torch":
+        return str(value).removeprefix("torch.")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     with encoder_from_args(args) as enc:
-        info = enc.info()
-    fields = dataclasses.asdict(info)
-    fields["dtype"] = str(info.dtype).removeprefix("torch.")
+        info = enc.info(model=args.model)
+    fields = _plain(dataclasses.asdict(info))
     if args.json:
         print(json.dumps({"target": enc.target, **fields}, indent=2))
         return 0
+    models = fields.pop("models")
     print(f"encoder at {enc.target}")
     for name, value in fields.items():
         if name == "limits":
             value = ", ".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, tuple):
+        elif isinstance(value, list):
             value = ", ".join(map(str, value))
         print(f"  {name:<20} {value}")
+    if models:
+        print(f"  {'models':<20} {len(models)} (name them with --encoder-model / --model NAME)")
+        for m in models:
+            print(f"    {m['name']:<18} {m['family']:<12} {m['embedding_dim']:>6} wide  {m['dtype']:<9} "
+                  f"{m['fingerprint']}  {m['model_id']}")
     if info.demo:
         print("note: the DEMO model: random weights, the embeddings are noise")
     return 0
