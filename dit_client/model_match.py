@@ -180,3 +180,19 @@ def choose_encoder_model(
         f"several models on the encoder at {target} fit {dit_model}: "
         f"{', '.join(_describe(m) for m in candidates)}; choose one with --encoder-model NAME"
     )
+
+
+def encoder_model_for(dit_model: str, encoder, *, revision: str | None = None, wanted: str | None = None) -> str:
+    """The server model of ``encoder`` that feeds the DiT of ``dit_model`` (a hub id, folder, ``demo``...).
+
+    Reads the model's configs only (a hub model downloads kilobytes), as
+    :meth:`dit_client.generate.DiTClient.prepare` does; raises :class:`EncoderMismatch`.
+    """
+    from common.model_source import resolve_model
+    from dit_client.dit_config import DIT_COMPONENTS
+    from dit_client.loading import read_transformer_config
+
+    configs = resolve_model(dit_model, components=DIT_COMPONENTS, revision=revision, configs_only=True)
+    kind = read_pipeline_kind(configs, read_transformer_config(configs))
+    return choose_encoder_model(encoder.info(), kind, wanted=wanted or encoder.model, target=encoder.target,
+                                dit_model=dit_model)

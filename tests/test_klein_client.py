@@ -325,3 +325,30 @@ def test_info_command_lists_the_models(studio, capsys):
     out = capsys.readouterr().out
     assert "model_name           klein" in out and "family               flux2-klein" in out
     assert "models               2" in out
+
+
+# -- precompute: one store per model -------------------------------------------------
+
+
+def test_precompute_writes_a_store_per_model(studio, backends, klein_dir, tmp_path, capsys):
+    from dit_client.training.store import EmbeddingStore
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red fox\na blue bird\n")
+    common = ["precompute", "--encoder", studio.target, "--captions", str(captions), "--no-progress"]
+    # The DiT's configs pick the server model, as generate does; or name it.
+    assert cli.main([*common, "--out", str(tmp_path / "klein"), "--model", str(klein_dir)]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "dev"), "--encoder-model", "dev"]) == 0
+    for name in ("klein", "dev"):
+        store = EmbeddingStore(tmp_path / name, expected_model=name, expected_fingerprint=backends[name].fingerprint)
+        assert store.info.family == f"flux2-{name}"
+        assert torch.equal(store["a blue bird"], backends[name].encode(["a blue bird"]).embeddings[0])
+    capsys.readouterr()
+    # Another model's embeddings never go into a store.
+    assert cli.main([*common, "--out", str(tmp_path / "klein"), "--encoder-model", "dev"]) == 1
+    err = capsys.readouterr().err
+    assert "one store never mixes models" in err and "model 'klein' (flux2-klein" in err
+    # Two models and no name: the server's refusal, listing them.
+    assert cli.main([*common, "--out", str(tmp_path / "none")]) == 1
+    assert "serves 2 models (dev, klein); name the one to precompute with" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -35,7 +35,15 @@ def add_parser(sub) -> None:
     p.add_argument("--captions", required=True, metavar="PATH",
                    help=".txt (one per line), .jsonl, .csv, .parquet, an image folder (sidecar .txt or "
                         "metadata.jsonl) or a datasets save_to_disk folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="embedding store directory (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="embedding store directory (created if missing); one store per model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, metavar="DIT",
+                       help="the DiT the embeddings are for (hub id, folder, demo, demo-klein): its configs pick the "
+                            "server's matching model, as flux2-dit generate does")
+    which.add_argument("--encoder-model", default=None, metavar="NAME",
+                       help="which of the server's models encodes (names: `flux2-dit info`); needed when it "
+                            "serves several and --model is not given")
     p.add_argument("--caption-field", metavar="NAME",
                    help="field/column holding the caption (default: guessed: caption, text, prompt...)")
     p.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
@@ -56,6 +64,15 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with encoder_from_args(args) as enc:
+        model = args.encoder_model
+        if args.model:
+            from common.model_source import ModelNotFound
+            from dit_client.model_match import encoder_model_for
+
+            try:
+                model = encoder_model_for(args.model, enc)
+            except ModelNotFound as exc:
+                raise ValueError(str(exc)) from None  # a usage error: exit 2
         report = precompute(
             enc,
             args.captions,
@@ -66,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             shard_bytes=int(args.shard_size_mb * 1024 * 1024),
             retry=RetryPolicy(max_attempts=args.max_attempts),
             progress=not args.no_progress,
+            model=model,
         )
     print(
         f"{report.store}: {report.unique} distinct captions ({report.captions_read} read), "

@@ -75,6 +75,7 @@ def precompute(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     retry: RetryPolicy | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> PrecomputeReport:
     """Encode every distinct caption of ``captions`` that ``out`` does not hold yet.
 
@@ -94,6 +95,8 @@ def precompute(
         shard_bytes: target shard size in bytes; a kill loses at most one shard of work.
         retry: retry policy for transient failures.
         progress: show a tqdm bar (rate and ETA).
+        model: which of the server's models encodes (default: the encoder's ``model``,
+            else the server's only one); the store records its name and family.
 
     Returns:
         A :class:`PrecomputeReport`.
@@ -106,9 +109,16 @@ def precompute(
         Flux2RemoteError: the service failed in a way retries did not fix.
     """
     # 1. What the service makes.
-    info = encoder.info()
+    info = encoder.info(model=model)
+    if not (model or encoder.model) and len(info.models) > 1:
+        # Refused here, before a store is made for the server's first model by default.
+        raise InvalidRequest(
+            f"the encoder at {encoder.target} serves {len(info.models)} models ({', '.join(info.model_names)}); "
+            "name the one to precompute with (--encoder-model NAME, or --model DIT to match a DiT)"
+        )
     store_info = StoreInfo(
-        info.fingerprint, info.dtype, (info.max_sequence_length, info.embedding_dim), info.model_id
+        info.fingerprint, info.dtype, (info.max_sequence_length, info.embedding_dim), info.model_id,
+        info.model_name, info.family,
     )
     source = iter_captions(captions, caption_field) if isinstance(captions, (str, os.PathLike)) else captions
 
@@ -137,7 +147,7 @@ def precompute(
         with tqdm(total=len(todo), unit="caption", desc="precompute", disable=not progress, smoothing=0.05) as bar:
             if todo:
                 for result in encoder.encode_stream(
-                    todo, batch_size=batch_size, max_in_flight=concurrency, retry=retry
+                    todo, batch_size=batch_size, max_in_flight=concurrency, retry=retry, model=model
                 ):
                     writer.add(result.prompt, result.embedding)
                     bar.update(1)

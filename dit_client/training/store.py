@@ -83,12 +83,23 @@ class StoreInfo:
         dtype: element type, as the service sent it (``torch.bfloat16`` for FLUX.2-dev).
         shape: shape of one embedding, ``(max_sequence_length, embedding_dim)``, e.g. ``(512, 15360)``.
         model_id: the model the server reported, for people reading the index.
+        model_name: the server's name for that model (``EncodeRequest.model``; ``""``
+            from servers before several models).
+        family: its embedding recipe, ``flux2-dev`` or ``flux2-klein`` (``""`` when unknown).
     """
 
     fingerprint: str
     dtype: torch.dtype
     shape: tuple[int, int]
     model_id: str = ""
+    model_name: str = ""
+    family: str = ""
+
+    def describe(self) -> str:
+        """``model 'klein' (flux2-klein, FLUX.2-klein-4B, fingerprint ...)``, for messages."""
+        name = f"model {self.model_name!r}" if self.model_name else "model"
+        what = ", ".join(x for x in (self.family, self.model_id) if x)
+        return f"{name} ({what + ', ' if what else ''}fingerprint {self.fingerprint})"
 
     @property
     def row_bytes(self) -> int:
@@ -100,6 +111,8 @@ class StoreInfo:
             "dtype": DTYPE_NAMES[self.dtype],
             "shape": list(self.shape),
             "model_id": self.model_id,
+            "model_name": self.model_name,
+            "family": self.family,
         }
 
     @classmethod
@@ -109,7 +122,8 @@ class StoreInfo:
             shape = tuple(int(x) for x in data["shape"])
             if len(shape) != 2:
                 raise ValueError("shape must have 2 dimensions")
-            return cls(str(data["fingerprint"]), dtype, shape, str(data.get("model_id", "")))  # type: ignore[arg-type]
+            return cls(str(data["fingerprint"]), dtype, shape, str(data.get("model_id", "")),  # type: ignore[arg-type]
+                       str(data.get("model_name", "")), str(data.get("family", "")))
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"{where}: malformed store index ({exc})") from None
 
@@ -200,6 +214,11 @@ class EmbeddingStore:
 
     Args:
         path: the store directory.
+        expected_fingerprint: refuse a store made by any other model fingerprint
+            (``RemoteTextEncoder.info(model=...).fingerprint`` of the model you train with).
+        expected_model: refuse a store made by a server model of another name
+            (``--encoder-model`` / ``EncodeRequest.model``), or of another family when a
+            family (``flux2-dev``, ``flux2-klein``) is given.
 
     ``len(store)`` is the number of captions, ``caption in store`` tests
     membership, ``iter(store)`` yields captions in storage order,
@@ -211,15 +230,19 @@ class EmbeddingStore:
 
     Raises:
         StoreError: not a store directory.
-        IntegrityError: a listed shard is missing, damaged, or made by another fingerprint.
+        IntegrityError: a listed shard is missing, damaged, or made by another fingerprint;
+            or the store was made for another model than the expected one.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, expected_fingerprint: str | None = None,
+                 expected_model: str | None = None):
         self.path = Path(path)
         loaded = _read_index(self.path)
         if loaded is None:
             raise StoreError(f"{self.path} is not an embedding store (no {INDEX_NAME}); create one with `flux2-dit precompute`")
         self.info, self._shards = loaded
+        check_store_model(self.path, self.info, expected_fingerprint=expected_fingerprint,
+                          expected_model=expected_model)
         self._rows: dict[str, tuple[int, int]] = {}
         self._captions: list[str] = []
         for shard_index, entry in enumerate(self._shards):
@@ -302,6 +325,21 @@ class EmbeddingStore:
         return f"EmbeddingStore({str(self.path)!r}, {len(self)} captions, {self.fingerprint})"
 
 
+def check_store_model(path: Path, info: StoreInfo, *, expected_fingerprint: str | None = None,
+                      expected_model: str | None = None) -> None:
+    """Raise :class:`IntegrityError` unless the store at ``path`` was made by the expected model."""
+    if expected_fingerprint and info.fingerprint != expected_fingerprint:
+        raise IntegrityError(
+            f"{path} holds embeddings of {info.describe()}, not of fingerprint {expected_fingerprint}: "
+            "it was made for another model; precompute a store for this one (a new --out)"
+        )
+    if expected_model and expected_model not in (info.model_name, info.family):
+        raise IntegrityError(
+            f"{path} holds embeddings of {info.describe()}, not of model {expected_model!r}: it was made for "
+            "another model; precompute a store for this one (a new --out)"
+        )
+
+
 # -- writing -----------------------------------------------------------------
 
 
@@ -372,8 +410,9 @@ class StoreWriter:
             existing, listed = loaded
             if existing.fingerprint != self.info.fingerprint:
                 raise IntegrityError(
-                    f"{self.path} holds embeddings of fingerprint {existing.fingerprint}, but the encoder serves "
-                    f"{self.info.fingerprint}; one store never mixes models: use a new output directory"
+                    f"{self.path} holds embeddings of fingerprint {existing.fingerprint} ({existing.describe()}), "
+                    f"but the encoder serves {self.info.fingerprint} ({self.info.describe()}); one store never "
+                    "mixes models: use a new output directory"
                 )
             if (existing.dtype, existing.shape) != (self.info.dtype, self.info.shape):
                 raise IntegrityError(
@@ -381,6 +420,8 @@ class StoreWriter:
                     f"the encoder sends {DTYPE_NAMES[self.info.dtype]} {list(self.info.shape)}"
                 )
             if existing.model_id and not self.info.model_id:
+                self.info = existing
+            elif existing.model_name and not self.info.model_name:  # same fingerprint: keep what the index knew
                 self.info = existing
         else:
             listed = []
