@@ -40,10 +40,20 @@ from dit_client.dit_config import offload_refusal
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "common" / "configs"
 # Configs shipped with the package, so planning for these models needs no network.
-# FLUX.2 [klein] DiTs are Flux2Transformer2DModel too: their rows come from the same
-# estimate once their configs are bundled here (or read with --model from the hub or a folder).
+# FLUX.2 [klein] DiTs are Flux2Transformer2DModel too. Their values are the ones
+# diffusers' own conversion script builds them with (huggingface/diffusers,
+# scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config "klein-4b" and
+# "klein-9b": 5+20 blocks x 24 heads, 7680 wide; 8+24 blocks x 32 heads, 12288 wide;
+# no guidance embedding); every other key as for FLUX.2-dev, which the script shares.
+# The same script converts every FLUX.2 VAE with AutoencoderKLFlux2()'s defaults,
+# which flux2_dev_vae.json equals. Base models (FLUX.2-klein-base-*) are read from
+# the hub or a folder with --model.
+KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
+KLEIN_9B = "black-forest-labs/FLUX.2-klein-9B"
 BUNDLED = {
     DEFAULT_MODEL: (CONFIG_DIR / "flux2_dev_transformer.json", CONFIG_DIR / "flux2_dev_vae.json"),
+    KLEIN_4B: (CONFIG_DIR / "flux2_klein_4b_transformer.json", CONFIG_DIR / "flux2_dev_vae.json"),
+    KLEIN_9B: (CONFIG_DIR / "flux2_klein_9b_transformer.json", CONFIG_DIR / "flux2_dev_vae.json"),
 }
 GIB = 2**30
 TEXT_TOKENS = 512
@@ -140,17 +150,20 @@ class ModeEstimate:
 def load_configs(model: str = DEFAULT_MODEL) -> tuple[dict[str, Any], dict[str, Any], str]:
     """``(transformer_config, vae_config, where_from)`` for ``model``, reading configs only.
 
-    FLUX.2-dev's configs ship with this package, so the default needs no
-    network; a local folder or ``demo`` is read from disk; another hub id is
+    FLUX.2-dev's and FLUX.2 [klein] 4B and 9B's configs ship with this package
+    (:data:`BUNDLED`), so they need no network; a local folder, ``demo`` or
+    ``demo-klein`` is read from disk; another hub id is
     read from the Hugging Face cache (or downloaded: two small JSON files).
     """
     if model in BUNDLED:
         t, v = BUNDLED[model]
         return json.loads(t.read_text()), json.loads(v.read_text()), f"{model} (bundled configs)"
-    if model == "demo":
+    from common.demo import DEMO_MODELS
+
+    if model in DEMO_MODELS:
         from common.demo import ensure_demo_model
 
-        folder = ensure_demo_model()
+        folder = ensure_demo_model(variant=DEMO_MODELS[model])
     else:
         folder = Path(model).expanduser()
     if folder.is_dir():

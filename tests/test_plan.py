@@ -227,3 +227,60 @@ def test_prequantized_config_is_accepted(tiny_model_dir, tmp_path):
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     vae = json.loads((tiny_model_dir / "vae" / "config.json").read_text())
     assert measure_footprint(cfg, vae, 32, 32).transformer_params > 0
+
+
+# -- FLUX.2 [klein] 4B and 9B ----------------------------------------------------------
+
+# diffusers' scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config("klein-4b" / "klein-9b"):
+# the keys that differ from FLUX.2-dev's.
+KLEIN_CONVERSION = {
+    plan_module.KLEIN_4B: dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680),
+    plan_module.KLEIN_9B: dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288),
+}
+
+
+@pytest.fixture(scope="module")
+def klein_1024():
+    """Both [klein] DiTs and their VAE measured at 1024x1024 on fake tensors."""
+    return {m: measure_footprint(*load_configs(m)[:2], 1024, 1024) for m in KLEIN_CONVERSION}
+
+
+@pytest.mark.parametrize("model", list(KLEIN_CONVERSION))
+def test_bundled_klein_configs_are_the_conversion_scripts(model):
+    transformer, vae, source = load_configs(model)
+    dev_transformer, dev_vae, _ = load_configs()
+    assert "bundled" in source and vae == dev_vae  # one VAE for every FLUX.2 (AutoencoderKLFlux2 defaults)
+    assert transformer == {**dev_transformer, **KLEIN_CONVERSION[model], "guidance_embeds": False}
+
+
+def test_klein_sizes_are_the_published_names(klein_1024):
+    four, nine = klein_1024[plan_module.KLEIN_4B], klein_1024[plan_module.KLEIN_9B]
+    assert 3.8e9 < four.transformer_params < 4.0e9  # "FLUX.2 [klein] 4B"
+    assert 9.0e9 < nine.transformer_params < 9.2e9  # "FLUX.2 [klein] 9B"
+    assert four.image_tokens == nine.image_tokens == 4096
+
+
+@pytest.mark.parametrize("model,vram,ram,expected", [
+    (plan_module.KLEIN_4B, 12, 32, "bf16"),
+    (plan_module.KLEIN_4B, 8, 32, "int8"),
+    (plan_module.KLEIN_4B, 6, None, "nf4"),
+    (plan_module.KLEIN_9B, 24, 32, "bf16"),
+    (plan_module.KLEIN_9B, 12, 32, "int8"),
+    (plan_module.KLEIN_9B, 8, None, "nf4"),
+    (plan_module.KLEIN_9B, 6, 16, "nf4 + group offload"),
+    (plan_module.KLEIN_9B, 6, None, None),
+])
+def test_klein_recommendation_per_card(klein_1024, model, vram, ram, expected):
+    modes = estimate_modes(klein_1024[model])
+    assert [m.name for m in modes] == ALL_MODES
+    for mode in modes:  # the same table generate reads, for [klein] as for [dev]
+        DiTConfig(model=model, quantization=mode.quantization, offload=mode.offload).check()
+    choice = recommend(modes, vram, ram, reserve_gib=1.0)
+    assert (choice.name if choice else None) == expected
+
+
+def test_cli_plan_demo_klein_reads_its_folder(capsys):
+    assert cli.main(["plan", "--model", "demo-klein", "--vram", "8", "--ram", "16", "--height", "64",
+                     "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "demo-klein-v1" in out and "recommended: bf16" in out
