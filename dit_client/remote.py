@@ -11,18 +11,22 @@ Layers: :mod:`dit_client.connection` (channel, TLS, errors) and
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 import torch
 
-from common.errors import IntegrityError, InvalidRequest, error_from_code
+from common.errors import EncoderUnavailable, IntegrityError, InvalidRequest, error_from_code
 from common.protocol import pb2
 from common.wire import decode_response_frame, dtype_to_wire
 from dit_client.connection import DEFAULT_TIMEOUT_S, Connection, TLSConfig
 from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, check_output_dtype
 from dit_client.retry import RetryPolicy
 from dit_client.stream import StreamedEmbedding, encode_stream
+
+log = logging.getLogger(__name__)
 
 # Names users import from here (``from dit_client.remote import TLSConfig``) keep working.
 __all__ = [
@@ -38,12 +42,26 @@ class RemoteTextEncoder:
         target: ``host:port`` of the server's gRPC port; ``host`` alone gets port 50051, and
             gRPC URI schemes (``dns:///host:port``, ``ipv4:``, ``unix:``) pass through
             (see :func:`dit_client.connection.parse_target`; a bad value raises ``TargetError``).
+            Several replicas: ``host-a:50051,host-b:50051`` (names looked up once),
+            ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, or ``dns:///name:50051`` (every address of
+            the name, re-resolved by gRPC): see docs/replicas.md.
         api_key: sent as ``authorization: Bearer KEY`` on every call.
         tls: ``None`` for plaintext, ``True`` for TLS with the system roots, or a :class:`TLSConfig`.
         timeout: seconds per call (deadline), covering queueing, compute and transfer.
         expected_fingerprint: refuse to return embeddings made by any other model.
         model: the server model to use when a call names none (a name from ``info().models``);
             ``None``: the server's only model (a server with several then refuses ``encode``).
+        lb_policy: ``round_robin`` or ``pick_first``; default ``round_robin`` when the target
+            can name several addresses, else ``pick_first``.
+        channel_options: extra gRPC channel arguments, ``(name, value)`` pairs (they win over ours).
+        retry: how a response broken mid-way (its replica died after answering in part, which
+            gRPC's own retry cannot cover) is sent again, and the default for :meth:`encode_stream`.
+
+    Failover: gRPC retries ``GetInfo`` and ``Encode`` on ``UNAVAILABLE`` before any answer
+    arrived, on another replica (the channel's service config,
+    :func:`dit_client.connection.service_config`); an ``Encode`` whose answer broke
+    off part-way is sent again here. Either way the caller sees no failure while
+    any replica is up.
 
     All failures raise a :class:`common.errors.Flux2RemoteError` subclass with a
     readable message: ``EncoderUnavailable`` (unreachable), ``EncoderOverloaded``,
@@ -58,9 +76,14 @@ class RemoteTextEncoder:
         tls: TLSConfig | bool | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         expected_fingerprint: str | None = None,
+        lb_policy: str | None = None,
+        channel_options: Sequence[tuple[str, object]] = (),
+        retry: RetryPolicy | None = None,
         model: str | None = None,
     ):
-        self.connection = Connection(target, api_key=api_key, tls=tls, timeout=timeout)
+        self.connection = Connection(target, api_key=api_key, tls=tls, timeout=timeout, lb_policy=lb_policy,
+                                     channel_options=channel_options)
+        self.retry = retry or RetryPolicy()
         self.expected_fingerprint = expected_fingerprint
         self.model = model or None
         self._infos: dict[str, EncoderInfo] = {}  # GetInfo per model name ("" = the server's default)
@@ -165,24 +188,45 @@ class RemoteTextEncoder:
             part = prompts[start : start + step]
             request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only,
                                         model=name)
-            try:
-                responses = self.connection.encode_raw(request, timeout=self.timeout, metadata=self.connection.metadata)
-                metadata.extend(self._receive(responses, out[start : start + len(part)], info))
-            except grpc.RpcError as err:
-                raise self.connection.translate(err) from None
+            metadata.extend(self._encode_part(request, out[start : start + len(part)], info))
         return out, metadata
 
     # -- internals -------------------------------------------------------
 
-    def _receive(self, responses: Iterator[bytes], out: torch.Tensor, info: EncoderInfo) -> list[PromptMetadata]:
-        """Reassemble the chunks of ``len(out)`` prompts into ``out``; verify sizes, CRC and fingerprint."""
-        assembler = ResponseAssembler(out, info.fingerprint)
-        for raw in responses:
-            msg, offset, data = decode_response_frame(raw)
-            if msg.HasField("error"):
-                raise error_from_code(msg.error.code, msg.error.message)
-            assembler.add(msg, offset, data)
-        return assembler.finish()
+    def _encode_part(self, request: pb2.EncodeRequest, out: torch.Tensor, info: EncoderInfo) -> list[PromptMetadata]:
+        """One ``Encode`` call into ``out``, sent again while its answer breaks off part-way.
+
+        A call that fails before any answer arrived was already retried by gRPC
+        (service config); it failing means no replica could take it, so it is
+        raised. A call whose answer had begun is committed to its replica, which
+        gRPC cannot retry (A6): after ``UNAVAILABLE`` it is sent again here, by
+        :attr:`retry`, and round_robin places it on a live replica. ``out`` is
+        filled anew each time; nothing half-received is returned.
+        """
+        attempt = 0
+        while True:
+            frames = 0
+            try:
+                responses = self.connection.encode_raw(request, timeout=self.timeout, metadata=self.connection.metadata)
+                assembler = ResponseAssembler(out, info.fingerprint)
+                for raw in responses:
+                    frames += 1
+                    msg, offset, data = decode_response_frame(raw)
+                    if msg.HasField("error"):
+                        raise error_from_code(msg.error.code, msg.error.message)
+                    assembler.add(msg, offset, data)
+                return assembler.finish()
+            except grpc.RpcError as err:
+                exc = self.connection.translate(err)
+                if frames == 0 or not isinstance(exc, EncoderUnavailable):
+                    raise exc from None
+                attempt += 1
+                if attempt >= self.retry.max_attempts:
+                    raise type(exc)(f"{exc} (the answer broke off {attempt} times)") from None
+                wait = self.retry.wait_before_retry(attempt, exc)
+                log.warning("%s: the answer broke off after %d messages (%s); sending it again in %.2f s",
+                            self.target, frames, exc, wait)
+                time.sleep(wait)
 
     # -- bulk streaming (EncodeStream) -------------------------------------
 
@@ -209,7 +253,10 @@ class RemoteTextEncoder:
             cache_only: answer only from the server cache; a miss raises ``NotCached``.
             retry: how ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, broken streams and
                 stalls (no response for ``timeout`` seconds) are retried
-                (:class:`dit_client.retry.RetryPolicy`).
+                (:class:`dit_client.retry.RetryPolicy`; default: the client's ``retry``).
+                A stream that breaks (its replica died) is reopened, on a live replica
+                when the target names several, and the requests that were in flight are
+                sent again; prompts already yielded are never yielded again.
             model: which of the server's models encodes; default: the client's ``model``.
 
         Yields:
@@ -222,5 +269,5 @@ class RemoteTextEncoder:
         """
         return encode_stream(
             self, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
-            cache_only=cache_only, retry=retry, model=model if model is not None else self.model,
+            cache_only=cache_only, retry=retry or self.retry, model=model if model is not None else self.model,
         )
