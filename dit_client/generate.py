@@ -266,7 +266,7 @@ class DiTClient:
         *,
         height: int = 1024,
         width: int = 1024,
-        steps: int = 28,
+        steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
@@ -279,7 +279,8 @@ class DiTClient:
             prompt: text, or a structured prompt (a dict in the FLUX.2 JSON
                 form, sent as canonical JSON text).
             height, width: output size in pixels; multiples of 16 for FLUX.2-dev.
-            steps: denoising steps (28 is the FLUX.2-dev default on the model card).
+            steps: denoising steps; None: 28 for FLUX.2-dev (its model card), 4 for a
+                step-distilled [klein], 50 for a [klein] base model (``Flux2KleinPipeline``'s default).
             guidance: ``guidance_scale``; None is the pipeline's default. For [dev] the embedded
                 guidance (guidance-distilled: one pass per step, default 4); for a [klein] base
                 model the classifier-free guidance scale (default 4: two passes per step, the
@@ -299,7 +300,8 @@ class DiTClient:
         """
         # 1. Check inputs.
         prompt_text = self._prompt_text(prompt)
-        check_int("steps", steps, 1, MAX_STEPS)
+        if steps is not None:
+            check_int("steps", steps, 1, MAX_STEPS)
         check_int("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
         if guidance is not None and (not isinstance(guidance, (int, float)) or not (0.0 <= guidance <= 100.0)):
             raise ClientConfigError(f"guidance {guidance!r} must be a number in [0, 100]")
@@ -312,6 +314,8 @@ class DiTClient:
         check_int("height", height, multiple, MAX_SIDE, multiple_of=multiple)
         check_int("width", width, multiple, MAX_SIDE, multiple_of=multiple)
         kind = self.kind
+        if steps is None:
+            steps = kind.default_steps()
         if guidance is None:
             guidance = kind.default_guidance()
         elif not kind.takes_guidance():

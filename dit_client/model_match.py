@@ -76,6 +76,15 @@ class PipelineKind:
         """
         return "negative_prompt_embeds" in self.call_parameters() and guidance > 1 and not self.is_distilled
 
+    def default_steps(self) -> int:
+        """28 for [dev] (its model card); 4 for step-distilled [klein] (what it is distilled for);
+        a [klein] base model: ``num_inference_steps``' default in the pipeline's ``__call__`` (50)."""
+        if self.spec.family == "flux2-dev":
+            return 28
+        if self.is_distilled:
+            return 4
+        return int(self.call_parameters()["num_inference_steps"].default)
+
     def default_guidance(self) -> float:
         """``guidance_scale``'s default in the pipeline's ``__call__`` (4.0 for [dev] and [klein] base);
         1.0 for a distilled [klein], which ignores it (diffusers warns when it is above 1)."""

@@ -352,3 +352,33 @@ def test_precompute_writes_a_store_per_model(studio, backends, klein_dir, tmp_pa
     assert cli.main([*common, "--out", str(tmp_path / "none")]) == 1
     assert "serves 2 models (dev, klein); name the one to precompute with" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_defaults_follow_the_pipeline():
+    assert (DEV_DIT.default_steps(), DEV_DIT.default_guidance()) == (28, 4.0)
+    assert (KLEIN_4B.default_steps(), KLEIN_4B.default_guidance()) == (4, 1.0)
+    base = PipelineKind("Flux2KleinPipeline", FLUX2_KLEIN, False, 7680)
+    assert (base.default_steps(), base.default_guidance()) == (50, 4.0) and base.uses_cfg(4.0)
+    assert not base.uses_cfg(1.0) and not KLEIN_4B.uses_cfg(4.0)
+    kv = PipelineKind("Flux2KleinKVPipeline", FLUX2_KLEIN, True, 7680)
+    assert not kv.takes_guidance() and not kv.uses_cfg(4.0)
+
+
+def test_klein_kv_pipeline_png_equals_local(studio, klein_dir, tmp_path, capsys):
+    from diffusers import Flux2KleinKVPipeline
+
+    folder = tmp_path / "kv"
+    shutil.copytree(klein_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "Flux2KleinKVPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "kv.png"
+    assert run_cli(*generate_args(studio, folder, out)) == 0
+    pipe = Flux2KleinKVPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                    generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    np.testing.assert_array_equal(pixels(out), pixels(expected))
+    # It takes no guidance: asking for one is refused before any weight loads.
+    assert run_cli(*generate_args(studio, folder, tmp_path / "x.png", "--guidance", "3")) == 2
+    assert "takes no guidance" in capsys.readouterr().err

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                    help="output PNG; with --num-images K > 1, FILE-0.png ... FILE-{K-1}.png")
     p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: 28 for [dev], 4 for distilled [klein], 50 for [klein] base)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale: [dev]'s embedded guidance, a [klein] base model's classifier-free guidance "
                         "(default 4 for both); distilled [klein] ignores it (default 1)")
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     model = f" ({result.encoder_model})" if result.encoder_model else ""
-    print(f"seed {result.seed}, {args.steps} steps, {args.width}x{args.height}, encoder {result.fingerprint}{model}; "
+    print(f"seed {result.seed}, {result.parameters['steps']} steps, {args.width}x{args.height}, encoder {result.fingerprint}{model}; "
           f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s")
     if result.demo:
         print("note: DEMO model: its weights are random, so the picture is noise; it only proves the plumbing")
