@@ -12,7 +12,9 @@ from dit_client.remote import RemoteTextEncoder
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", required=True, metavar="HOST:PORT",
                    help=f"gRPC address of the flux2-encoder service (port {DEFAULT_PORT} if left out; "
-                        "not the --http-port, not a URL)")
+                        "not the --http-port, not a URL). Several replicas: a comma list (HOST:PORT,HOST:PORT; "
+                        "names looked up once) or dns:///NAME:PORT (every address of NAME, re-resolved), "
+                        "balanced round_robin with failover (docs/replicas.md)")
     p.add_argument("--api-key", default=os.environ.get("FLUX2_API_KEY"),
                    help="API key (default: $FLUX2_API_KEY)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")

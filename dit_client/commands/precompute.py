@@ -24,6 +24,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}")
+    i, n = int(index), int(count)
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "precompute",
@@ -55,6 +65,10 @@ def add_parser(sub) -> None:
                         "at most two shards of work (default: %(default).0f)")
     p.add_argument("--max-attempts", type=_positive_int, default=RetryPolicy.max_attempts, metavar="N",
                    help="tries per request on UNAVAILABLE / RESOURCE_EXHAUSTED before giving up")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="take only every N-th distinct caption, those whose index modulo N is I (0-based): N "
+                        "processes, e.g. a Kubernetes Indexed Job with --shard $(JOB_COMPLETION_INDEX)/N, each "
+                        "writing its own --out; open the N stores as one with EmbeddingStore([dir0, dir1, ...])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -84,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
             retry=RetryPolicy(max_attempts=args.max_attempts),
             progress=not args.no_progress,
             model=model,
+            shard=args.shard,
         )
+    shard = f" in shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""
     print(
-        f"{report.store}: {report.unique} distinct captions ({report.captions_read} read), "
+        f"{report.store}: {report.unique} distinct captions{shard} ({report.captions_read} read), "
         f"{report.already_stored} already stored, {report.encoded} encoded in {report.elapsed_s:.1f}s "
         f"({report.captions_per_s:.1f}/s), {report.shards} shards, fingerprint {report.fingerprint}"
     )

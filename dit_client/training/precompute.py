@@ -31,7 +31,7 @@ class PrecomputeReport:
         store: the store directory.
         fingerprint: model fingerprint of every embedding in the store.
         captions_read: captions in the source, duplicates included.
-        unique: distinct captions in the source.
+        unique: distinct captions in the source (in this shard, when sharded).
         already_stored: distinct captions found in the store from earlier runs (skipped).
         encoded: captions encoded and written by this run.
         shards: shard files the store holds now.
@@ -76,6 +76,7 @@ def precompute(
     retry: RetryPolicy | None = None,
     progress: bool = True,
     model: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> PrecomputeReport:
     """Encode every distinct caption of ``captions`` that ``out`` does not hold yet.
 
@@ -97,6 +98,12 @@ def precompute(
         progress: show a tqdm bar (rate and ETA).
         model: which of the server's models encodes (default: the encoder's ``model``,
             else the server's only one); the store records its name and family.
+        shard: ``(I, N)`` to take only every N-th distinct caption, those whose index
+            (0-based, in order of first appearance in the source) modulo N is I. N
+            processes with I = 0..N-1 (a Kubernetes Indexed Job) cover every caption
+            exactly once, each into its own store; open them together with
+            ``EmbeddingStore([dir0, dir1, ...])``. Counting distinct captions, not lines,
+            keeps a caption that repeats in the source in one shard only.
 
     Returns:
         A :class:`PrecomputeReport`.
@@ -108,6 +115,10 @@ def precompute(
         StoreError: ``out`` is locked by another writer or is not a store.
         Flux2RemoteError: the service failed in a way retries did not fix.
     """
+    if shard is not None:
+        index, count = shard
+        if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
+            raise InvalidRequest(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
     # 1. What the service makes.
     info = encoder.info(model=model)
     if not (model or encoder.model) and len(info.models) > 1:
@@ -123,23 +134,27 @@ def precompute(
     source = iter_captions(captions, caption_field) if isinstance(captions, (str, os.PathLike)) else captions
 
     with StoreWriter(out, store_info, shard_bytes=shard_bytes) as writer:
-        # 2. Distinct captions the store lacks, in source order.
+        # 2. Distinct captions (of this shard) the store lacks, in source order.
         max_chars = int(info.limits.get("max_prompt_chars") or 0)
         seen: set[str] = set()
         todo: list[str] = []
-        read = 0
+        read = mine = 0
         for caption in source:
             read += 1
             if caption not in seen:
                 seen.add(caption)
+                if shard is not None and (len(seen) - 1) % shard[1] != shard[0]:
+                    continue  # another shard's caption
+                mine += 1
                 if caption not in writer:
                     # Checked before any work, so a bad caption cannot stop a long run near its end.
                     _check_caption(caption, read, max_chars)
                     todo.append(caption)
-        already = len(seen) - len(todo)
+        already = mine - len(todo)
         del seen
         log.info(
-            "%d captions, %d distinct, %d already stored, %d to encode", read, already + len(todo), already, len(todo)
+            "%d captions, %d distinct%s, %d already stored, %d to encode", read, mine,
+            f" in shard {shard[0]}/{shard[1]}" if shard else "", already, len(todo),
         )
 
         # 3. Stream them through the service into shards.

@@ -35,7 +35,7 @@ import struct
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +213,11 @@ class EmbeddingStore:
     """Read-only view of a store directory written by :func:`dit_client.training.precompute`.
 
     Args:
-        path: the store directory.
+        path: the store directory, or a list of them opened as one store: the outputs
+            of ``flux2-dit precompute --shard I/N`` (one folder per shard). They must
+            hold one model's embeddings (fingerprint, dtype, shape); a caption held by
+            several is read from the first that has it (same model: the same bytes).
+            ``self.path`` is the first folder, ``self.paths`` all of them.
         expected_fingerprint: refuse a store made by any other model fingerprint
             (``RemoteTextEncoder.info(model=...).fingerprint`` of the model you train with).
         expected_model: refuse a store made by a server model of another name
@@ -234,31 +238,55 @@ class EmbeddingStore:
             or the store was made for another model than the expected one.
     """
 
-    def __init__(self, path: str | os.PathLike, *, expected_fingerprint: str | None = None,
-                 expected_model: str | None = None):
-        self.path = Path(path)
-        loaded = _read_index(self.path)
-        if loaded is None:
-            raise StoreError(f"{self.path} is not an embedding store (no {INDEX_NAME}); create one with `flux2-dit precompute`")
-        self.info, self._shards = loaded
-        check_store_model(self.path, self.info, expected_fingerprint=expected_fingerprint,
-                          expected_model=expected_model)
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 expected_fingerprint: str | None = None, expected_model: str | None = None):
+        self.paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+        if not self.paths:
+            raise StoreError("no store directory given")
+        self.path = self.paths[0]
+        self._shards: list[_ShardEntry] = []
+        self._shard_dirs: list[Path] = []  # the folder of each entry of self._shards
         self._rows: dict[str, tuple[int, int]] = {}
         self._captions: list[str] = []
-        for shard_index, entry in enumerate(self._shards):
-            file = self.path / entry.file
-            if not file.is_file():
-                raise IntegrityError(f"{self.path}: shard {entry.file} is missing; rerun precompute to repair the store")
-            captions = _read_shard_header(file, self.info)
-            if len(captions) != entry.count or file.stat().st_size != entry.bytes:
-                raise IntegrityError(f"{self.path}: shard {entry.file} does not match the index")
-            for row, caption in enumerate(captions):
-                if caption in self._rows:
-                    raise IntegrityError(f"{self.path}: caption stored twice ({caption[:60]!r})")
-                self._rows[caption] = (shard_index, row)
-            self._captions.extend(captions)
+        for folder in self.paths:
+            loaded = _read_index(folder)
+            if loaded is None:
+                raise StoreError(f"{folder} is not an embedding store (no {INDEX_NAME}); create one with `flux2-dit precompute`")
+            info, shards = loaded
+            check_store_model(folder, info, expected_fingerprint=expected_fingerprint, expected_model=expected_model)
+            if folder is self.path:
+                self.info = info
+            elif (info.fingerprint, info.dtype, info.shape) != (self.info.fingerprint, self.info.dtype, self.info.shape):
+                raise IntegrityError(
+                    f"{folder} holds embeddings of {info.fingerprint} {DTYPE_NAMES[info.dtype]} {list(info.shape)}, "
+                    f"{self.path} of {self.info.fingerprint} {DTYPE_NAMES[self.info.dtype]} {list(self.info.shape)}: "
+                    "stores opened together must come from one model"
+                )
+            self._load_shards(folder, shards)
         self._handles: OrderedDict[int, object] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _load_shards(self, folder: Path, shards: list[_ShardEntry]) -> None:
+        """Index the captions of one store folder's shards (after those of the folders before it)."""
+        in_this_folder: set[str] = set()
+        for entry in shards:
+            file = folder / entry.file
+            if not file.is_file():
+                raise IntegrityError(f"{folder}: shard {entry.file} is missing; rerun precompute to repair the store")
+            captions = _read_shard_header(file, self.info)
+            if len(captions) != entry.count or file.stat().st_size != entry.bytes:
+                raise IntegrityError(f"{folder}: shard {entry.file} does not match the index")
+            shard_index = len(self._shards)
+            self._shards.append(entry)
+            self._shard_dirs.append(folder)
+            for row, caption in enumerate(captions):
+                if caption in in_this_folder:
+                    raise IntegrityError(f"{folder}: caption stored twice ({caption[:60]!r})")
+                in_this_folder.add(caption)
+                if caption in self._rows:
+                    continue  # also in an earlier folder: same model, same bytes; the first one serves it
+                self._rows[caption] = (shard_index, row)
+                self._captions.append(caption)
 
     # -- mapping protocol --------------------------------------------------
 
@@ -301,7 +329,7 @@ class EmbeddingStore:
     def _handle(self, shard_index: int):
         handle = self._handles.get(shard_index)
         if handle is None:
-            handle = safe_open(str(self.path / self._shards[shard_index].file), framework="pt")
+            handle = safe_open(str(self._shard_dirs[shard_index] / self._shards[shard_index].file), framework="pt")
             self._handles[shard_index] = handle
             if len(self._handles) > _MAX_OPEN_SHARDS:
                 self._handles.popitem(last=False)
@@ -322,7 +350,8 @@ class EmbeddingStore:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({str(self.path)!r}, {len(self)} captions, {self.fingerprint})"
+        where = str(self.path) if len(self.paths) == 1 else [str(p) for p in self.paths]
+        return f"EmbeddingStore({where!r}, {len(self)} captions, {self.fingerprint})"
 
 
 def check_store_model(path: Path, info: StoreInfo, *, expected_fingerprint: str | None = None,
