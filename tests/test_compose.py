@@ -64,8 +64,14 @@ def entrypoint(service: dict) -> list[str]:
     return exec_form([a for i, a in instructions if i == "ENTRYPOINT"][-1])
 
 
+REPLICAS = ("encoder-1", "encoder-2")
+
+
 def test_compose_has_the_three_services(compose):
-    assert set(compose["services"]) == {"encoder", "client", "prometheus"}
+    plain = {name for name, service in compose["services"].items()
+             if not set(service.get("profiles", ())) & {"replicas", "replicas-client"}}
+    assert plain == {"encoder", "client", "prometheus"}
+    assert {"valkey", *REPLICAS, "client-replicas"} <= set(compose["services"])
 
 
 def test_build_files_and_copied_paths_exist(compose):
@@ -87,11 +93,60 @@ def test_images_run_the_console_scripts_the_tests_run(compose, console_scripts):
     assert console_scripts["flux2-dit"] == "dit_client.cli:main"
 
 
-def encoder_config(compose) -> ServerConfig:
+def encoder_config(compose, name: str = "encoder") -> ServerConfig:
     from encoder_server.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args(compose["services"]["encoder"]["command"])
+    args = build_parser().parse_args(compose["services"][name]["command"])
     return config_from_args(args)
+
+
+# -- the `replicas` profile: two encoders sharing one Valkey -----------------------------
+
+
+def test_replicas_share_the_valkey_service_and_keep_their_own_gpu_cache_and_port(compose):
+    services = compose["services"]
+    valkey = services["valkey"]
+    assert valkey["profiles"] == ["replicas"]
+    command = valkey["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    gpus, volumes, ports = set(), set(), set()
+    for name in REPLICAS:
+        service = services[name]
+        config = encoder_config(compose, name)
+        assert service["profiles"] == ["replicas"]
+        assert config.cache.shared_url == "redis://valkey:6379/0"
+        assert config.host == "0.0.0.0" and config.metrics_port is not None
+        assert config.auth.api_key_file == f"/run/secrets/{service['secrets'][0]}"
+        assert service["depends_on"]["valkey"]["condition"] == "service_healthy"
+        assert int(service["stop_grace_period"].rstrip("s")) > config.grace_period_s
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        gpus.add(device["device_ids"][0])
+        volumes.update(v.split(":")[0] for v in service["volumes"])
+        (port,) = service["ports"]
+        host_port, container_port = port.split(":")
+        assert int(container_port) == config.port
+        ports.add(host_port)
+    assert len(gpus) == len(volumes) == len(ports) == len(REPLICAS)
+    assert volumes <= set(compose["volumes"])
+
+
+def test_the_replicas_client_names_both_replicas_in_one_target(compose):
+    from dit_client.cli import build_parser
+
+    service = compose["services"]["client-replicas"]
+    args = build_parser().parse_args(service["command"])
+    addresses = [a.rsplit(":", 1) for a in args.encoder.split(",")]
+    assert [host for host, _ in addresses] == list(REPLICAS)
+    assert all(int(port) == encoder_config(compose, host).port for host, port in addresses)
+    assert {name for name, dep in service["depends_on"].items() if dep["condition"] == "service_healthy"} == set(REPLICAS)
+    # Run explicitly, never by `up`: its own profile.
+    assert service["profiles"] == ["replicas-client"]
+
+
+def test_the_header_shows_how_to_start_the_replicas(compose):
+    header = COMPOSE.read_text().split("\nname:")[0]
+    assert "docker compose --profile replicas up -d valkey encoder-1 encoder-2" in header
+    assert "run --rm client-replicas" in header
 
 
 def test_encoder_command_parses_with_the_real_cli(compose):
