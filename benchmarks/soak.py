@@ -24,14 +24,16 @@ misses), RSS at start (server ready, before the hot set), after warm-up
 (``--warmup-s`` into the run) and at the end, and the RSS slope over the
 second half of the run (least squares, MB/min): near 0 means RSS levelled off.
 
-Give the default ``--memory-cache-mb`` enough misses to fill it: 64 MiB holds
-~1,360 demo entries, full after a minute or two of misses on 2 cores, so the
-second half shows the steady state with evictions. The server's own default
-(2 GiB, ~43,000 demo entries) would still be filling at the end of a 10-minute
-run, and RSS would rightly keep growing.
+The default ``--memory-cache-mb`` is one that the misses fill: 64 MiB holds
+1,344 demo entries (48 KiB plus the per-entry overhead the cache counts), full
+after a minute or two of misses on 2 cores, so the second half shows the
+steady state with evictions. The server's own default (2 GiB, ~43,000 demo
+entries) would still be filling at the end of a 10-minute run, and RSS would
+rightly keep growing.
 
 ``--server-env NAME=VALUE`` sets environment variables of the server process
-only (e.g. ``MALLOC_ARENA_MAX=2``), to compare allocator settings.
+only (e.g. ``MALLOC_MMAP_THRESHOLD_=131072`` or ``MALLOC_ARENA_MAX=2``), to
+compare allocator settings. Results: docs/benchmarks.md, "Soak".
 """
 
 from __future__ import annotations
