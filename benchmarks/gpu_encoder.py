@@ -1,7 +1,16 @@
-"""Full-size FLUX.2-dev text encoder on a GPU: reference forward vs the server's truncated forward.
+"""Full-size FLUX.2 text encoders on a GPU: reference forward vs the server's truncated forward.
 
-    .venv/bin/python benchmarks/gpu_encoder.py                 # on a CUDA machine (H100 80 GB: < 5 min)
-    .venv/bin/python benchmarks/gpu_encoder.py --dry-run       # tiny config on the CPU: checks the logic
+    .venv/bin/python benchmarks/gpu_encoder.py                 # on a CUDA machine (H100 80 GB: < 5 min for dev)
+    .venv/bin/python benchmarks/gpu_encoder.py --models klein-4b klein-9b   # FLUX.2 [klein]'s Qwen3 encoders only
+    .venv/bin/python benchmarks/gpu_encoder.py --dry-run       # tiny configs on the CPU: checks the logic
+
+``--models`` (default: all three): ``dev`` is FLUX.2-dev's Mistral-3 encoder (below);
+``klein-4b`` and ``klein-9b`` are [klein]'s Qwen3-4B and Qwen3-8B
+(``common/configs/qwen3_4b_text_encoder.json``, ``qwen3_8b_text_encoder.json``),
+built the same way as ``Qwen3ForCausalLM``: the reference is
+``Flux2KleinPipeline._get_qwen3_prompt_embeds`` on the full model (36 layers and
+``lm_head``), the server's forward (the Qwen3 recipe) runs on the same model cut
+to layers 1-27 without the final norm and ``lm_head``.
 
 The model is ``Mistral3ForConditionalGeneration`` built from the real FLUX.2-dev
 config (``common/configs/flux2_dev_text_encoder.json``, 24.0B parameters)
@@ -41,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.encoder_spec import FLUX2_DEV  # noqa: E402
-from encoder_server.text_encoder import TruncatedMistral3Encoder  # noqa: E402
+from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN  # noqa: E402
+from encoder_server.text_encoder import QWEN3, TruncatedMistral3Encoder, TruncatedTextEncoder  # noqa: E402
 
 PROMPTS = [
     "a red fox in fresh snow, morning light",
@@ -51,10 +60,14 @@ PROMPTS = [
     "A very long prompt. " * 60,  # past 512 tokens
 ]
 
-# --dry-run: FLUX.2-dev's depth (hidden states 10/20/30 of 40 layers), toy width.
+# --dry-run: each model's depth (dev: hidden states 10/20/30 of 40 layers; klein: 9/18/27 of 36), toy width.
 TINY_TEXT = dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1024)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, head_dim=8, num_attention_heads=4, num_hidden_layers=2)
+TINY_QWEN3 = dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=1024)
+KLEIN_CONFIGS = {"klein-4b": "qwen3_4b_text_encoder.json", "klein-9b": "qwen3_8b_text_encoder.json"}
+MODELS = ("dev", *KLEIN_CONFIGS)
 
 
 class InMemoryTruncatedEncoder(TruncatedMistral3Encoder):
@@ -74,9 +87,24 @@ class InMemoryTruncatedEncoder(TruncatedMistral3Encoder):
         self.hidden_size = lm.config.hidden_size
 
 
-def build_full_model(config, device: torch.device, seed: int):
-    """Random-weight ``Mistral3ForConditionalGeneration`` in bf16, built directly on ``device``."""
-    from transformers import Mistral3ForConditionalGeneration
+class InMemoryQwen3Encoder(TruncatedTextEncoder):
+    """The server's [klein] encoder (Qwen3 recipe) around a cut language model already in memory."""
+
+    recipe = QWEN3
+
+    def __init__(self, lm, tokenizer, *, device: torch.device, dtype: torch.dtype):
+        self.spec = FLUX2_KLEIN
+        self._lm = lm
+        self.tokenizer = tokenizer
+        self.padding_side = tokenizer.padding_side
+        self.device = device
+        self.dtype = dtype
+        self.hidden_size = lm.config.hidden_size
+
+
+def build_full_model(config, device: torch.device, seed: int, cls_name: str = "Mistral3ForConditionalGeneration"):
+    """Random-weight ``cls_name`` (a transformers class) in bf16, built directly on ``device``."""
+    import transformers
 
     config = copy.deepcopy(config)  # truncate() edits the model's config; the next build needs all layers
     torch.manual_seed(seed)
@@ -84,7 +112,7 @@ def build_full_model(config, device: torch.device, seed: int):
     torch.set_default_dtype(torch.bfloat16)  # what from_pretrained(dtype=bf16) does while building
     try:
         with torch.device(device):
-            model = Mistral3ForConditionalGeneration(config)
+            model = getattr(transformers, cls_name)(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
@@ -118,6 +146,18 @@ def truncate(model, layers: int):
     lm.config.num_hidden_layers = layers
     lm.norm = torch.nn.Identity()  # hidden_states[-1] must stay un-normed (see text_encoder.py)
     del model.lm_head, model.model.vision_tower, model.model.multi_modal_projector
+    return lm
+
+
+def truncate_qwen3(model, layers: int):
+    """Cut a ``Qwen3ForCausalLM`` the way the server loads it (Qwen3 recipe); returns the ``Qwen3Model``."""
+    lm = model.model
+    lm.layers = lm.layers[:layers]
+    lm.config.num_hidden_layers = layers
+    if getattr(lm.config, "layer_types", None) is not None:
+        lm.config.layer_types = list(lm.config.layer_types[:layers])
+    lm.norm = torch.nn.Identity()  # hidden_states[-1] must stay un-normed
+    del model.lm_head
     return lm
 
 
@@ -157,6 +197,69 @@ def free(device: torch.device) -> None:
 
 
 def run(args) -> list[dict]:
+    rows = []
+    for name in args.models:
+        rows += run_dev(args) if name == "dev" else run_klein(args, name)
+    return rows
+
+
+def run_klein(args, name: str) -> list[dict]:
+    """Reference ``Flux2KleinPipeline._get_qwen3_prompt_embeds`` vs the server's Qwen3 forward, per format."""
+    from diffusers import Flux2KleinPipeline
+
+    from common.demo import TinyKleinSpec, build_tiny_klein
+    from encoder_server.memory import load_config
+    from encoder_server.text_encoder import load_tokenizer
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    config = load_config(Path(__file__).resolve().parents[1] / "common" / "configs" / KLEIN_CONFIGS[name])
+    if args.dry_run:
+        for key, value in TINY_QWEN3.items():
+            setattr(config, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Byte-level demo tokenizer with Qwen's special tokens and chat template; its ids fit any vocab here.
+        folder = build_tiny_klein(Path(tmp), TinyKleinSpec(with_dit=False, text_layers=1))
+        tokenizer = load_tokenizer(folder / "tokenizer")
+    layers = FLUX2_KLEIN.computed_layers
+    rows = []
+    for fmt in args.formats:
+        free(device)
+        base = allocated(device)
+        model = build_full_model(config, device, args.seed, "Qwen3ForCausalLM")
+        if fmt == "nf4":
+            n = quantize_nf4(model.model.layers)
+            print(f"{name} nf4: {n} linear layers quantized", file=sys.stderr)
+        ref_weights = allocated(device) - base if device.type == "cuda" else param_bytes(model)
+        reference = {}
+        for batch in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            with torch.inference_mode():
+                t, peak, out = timed(
+                    lambda m=model, p=prompts: Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                        m, tokenizer, p, device=device).cpu(),
+                    device, args.repeats)
+            reference[batch] = out
+            rows.append(dict(format=fmt, variant=f"{name} reference ({config.num_hidden_layers} layers + lm_head)",
+                             batch=batch, seconds=t, weights=ref_weights, peak=peak - base, exact=None))
+            print(f"{name} {fmt} reference batch {batch}: {t:.3f}s", file=sys.stderr, flush=True)
+        lm = truncate_qwen3(model, layers)
+        del model
+        free(device)
+        ours = InMemoryQwen3Encoder(lm, tokenizer, device=device, dtype=torch.bfloat16)
+        our_weights = allocated(device) - base if device.type == "cuda" else param_bytes(lm)
+        for batch in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
+            exact = torch.equal(out, reference[batch])
+            rows.append(dict(format=fmt, variant=f"{name} truncated ({layers} layers)", batch=batch,
+                             seconds=t, weights=our_weights, peak=peak - base, exact=exact))
+            print(f"{name} {fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
+        del ours, lm, reference
+        free(device)
+    return rows
+
+
+def run_dev(args) -> list[dict]:
     from diffusers import Flux2Pipeline
 
     from common.demo import TinyFlux2Spec, build_tiny_flux2
@@ -217,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=None, help="Mistral3 config.json (default: FLUX.2-dev's)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                        help="dev: FLUX.2-dev's Mistral-3; klein-4b / klein-9b: [klein]'s Qwen3-4B / Qwen3-8B "
+                             "(default: all three; with --dry-run dev and klein-4b, as the toy klein-9b is the same)")
+    parser.add_argument("--config", default=None, help="Mistral3 config.json for dev (default: FLUX.2-dev's)")
     parser.add_argument("--dry-run", action="store_true", help="tiny config on the CPU (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = ["dev", "klein-4b"] if args.dry_run else list(MODELS)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_encoder.py needs a CUDA GPU; use --dry-run to check the script on a CPU", file=sys.stderr)
         return 2
