@@ -15,6 +15,7 @@ from common.config import CacheConfig, ServerConfig
 from common.errors import InvalidRequest, NotCached
 from common.protocol import pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
+from encoder_server.cache import ENTRY_OVERHEAD_BYTES
 from encoder_server.engine import EncodeEngine
 from tests.helpers import ServerThread
 from tests.test_engine import FakeBackend
@@ -61,7 +62,8 @@ def test_metrics_endpoint_reports_what_happened(tiny_backend):
     assert value(samples, "flux2_encoder_prompts_served_total", user="anonymous", source="cache_memory") == 2
     assert value(samples, "flux2_encoder_cache_hits_total", tier="memory") == 2
     assert value(samples, "flux2_encoder_cache_misses_total") == 3  # two computed, one cache_only miss
-    assert value(samples, "flux2_encoder_cache_bytes", tier="memory") == 2 * 512 * 48 * 2  # two bf16 [512, 48]
+    # Two bf16 [512, 48] entries, each counted with the objects around it (encoder_server/cache.py).
+    assert value(samples, "flux2_encoder_cache_bytes", tier="memory") == 2 * (512 * 48 * 2 + ENTRY_OVERHEAD_BYTES)
     assert value(samples, "flux2_encoder_cache_entries", tier="memory") == 2
     assert value(samples, "flux2_encoder_queue_size") == 0
     assert value(samples, "flux2_encoder_batch_size_sum") == 2
