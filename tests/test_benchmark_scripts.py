@@ -51,3 +51,26 @@ def test_soak_dry_run_serves_with_the_memory_cache_on_and_off():
     assert rows["errors"].split("|")[2:4] == [" 0 ", " 0 "], rows["errors"]
     assert int(rows["requests"].split("|")[2]) > 0 and int(rows["requests"].split("|")[3]) > 0
     assert "RSS over time, memory cache off" in out
+
+
+def test_replicas_dry_run_balances_recovers_and_times_both_hit_tiers():
+    out = run_script("benchmarks/replicas.py", "--dry-run")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    throughput = [r for r in rows if r[0].strip() in ("1", "2") and r[-1].strip().isdigit()]
+    assert [r[0].strip() for r in throughput] == ["1", "2"] and all(r[-1].strip() == "0" for r in throughput)
+    hits = {r[0].strip(): r for r in rows if "cache" in r[0]}
+    assert set(hits) == {"shared cache (Redis)", "local memory cache"}
+    assert all(int(r[3]) > 0 for r in hits.values()), hits  # each tier really answered
+    (recovery,) = [r for r in rows if r[-1].strip().endswith("ms") and r[-2].strip().endswith(" s")]
+    assert recovery[1].strip() == "0", recovery  # no request failed across the kill
+
+
+def test_multi_model_dry_run_compares_one_server_with_two():
+    out = run_script("benchmarks/multi_model.py", "--dry-run")
+    assert "one: flux2-encoder serve --model dev=demo --model klein=demo-klein" in out
+    assert "two: flux2-encoder serve --model demo " in out and "; flux2-encoder serve --model demo-klein " in out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    for setup, processes in (("one", "1"), ("two", "2")):
+        cells = [c.strip() for c in rows[setup]]
+        assert cells[2] == processes and float(cells[3]) > 0  # RSS ready
+        assert float(cells[5]) > 0 and float(cells[6]) > 0 and cells[10] == "0"  # both models answered, no errors
