@@ -158,7 +158,7 @@ def test_all_replicas_down_fails_fast_with_the_usual_message():
 def test_encode_stream_moves_to_a_live_replica_when_its_replica_stops(tiny_backend):
     """The stream's replica is stopped while requests are in flight: they are sent again on a new
     stream, which round_robin places on the other replica; every prompt comes back once."""
-    gated = [GateAfter(tiny_backend, after=2), GateAfter(tiny_backend, after=2)]
+    gated = [GateWhenArmed(tiny_backend), GateWhenArmed(tiny_backend)]
     with ServerThread(gated[0]) as a, ServerThread(gated[1]) as b:
         with RemoteTextEncoder(ports_of(a, b), timeout=30) as enc:
             reference = {p: enc.encode([p]) for p in PROMPTS}  # 12 calls: both replicas warm, neither gated yet
@@ -189,10 +189,10 @@ def test_encode_stream_moves_to_a_live_replica_when_its_replica_stops(tiny_backe
         assert torch.equal(embedding, reference[PROMPTS[i]][0])
 
 
-class GateAfter(ProxyBackend):
+class GateWhenArmed(ProxyBackend):
     """Once armed, every forward pass waits for ``gate`` (``waiting`` is set when one does)."""
 
-    def __init__(self, backend, after: int):
+    def __init__(self, backend):
         super().__init__(backend)
         self.gate = threading.Event()
         self.armed = False
@@ -268,3 +268,16 @@ def test_a_broken_answer_is_raised_once_the_policy_gives_up(server):
         assert front.calls == 3
     finally:
         front.close()
+
+
+def test_flux2_dit_commands_take_the_same_targets(three, tmp_path, capsys):
+    from dit_client import cli
+
+    servers, backends = three
+    assert cli.main(["info", "--encoder", ports_of(*servers)]) == 0
+    names = ",".join(s.target.replace("127.0.0.1", "localhost") for s in servers)  # names, looked up once
+    out = tmp_path / "fox.safetensors"
+    assert cli.main(["encode", "--encoder", names, "--prompt", "a red fox", "--out", str(out)]) == 0
+    assert out.is_file() and sum(b.calls for b in backends) == 1
+    assert cli.main(["info", "--encoder", f"dns:///localhost:{servers[0].running.port}"]) == 0
+    capsys.readouterr()
