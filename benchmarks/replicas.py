@@ -81,14 +81,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def drive(enc: RemoteTextEncoder, prompts: list[str], clients: int) -> tuple[float, int]:
-    """Send ``prompts`` one per call from ``clients`` threads; (seconds, failures)."""
+def drive(enc: RemoteTextEncoder, prompts: list[str], clients: int) -> tuple[float, list[str]]:
+    """Send ``prompts`` one per call from ``clients`` threads; (seconds, the failures' messages)."""
     todo = iter(prompts)
     lock = threading.Lock()
-    failures = 0
+    failures: list[str] = []
 
     def worker():
-        nonlocal failures
         while True:
             with lock:
                 prompt = next(todo, None)
@@ -96,9 +95,9 @@ def drive(enc: RemoteTextEncoder, prompts: list[str], clients: int) -> tuple[flo
                 return
             try:
                 enc.encode([prompt])
-            except Exception:  # counted, not raised: the figure is the point
+            except Exception as exc:  # counted, not raised: the figure is the point
                 with lock:
-                    failures += 1
+                    failures.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -124,7 +123,7 @@ def throughput(backend, args) -> list[dict]:
             for s in servers:
                 s.stop(0)
         rows.append({"replicas": n, "requests": args.requests, "seconds": seconds,
-                     "prompts_per_s": args.requests / seconds, "failures": failures})
+                     "prompts_per_s": args.requests / seconds, "failures": len(failures), "errors": failures})
     return rows
 
 
@@ -217,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hit-prompts", type=int, default=100, help="prompts for the hit-latency part")
     parser.add_argument("--recovery-before-s", type=float, default=5.0, help="traffic before the kill")
     parser.add_argument("--recovery-after-s", type=float, default=5.0, help="traffic after the kill")
+    parser.add_argument("--parts", nargs="+", choices=("throughput", "hits", "recovery"),
+                        default=["throughput", "hits", "recovery"], help="which measurements to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes: checks the logic, not the figures")
     args = parser.parse_args(argv)
@@ -228,9 +229,24 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}")
     backend = demo_backend()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"throughput": throughput(backend, args), "hit_latency": hit_latency(backend, args, Path(tmp)),
-                   "recovery": recovery(args, Path(tmp))}
+        results = {
+            "throughput": throughput(backend, args) if "throughput" in args.parts else [],
+            "hit_latency": hit_latency(backend, args, Path(tmp)) if "hits" in args.parts else None,
+            "recovery": recovery(args, Path(tmp)) if "recovery" in args.parts else None,
+        }
 
+    if results["throughput"]:
+        print_throughput(results, args)
+    if results["hit_latency"]:
+        print_hits(results)
+    if results["recovery"]:
+        print_recovery(results, args)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2))
+    return 0
+
+
+def print_throughput(results: dict, args) -> None:
     base = results["throughput"][0]["prompts_per_s"]
     print(f"\n### Throughput: {args.compute_ms:g} ms per forward pass, 1 prompt per pass, "
           f"{args.clients} client threads, one target\n")
@@ -239,21 +255,27 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["throughput"]:
         print(f"| {row['replicas']} | {row['requests']} | {row['seconds']:.2f} | {row['prompts_per_s']:.1f} | "
               f"{row['prompts_per_s'] / base:.2f}x | {row['failures']} |")
+    for row in results["throughput"]:
+        for error in row["errors"]:
+            print(f"\n{row['replicas']} replicas, failed: {error}")
+
+
+def print_hits(results: dict) -> None:
     hit = results["hit_latency"]
     print(f"\n### Hit latency, {hit['prompts']} prompts (demo embeddings, 48 KiB)\n")
     print("| from | p50 ms | p99 ms | hits counted |")
     print("|---|---|---|---|")
     print(f"| shared cache (Redis) | {hit['shared_p50_ms']:.2f} | {hit['shared_p99_ms']:.2f} | {hit['shared_hits']:.0f} |")
     print(f"| local memory cache | {hit['local_p50_ms']:.2f} | {hit['local_p99_ms']:.2f} | {hit['memory_hits']:.0f} |")
+
+
+def print_recovery(results: dict, args) -> None:
     rec = results["recovery"]
     print(f"\n### Recovery: 2 replica processes, one killed with SIGKILL, {args.clients} client threads\n")
     print("| requests | failed | in flight at the kill | slowest of those | every client served again after | p50 before |")
     print("|---|---|---|---|---|---|")
     print(f"| {rec['requests']} | {rec['failures']} | {rec['in_flight_at_kill']} | {rec['slowest_across_kill_s']:.3f} s | "
           f"{rec['recovered_s']:.3f} s | {rec['p50_before_ms']:.1f} ms |")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
