@@ -382,3 +382,21 @@ def test_klein_kv_pipeline_png_equals_local(studio, klein_dir, tmp_path, capsys)
     # It takes no guidance: asking for one is refused before any weight loads.
     assert run_cli(*generate_args(studio, folder, tmp_path / "x.png", "--guidance", "3")) == 2
     assert "takes no guidance" in capsys.readouterr().err
+
+
+def test_training_helper_names_the_model_and_checks_the_store(studio, backends, tmp_path):
+    from common.errors import IntegrityError
+    from dit_client.training.remote_fn import remote_text_encoder
+    from dit_client.training.store import EmbeddingStore
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a blue bird\n")
+    assert cli.main(["precompute", "--encoder", studio.target, "--captions", str(captions), "--no-progress",
+                     "--out", str(tmp_path / "klein"), "--encoder-model", "klein"]) == 0
+    store = EmbeddingStore(tmp_path / "klein", expected_model="klein")
+    with RemoteTextEncoder(studio.target) as enc:
+        embeds, text_ids = remote_text_encoder(["a blue bird", "a new one"], encoder=enc, model="klein", store=store)
+        assert torch.equal(embeds, backends["klein"].encode(["a blue bird", "a new one"]).embeddings)
+        assert text_ids.shape == (2, 512, 4)
+        with pytest.raises(IntegrityError, match="fingerprint"):
+            remote_text_encoder(["x"], encoder=enc, model="dev", store=store)

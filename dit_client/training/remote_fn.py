@@ -36,6 +36,7 @@ def remote_text_encoder(
     batch_size: int | None = None,
     max_in_flight: int | None = None,
     retry: RetryPolicy | None = None,
+    model: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings and text ids for ``prompts``, like ``Flux2Pipeline.encode_prompt`` returns them.
 
@@ -47,6 +48,7 @@ def remote_text_encoder(
         store: a precomputed store; prompts found there are not sent to the service.
             It must come from the same model fingerprint as the service.
         batch_size, max_in_flight, retry: see :meth:`RemoteTextEncoder.encode_stream`.
+        model: which of the server's models encodes (default: the encoder's ``model``).
 
     Returns:
         ``(prompt_embeds [B, 512, D], text_ids [B, 512, 4] int64)`` on ``device``;
@@ -55,7 +57,7 @@ def remote_text_encoder(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    info = encoder.info()
+    info = encoder.info(model=model)
     if store is not None and store.fingerprint != info.fingerprint:
         from common.errors import IntegrityError
 
@@ -75,7 +77,7 @@ def remote_text_encoder(
             missing.append(prompt)
     if missing:
         for result in encoder.encode_stream(
-            missing, batch_size=batch_size, max_in_flight=max_in_flight, retry=retry
+            missing, batch_size=batch_size, max_in_flight=max_in_flight, retry=retry, model=model
         ):
             out[rows_of[result.prompt]] = result.embedding
     prompt_embeds = out.to(device=device, dtype=dtype or out.dtype)
