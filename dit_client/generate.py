@@ -238,7 +238,7 @@ class DiTClient:
         kind = self.kind  # set by prepare(), which calls this
         wanted = self.config.encoder_model or self.encoder.model
         self.encoder_model = choose_encoder_model(
-            self.encoder.info(), kind, wanted=wanted, target=self.encoder.target, dit_model=self.config.model
+            self.encoder.info(model=""), kind, wanted=wanted, target=self.encoder.target, dit_model=self.config.model
         )
         return self.encoder.info(model=self.encoder_model)
 

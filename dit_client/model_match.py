@@ -203,5 +203,5 @@ def encoder_model_for(dit_model: str, encoder, *, revision: str | None = None, w
 
     configs = resolve_model(dit_model, components=DIT_COMPONENTS, revision=revision, configs_only=True)
     kind = read_pipeline_kind(configs, read_transformer_config(configs))
-    return choose_encoder_model(encoder.info(), kind, wanted=wanted or encoder.model, target=encoder.target,
+    return choose_encoder_model(encoder.info(model=""), kind, wanted=wanted or encoder.model, target=encoder.target,
                                 dit_model=dit_model)

@@ -321,7 +321,7 @@ def test_info_command_lists_the_models(studio, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in data["models"]] == ["dev", "klein"]
     assert data["models"][1]["family"] == "flux2-klein" and data["models"][1]["dtype"] == "float32"
-    assert cli.main(["info", "--encoder", studio.target, "--model", "klein"]) == 0
+    assert cli.main(["info", "--encoder", studio.target, "--encoder-model", "klein"]) == 0
     out = capsys.readouterr().out
     assert "model_name           klein" in out and "family               flux2-klein" in out
     assert "models               2" in out

@@ -22,6 +22,8 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; needs --tls-key")
     p.add_argument("--tls-key", help="client key (PEM) for mutual TLS; needs --tls-cert")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+    p.add_argument("--encoder-model", default=None, metavar="NAME",
+                   help="which of the server's models to use, when it serves several (names: `flux2-dit info`)")
 
 
 def encoder_from_args(args: argparse.Namespace) -> RemoteTextEncoder:
@@ -29,4 +31,5 @@ def encoder_from_args(args: argparse.Namespace) -> RemoteTextEncoder:
     # Any TLS flag means TLS; TLSConfig refuses a certificate without its key and the reverse.
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
-    return RemoteTextEncoder(args.encoder, api_key=args.api_key, tls=tls, timeout=args.timeout)
+    return RemoteTextEncoder(args.encoder, api_key=args.api_key, tls=tls, timeout=args.timeout,
+                             model=args.encoder_model)

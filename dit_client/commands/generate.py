@@ -32,9 +32,6 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (FLUX.2-dev, FLUX.2-klein-4B, ...), pre-quantized repo (diffusers/FLUX.2-dev-bnb-4bit), "
                         "local folder, 'demo' or 'demo-klein'")
-    p.add_argument("--encoder-model", default=None, metavar="NAME",
-                   help="which of the encoder server's models to use (names: `flux2-dit info`); default: the one "
-                        "whose family and width fit the DiT's pipeline and joint_attention_dim")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="prompt text, or a structured prompt as a JSON string")
@@ -90,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         lora=args.lora,
         lora_scale=args.lora_scale,
-        encoder_model=args.encoder_model,
     )
     try:
         with encoder_from_args(args) as encoder, DiTClient(encoder, config, progress=not args.quiet) as client:

@@ -12,8 +12,6 @@ from dit_client.commands.common_args import add_encoder_args, encoder_from_args
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="show what the encoder serves (models, fingerprints, dtype, limits)")
     add_encoder_args(p)
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="describe this one of the server's models (default: its first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=run)
 
@@ -31,7 +29,7 @@ def _plain(value):
 
 def run(args: argparse.Namespace) -> int:
     with encoder_from_args(args) as enc:
-        info = enc.info(model=args.model)
+        info = enc.info()  # --encoder-model NAME describes that model; default: the server's first
     fields = _plain(dataclasses.asdict(info))
     if args.json:
         print(json.dumps({"target": enc.target, **fields}, indent=2))
@@ -45,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             value = ", ".join(map(str, value))
         print(f"  {name:<20} {value}")
     if models:
-        print(f"  {'models':<20} {len(models)} (name them with --encoder-model / --model NAME)")
+        print(f"  {'models':<20} {len(models)} (name one with --encoder-model NAME)")
         for m in models:
             print(f"    {m['name']:<18} {m['family']:<12} {m['embedding_dim']:>6} wide  {m['dtype']:<9} "
                   f"{m['fingerprint']}  {m['model_id']}")

@@ -47,13 +47,9 @@ def add_parser(sub) -> None:
                         "metadata.jsonl) or a datasets save_to_disk folder")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="embedding store directory (created if missing); one store per model")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", default=None, metavar="DIT",
-                       help="the DiT the embeddings are for (hub id, folder, demo, demo-klein): its configs pick the "
-                            "server's matching model, as flux2-dit generate does")
-    which.add_argument("--encoder-model", default=None, metavar="NAME",
-                       help="which of the server's models encodes (names: `flux2-dit info`); needed when it "
-                            "serves several and --model is not given")
+    p.add_argument("--model", default=None, metavar="DIT",
+                   help="the DiT the embeddings are for (hub id, folder, demo, demo-klein): its configs pick the "
+                        "server's matching model, as flux2-dit generate does (or name it with --encoder-model)")
     p.add_argument("--caption-field", metavar="NAME",
                    help="field/column holding the caption (default: guessed: caption, text, prompt...)")
     p.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
@@ -84,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             from dit_client.model_match import encoder_model_for
 
             try:
-                model = encoder_model_for(args.model, enc)
+                model = encoder_model_for(args.model, enc)  # an --encoder-model must fit this DiT too
             except ModelNotFound as exc:
                 raise ValueError(str(exc)) from None  # a usage error: exit 2
         report = precompute(
