@@ -97,6 +97,14 @@ class EncoderInfo:
     def model_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)
 
+    def check_named(self, name: str, target: str) -> None:
+        """Raise :class:`InvalidRequest` when no model is named and the server serves several (it would refuse)."""
+        if not name and len(self.models) > 1:
+            raise InvalidRequest(
+                f"the encoder at {target} serves {len(self.models)} models ({', '.join(self.model_names)}); "
+                "name one: model=NAME (flux2-dit: --encoder-model NAME)"
+            )
+
     @classmethod
     def from_proto(cls, m: pb2.GetInfoResponse) -> "EncoderInfo":
         return cls(

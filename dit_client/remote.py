@@ -178,6 +178,7 @@ class RemoteTextEncoder:
             raise InvalidRequest("no prompts given")
         name = (model if model is not None else self.model) or ""
         info = self.info(model=name)
+        info.check_named(name, self.target)
         out_dtype = dtype or info.dtype
         check_output_dtype(out_dtype)
         # One preallocated buffer; chunks are copied straight into it.

@@ -134,6 +134,7 @@ class _StreamJob:
         self.cache_only = cache_only
         self.model = model or ""  # the server's model that encodes ("" = its only one)
         self.info: EncoderInfo = client.info(model=self.model)
+        self.info.check_named(self.model, client.connection.target)
         self.fingerprint = self.info.fingerprint
         limits = self.info.limits
         server_batch = int(limits.get("max_prompts_per_request") or DEFAULT_BATCH_SIZE)

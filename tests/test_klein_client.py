@@ -143,8 +143,10 @@ def test_encode_names_the_model_per_call_or_by_default(studio, backends):
             got, meta = enc.encode_with_metadata(prompts, model=name)
             assert torch.equal(got, expected[name])
             assert {m.model_fingerprint for m in meta} == {backends[name].fingerprint}
-        with pytest.raises(InvalidRequest, match="serves 2 models; name one in the request: dev, klein"):
+        with pytest.raises(InvalidRequest, match=r"serves 2 models \(dev, klein\); name one: model=NAME"):
             enc.encode(prompts)
+        with pytest.raises(InvalidRequest, match=r"serves 2 models \(dev, klein\)"):
+            list(enc.encode_stream(prompts))
         with pytest.raises(InvalidRequest, match="dev, klein"):
             enc.encode(prompts, model="schnell")
     with RemoteTextEncoder(studio.target, model="klein") as enc:
@@ -400,3 +402,17 @@ def test_training_helper_names_the_model_and_checks_the_store(studio, backends, 
         assert text_ids.shape == (2, 512, 4)
         with pytest.raises(IntegrityError, match="fingerprint"):
             remote_text_encoder(["x"], encoder=enc, model="dev", store=store)
+
+
+def test_encode_command_takes_the_encoder_model(studio, backends, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "klein.safetensors"
+    assert cli.main(["encode", "--encoder", studio.target, "--encoder-model", "klein", "--prompt", "a red fox",
+                     "--out", str(out)]) == 0
+    assert backends["klein"].fingerprint in capsys.readouterr().out
+    assert torch.equal(load_file(out)["prompt_embeds"], backends["klein"].encode(["a red fox"]).embeddings)
+    # Without a name, a two-model server says which names it has.
+    assert cli.main(["encode", "--encoder", studio.target, "--prompt", "x", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "serves 2 models (dev, klein); name one: model=NAME (flux2-dit: --encoder-model NAME)" in \
+        capsys.readouterr().err
