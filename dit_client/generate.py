@@ -2,8 +2,12 @@
 
 The text encoder (24B params for FLUX.2-dev) runs behind a flux2-remote encoder
 service; this module loads only the DiT (``transformer/``), the VAE (``vae/``)
-and the scheduler, and feeds diffusers' ``Flux2Pipeline`` with
-``prompt_embeds=`` (the documented way to skip its text encoder). The
+and the scheduler, and feeds diffusers' ``Flux2Pipeline`` (or the
+``Flux2KleinPipeline`` / ``Flux2KleinKVPipeline`` the model's
+``model_index.json`` names) with ``prompt_embeds=`` (the documented way to
+skip its text encoder; a [klein] base model also gets
+``negative_prompt_embeds=`` for classifier-free guidance). The encoder
+server's model is matched to the DiT by :mod:`dit_client.model_match`. The
 ``text_encoder/`` and ``tokenizer/`` folders are never downloaded, opened or
 instantiated.
 
