@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--config", default=None,
                         help="a text encoder's config.json, Mistral3 ([dev]) or Qwen3 ([klein]) "
                              "(default: the bundled FLUX.2-dev text-encoder config)")
-    memory.add_argument("--layers", type=_number(int, 1), default=None,
+    memory.add_argument("--layers", type=int, default=None,
                         help="decoder layers the server keeps (default: what the config's recipe runs: "
                              "30 for [dev], 27 for [klein])")
     memory.add_argument("--all", action="store_true",
