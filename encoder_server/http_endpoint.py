@@ -33,6 +33,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from common.config import Limits
 from common.errors import (
+    Cancelled,
     DeadlineExceeded,
     Flux2RemoteError,
     InvalidRequest,
@@ -269,6 +270,9 @@ class HTTPEndpoint:
             raw = await asyncio.wait_for(request.read(), self._limits.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes") from None
+        except ConnectionError:
+            # The client hung up mid-body: nothing to answer, and no server error to log.
+            raise Cancelled("the client closed the connection before sending the whole body") from None
         except asyncio.TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self._limits.body_timeout_s:.0f} s; send it at once"
