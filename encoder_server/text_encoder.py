@@ -12,6 +12,23 @@ What differs between families is one :class:`TextEncoderRecipe`: which config
 holds the decoder, which bare backbone class runs it, how checkpoint keys map
 onto it, and how prompts become token ids. Everything else (loading, truncation,
 the forward pass, fingerprints) is shared by :class:`TruncatedTextEncoder`.
+
+Two compute modes (``compute=``):
+
+- ``"exact"`` (the default): every prompt padded to 512 tokens, one forward,
+  bit-exact with the reference.
+- ``"packed"``: only the real tokens run, several prompts packed into one
+  sequence with per-prompt causal attention (variable-length batching, as TEI
+  does) and the positions the reference gives them; the rows at pad positions
+  come from the pad table (:meth:`TruncatedTextEncoder.pad_rows`). Close to the
+  reference (within rounding), not bit-exact. Left padding only.
+
+Invariant both rely on: with left padding, a pad token attends to nothing (every
+key before it is a pad, and pads are masked), so the row at pad position ``i``
+is the same for every prompt and batch. The pad table is computed once per
+loaded model, through the exact path, and that claim is checked at load
+(:attr:`TruncatedTextEncoder.pad_rows_shared`). With right padding a pad token
+attends to the prompt, its rows differ per prompt, and there is no table.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import json
 import logging
 import re
 import time
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +56,7 @@ log = logging.getLogger(__name__)
 # Compute dtypes by command-line name, from the one dtype table.
 DTYPES = {row.name: row.torch for row in dtype_table.DTYPES}
 QUANTIZATIONS = ("none", "fp8", "nf4")
+COMPUTE_MODES = ("exact", "packed")
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 # Read by nothing: the server replaces the final norm with the identity, and
@@ -267,6 +286,69 @@ class EncodedBatch:
     inference_ns: int
 
 
+@dataclass(frozen=True)
+class PadTable:
+    """The rows every prompt gets at its pad positions, computed once per loaded model.
+
+    Attributes:
+        rows: ``[P, embedding_dim]`` in the compute dtype, on the CPU: row ``i`` is the
+            embedding row at position ``i`` of any prompt whose position ``i`` is a pad.
+            ``P`` is the pad count of the prompt with the fewest tokens the server knows
+            (the empty prompt, which still carries the chat template), so it covers every
+            pad position of every prompt that is at least as long. None with right padding.
+        shared: True when the check at load found the rows bit-identical for two different
+            prompts at batch sizes 1 and 2 (always false without ``rows``).
+        reason: why there are no rows, or why they were not found shared ("" otherwise).
+    """
+
+    rows: torch.Tensor | None
+    shared: bool
+    reason: str = ""
+
+
+PACKED_ATTENTION = "flux2_packed_sdpa"
+"""The transformers attention implementation a ``compute="packed"`` backbone runs with."""
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, *, packed_cu_seqlens=None, **kwargs):
+    """transformers' SDPA attention, per prompt when the hidden states are packed.
+
+    ``query`` is ``[1, heads, T, head_dim]`` (``key``/``value`` with the KV heads) and holds
+    several prompts one after another; ``packed_cu_seqlens`` (a tuple of ints, ``B + 1``
+    boundaries, TEI's ``cu_seqlens``) says where each starts. Each prompt gets its own causal
+    SDPA call over its own tokens only, so no prompt sees another and the attention costs
+    ``sum(n_b ** 2)``, not ``(sum n_b) ** 2`` as one block-diagonal mask would. Without
+    ``packed_cu_seqlens`` (a padded batch, as in the exact path) this is exactly
+    ``sdpa_attention_forward``, mask included.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None or query.shape[0] != 1:
+        raise RuntimeError("packed attention expects one packed row and no mask")
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+        for s, e in itertools.pairwise(packed_cu_seqlens)
+    ]  # each [1, n_b, heads, head_dim]
+    return torch.cat(outputs, dim=1), None
+
+
+@functools.cache
+def _register_packed_attention() -> None:
+    """Make :data:`PACKED_ATTENTION` a transformers attention implementation (once per process).
+
+    Its mask function is SDPA's own, so a padded batch through it (the exact fallback)
+    gets the same 4D mask as under ``"sdpa"``; a packed call passes an all-ones 2D mask,
+    for which SDPA's mask function builds nothing (``is_causal`` instead).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
 class EmbeddingBackend(Protocol):
     """What the engine and the server need from a model; tests swap in fakes.
 
@@ -279,6 +361,8 @@ class EmbeddingBackend(Protocol):
         quantization: ``"none"``, ``"fp8"`` or ``"nf4"``.
         device: where the forward pass runs.
         padding_side: the tokenizer's, ``"left"`` or ``"right"``.
+        compute: ``"exact"`` (bit-exact with the reference) or ``"packed"`` (real tokens
+            only, within rounding of the reference).
     """
 
     spec: EncoderSpec
@@ -289,8 +373,13 @@ class EmbeddingBackend(Protocol):
     quantization: str
     device: torch.device
     padding_side: str
+    compute: str
 
     def encode(self, prompts: list[str]) -> EncodedBatch: ...
+
+    def pad_rows(self) -> torch.Tensor | None:
+        """``[P, embedding_dim]``: row ``i`` is every prompt's row at pad position ``i``; None with right padding."""
+        ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -352,7 +441,16 @@ class TruncatedTextEncoder:
         dtype: compute dtype (``torch.bfloat16`` for the published weights).
         quantization: ``"none"``, ``"fp8"`` or ``"nf4"`` (the latter two need CUDA).
         recipe: the family's recipe; by default the folder's (:func:`recipe_for_folder`).
+        compute: ``"exact"`` (default): each prompt padded to ``max_sequence_length`` and run
+            as the reference runs it, bit-exact. ``"packed"``: only the real tokens run
+            (see :meth:`encode`); **not bit-exact**, within rounding of the reference; needs
+            a tokenizer that pads on the left (ConfigError otherwise).
+
+    The pad table (:meth:`pad_rows`) is computed at load, in both modes, through the exact path.
     """
+
+    compute: str = "exact"  # also for subclasses that skip __init__ (benchmarks/gpu_encoder.py)
+    _pad_table: PadTable | None = None
 
     def __init__(
         self,
@@ -362,11 +460,14 @@ class TruncatedTextEncoder:
         dtype: torch.dtype = torch.bfloat16,
         quantization: str = "none",
         recipe: TextEncoderRecipe | None = None,
+        compute: str = "exact",
     ):
         import transformers
         from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
 
+        if compute not in COMPUTE_MODES:
+            raise ConfigError(f"unknown compute mode {compute!r}; choose from {', '.join(COMPUTE_MODES)}")
         self.recipe = recipe if recipe is not None else recipe_for_folder(source.folder)
         spec = self.spec = self.recipe.spec
         self.device = device
@@ -435,6 +536,11 @@ class TruncatedTextEncoder:
         self.fingerprint = fingerprint(
             te_dir, tok_dir, spec, dtype_name, quantization, weight_files=self.recipe.needed_weight_files(te_dir)
         )
+        # 3. The pad table, through the exact path, before any switch to packed attention.
+        self._pad_table = self._compute_pad_table()
+        if compute == "packed":
+            self._use_packed_attention()
+        self.compute = compute
 
     @property
     def embedding_dim(self) -> int:
@@ -456,11 +562,147 @@ class TruncatedTextEncoder:
         """Token ids exactly as the reference builds them, plus a truncation flag per prompt."""
         return self.recipe.tokenize(self.tokenizer, prompts)
 
-    @torch.inference_mode()
+    # -- the pad table ----------------------------------------------------------
+
+    # A second prompt for the load-time check that pad rows do not depend on the prompt.
+    _PAD_PROBE = "a red fox sitting in fresh snow, golden hour"
+
+    def pad_rows(self) -> torch.Tensor | None:
+        """The pad table: ``[P, embedding_dim]`` in ``self.dtype`` on the CPU, or None with right padding.
+
+        With left padding, row ``i`` is the embedding row at position ``i`` of every prompt
+        whose position ``i`` is a pad (any prompt of ``n`` tokens has pads at
+        ``0 .. max_sequence_length - n - 1``). ``P`` is the pad count of the empty prompt,
+        the prompt with the fewest tokens (it still carries the chat template). Computed
+        once, through the exact path (for the packed mode: before it switched attention),
+        so it holds exactly what the reference puts there for that prompt at batch size 1;
+        :attr:`pad_rows_shared` says whether another prompt at batch size 2 got the same
+        bits. With right padding a pad token attends to the prompt, the rows differ per
+        prompt, and there is no table.
+        """
+        if self._pad_table is None:  # a subclass that skipped __init__
+            self._pad_table = self._compute_pad_table()
+        return self._pad_table.rows
+
+    @property
+    def pad_rows_shared(self) -> bool:
+        """True when the load-time check found the pad rows bit-identical across prompts and batch sizes."""
+        self.pad_rows()
+        return self._pad_table.shared
+
+    def _compute_pad_table(self) -> PadTable:
+        """The empty prompt's pad rows (batch 1), checked against the empty prompt and
+        :attr:`_PAD_PROBE` together (batch 2): three exact forward passes' worth of rows."""
+        if self.padding_side != "left":
+            return PadTable(None, False, f"the tokenizer pads on the {self.padding_side}, so pad tokens attend to the "
+                                         "prompt and their rows differ per prompt")
+        length = self.spec.max_sequence_length
+        alone = self._encode_exact([""])
+        pads = length - alone.token_counts[0]
+        rows = alone.embeddings[0, :pads].clone()  # [P, D]
+        pair = self._encode_exact(["", self._PAD_PROBE])
+        probe_pads = length - pair.token_counts[1]
+        shared = torch.equal(pair.embeddings[0, :pads], rows) and torch.equal(
+            pair.embeddings[1, :probe_pads], rows[:probe_pads]
+        )
+        reason = "" if shared else "pad rows differed between two prompts or batch sizes 1 and 2"
+        if not shared:
+            log.warning("%s: %s; they cannot be elided losslessly", self.spec.family, reason)
+        return PadTable(rows, shared, reason)
+
+    # -- packed compute ---------------------------------------------------------
+
+    def _use_packed_attention(self) -> None:
+        """Switch the backbone to :data:`PACKED_ATTENTION` (ConfigError where packing cannot match the reference)."""
+        if self._pad_table.rows is None:
+            raise ConfigError(f"--compute packed needs left padding: {self._pad_table.reason}; use --compute exact")
+        config = self._lm.config
+        if config._attn_implementation != "sdpa":
+            raise ConfigError(
+                f"--compute packed runs on SDPA attention; this backbone loaded {config._attn_implementation!r}"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < self.spec.max_sequence_length:
+            raise ConfigError(f"--compute packed does not implement sliding-window attention (window {window})")
+        _register_packed_attention()
+        self._lm.set_attn_implementation(PACKED_ATTENTION)
+
+    # -- encoding ---------------------------------------------------------------
+
     def encode(self, prompts: list[str]) -> EncodedBatch:
-        """Embeddings for ``prompts``: ``[B, 512, 3 * hidden]`` on the CPU, in ``self.dtype``."""
+        """Embeddings for ``prompts``: ``[B, 512, 3 * hidden]`` on the CPU, in ``self.dtype``.
+
+        ``compute="exact"``: bit-exact with the reference. ``compute="packed"``: only the real
+        tokens run, the pad rows come from :meth:`pad_rows`; the same shape and fields, but
+        the real rows are within rounding of the reference, **not bit-exact** (see
+        :meth:`_encode_packed`).
+        """
         if not prompts:
             raise InvalidRequest("no prompts given")
+        if self.compute == "packed":
+            return self._encode_packed(prompts)
+        return self._encode_exact(prompts)
+
+    @torch.inference_mode()
+    def _encode_packed(self, prompts: list[str]) -> EncodedBatch:
+        """Only the real tokens of ``prompts`` through the model, in one packed sequence.
+
+        Variable-length batching as TEI does it: the prompts' real tokens (the reference's
+        own token ids) are concatenated into one ``[1, T]`` sequence; each token keeps the
+        position id the padded reference gives it (its column in the 512-token row, i.e.
+        offset by the prompt's pad count), so RoPE sees the same angles; attention is
+        causal within each prompt and never across prompts (:func:`_packed_sdpa_attention`).
+        The pad positions get the pad table's rows.
+
+        Not bit-exact: the reference's attention reduces over 512 keys of which the pads are
+        masked out, this one over the real keys only, and every matmul runs on another
+        shape, so the floating-point rounding differs (measured in tests/test_packed.py
+        and docs/benchmarks.md). A prompt with more pads than the table holds (a tokenizer
+        where some prompt is shorter than the empty one) sends the batch down the exact path.
+        """
+        t0 = time.perf_counter_ns()
+        inputs, truncated = self.tokenize(prompts)
+        mask = inputs["attention_mask"].bool()  # [B, L]
+        batch, length = mask.shape
+        table = self.pad_rows()
+        counts = mask.sum(dim=1)  # [B]
+        positions = torch.arange(length).expand(batch, length)  # [B, L]
+        left_padded = torch.equal(mask, positions >= (length - counts)[:, None])
+        if not left_padded or int((length - counts).max()) > table.shape[0]:
+            log.warning("packed compute: a prompt has pads the table does not cover; this batch runs exact")
+            return self._encode_exact(prompts)
+        # 1. One packed row of real tokens, each at the position the padded reference gives it.
+        input_ids = inputs["input_ids"][mask].unsqueeze(0).to(self.device)  # [1, T]
+        position_ids = positions[mask].unsqueeze(0).to(self.device)  # [1, T]
+        bounds = tuple(itertools.accumulate(counts.tolist(), initial=0))  # cu_seqlens, B + 1 ints
+        t1 = time.perf_counter_ns()
+        out = self._lm(
+            input_ids=input_ids,
+            # All ones: SDPA's mask function then builds no [T, T] mask (each prompt is causal on its own).
+            attention_mask=torch.ones_like(input_ids),
+            position_ids=position_ids,
+            output_hidden_states=list(self.spec.hidden_states_layers),
+            use_cache=False,
+            packed_cu_seqlens=bounds,
+        )
+        rows = torch.cat([out.hidden_states[k][0] for k in self.spec.hidden_states_layers], dim=-1)  # [T, 3 * H]
+        rows = rows.to(dtype=self.dtype).to("cpu")
+        # 2. Back to the padded layout: real rows where the mask is set, the pad table elsewhere.
+        embeddings = torch.empty(batch, length, rows.shape[-1], dtype=self.dtype)  # [B, L, 3 * H]
+        embeddings[mask] = rows
+        embeddings[~mask] = table[positions[~mask]]
+        t2 = time.perf_counter_ns()
+        return EncodedBatch(
+            embeddings=embeddings,
+            token_counts=counts.tolist(),
+            truncated=truncated,
+            tokenization_ns=t1 - t0,
+            inference_ns=t2 - t1,
+        )
+
+    @torch.inference_mode()
+    def _encode_exact(self, prompts: list[str]) -> EncodedBatch:
+        """Every prompt padded to 512 tokens and run as the reference runs it: bit-exact."""
         t0 = time.perf_counter_ns()
         inputs, truncated = self.tokenize(prompts)
         input_ids = inputs["input_ids"].to(self.device)  # [B, 512]
@@ -503,9 +745,10 @@ class TruncatedMistral3Encoder(TruncatedTextEncoder):
         dtype: torch.dtype = torch.bfloat16,
         quantization: str = "none",
         spec: EncoderSpec = FLUX2_DEV,
+        compute: str = "exact",
     ):
         super().__init__(source, device=device, dtype=dtype, quantization=quantization,
-                         recipe=replace(MISTRAL3, spec=spec))
+                         recipe=replace(MISTRAL3, spec=spec), compute=compute)
 
 
 def keep_weight_for(folder: Path):
@@ -535,7 +778,8 @@ def load_backend(config) -> tuple[TruncatedTextEncoder, ModelSource]:
         config.model, components=("text_encoder", "tokenizer"), revision=config.revision, keep_weight_for=keep_weight_for
     )
     backend = TruncatedTextEncoder(
-        source, device=device, dtype=DTYPES[config.dtype], quantization=config.quantization
+        source, device=device, dtype=DTYPES[config.dtype], quantization=config.quantization,
+        compute=getattr(config, "compute", "exact"),
     )
     # Before health says SERVING: a model that cannot run a forward pass fails here, at start.
     log.info("warm-up forward pass: %.2fs", backend.warm_up())
