@@ -8,9 +8,11 @@ local cache hits, and how long clients notice a replica killed with ``kill -9``.
 Not a test: it prints figures (docs/benchmarks.md, "Replicas").
 
 1. **Throughput.** In-process servers (this process, loopback) whose backend takes a fixed
-   time per forward pass (``--compute-ms``: the tiny demo model computes, then the backend
-   sleeps the rest; a sleep holds no core, so 2 cores can show what N GPUs would), one prompt
-   per forward pass (``--max-batch-prompts 1``), caches off, every prompt new. One
+   time per prompt (``--compute-ms`` times the prompts of each forward pass: the tiny demo
+   model computes, then the backend sleeps the rest, like a GPU whose batches cost in
+   proportion to their size; a sleep holds no core, so 2 cores can show what N GPUs would),
+   caches off, every prompt new. Each replica has its own backend object (a Hugging Face
+   fast tokenizer must not be used by two threads at once). One
    :class:`~dit_client.remote.RemoteTextEncoder` names all N replicas in one target
    (round_robin); ``--clients`` threads send one prompt per ``Encode`` call.
 2. **Hit latency.** Two replicas sharing a real ``redis-server`` (started here on a free
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.config import BatchingConfig, CacheConfig, ServerConfig  # noqa: E402
+from common.config import CacheConfig, ServerConfig  # noqa: E402
 from common.model_source import resolve_model  # noqa: E402
 from dit_client.remote import RemoteTextEncoder  # noqa: E402
 from tests.helpers import ServerThread  # noqa: E402  (in-process servers on port 0)
@@ -53,7 +55,7 @@ from tests.replica_procs import ReplicaProcess  # noqa: E402
 
 
 class FixedTimeBackend:
-    """The demo backend, padded with a sleep so every forward pass takes ``compute_s``."""
+    """The demo backend, padded with a sleep so every forward pass takes ``compute_s`` per prompt."""
 
     def __init__(self, backend, compute_s: float):
         self._backend = backend
@@ -65,7 +67,7 @@ class FixedTimeBackend:
     def encode(self, prompts):
         t0 = time.perf_counter()
         out = self._backend.encode(prompts)
-        time.sleep(max(0.0, self.compute_s - (time.perf_counter() - t0)))
+        time.sleep(max(0.0, self.compute_s * len(prompts) - (time.perf_counter() - t0)))
         return out
 
 
@@ -108,11 +110,12 @@ def drive(enc: RemoteTextEncoder, prompts: list[str], clients: int) -> tuple[flo
     return time.perf_counter() - t0, failures
 
 
-def throughput(backend, args) -> list[dict]:
-    config = ServerConfig(batching=BatchingConfig(max_batch_prompts=1), cache=CacheConfig(memory_mb=0))
+def throughput(backends, args) -> list[dict]:
+    config = ServerConfig(cache=CacheConfig(memory_mb=0))
     rows = []
     for n in args.replicas:
-        servers = [ServerThread(FixedTimeBackend(backend, args.compute_ms / 1000), config).__enter__() for _ in range(n)]
+        servers = [ServerThread(FixedTimeBackend(backends[i], args.compute_ms / 1000), config).__enter__()
+                   for i in range(n)]
         try:
             with RemoteTextEncoder(",".join(s.target for s in servers), timeout=120) as enc:
                 enc.info()
@@ -127,11 +130,11 @@ def throughput(backend, args) -> list[dict]:
     return rows
 
 
-def hit_latency(backend, args, workdir: Path) -> dict:
+def hit_latency(backends, args, workdir: Path) -> dict:
     redis = RedisServer(workdir / "redis").start()
     try:
         config = ServerConfig(cache=CacheConfig(shared_url=redis.url, memory_mb=64))
-        with ServerThread(backend, config) as a, ServerThread(backend, config) as b, \
+        with ServerThread(backends[0], config) as a, ServerThread(backends[1], config) as b, \
                 RemoteTextEncoder(a.target) as on_a, RemoteTextEncoder(b.target) as on_b:
             prompts = [f"hit latency prompt {i}" for i in range(args.hit_prompts)]
             for p in prompts:
@@ -227,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}")
-    backend = demo_backend()
+    backends = [demo_backend() for _ in range(max(2, *args.replicas))]
     with tempfile.TemporaryDirectory() as tmp:
         results = {
-            "throughput": throughput(backend, args) if "throughput" in args.parts else [],
-            "hit_latency": hit_latency(backend, args, Path(tmp)) if "hits" in args.parts else None,
+            "throughput": throughput(backends, args) if "throughput" in args.parts else [],
+            "hit_latency": hit_latency(backends, args, Path(tmp)) if "hits" in args.parts else None,
             "recovery": recovery(args, Path(tmp)) if "recovery" in args.parts else None,
         }
 
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_throughput(results: dict, args) -> None:
     base = results["throughput"][0]["prompts_per_s"]
-    print(f"\n### Throughput: {args.compute_ms:g} ms per forward pass, 1 prompt per pass, "
+    print(f"\n### Throughput: {args.compute_ms:g} ms per prompt, "
           f"{args.clients} client threads, one target\n")
     print("| replicas | prompts | seconds | prompts/s | vs 1 replica | failed |")
     print("|---|---|---|---|---|---|")
