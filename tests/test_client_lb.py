@@ -190,7 +190,13 @@ def test_encode_stream_moves_to_a_live_replica_when_its_replica_stops(tiny_backe
 
 
 class GateWhenArmed(ProxyBackend):
-    """Once armed, every forward pass waits for ``gate`` (``waiting`` is set when one does)."""
+    """Once armed, every forward pass waits for ``gate`` (``waiting`` is set when one does).
+
+    The two replicas share one model object, whose fast tokenizer must not run in two
+    threads at once: the forward passes themselves take turns (``_one_at_a_time``).
+    """
+
+    _one_at_a_time = threading.Lock()
 
     def __init__(self, backend):
         super().__init__(backend)
@@ -205,7 +211,8 @@ class GateWhenArmed(ProxyBackend):
         if self.armed:
             self.waiting = True
             self.gate.wait(30)
-        return super().encode(prompts)
+        with self._one_at_a_time:
+            return super().encode(prompts)
 
 
 # -- an answer that breaks off part-way: gRPC cannot retry it, the client does -----------
