@@ -87,7 +87,10 @@ def test_three_replicas_a_kill_and_a_restart_lose_nothing(tmp_path, redis_server
         next_request = iter(range(len(plan)))
         take = threading.Lock()
 
-        with RemoteTextEncoder(",".join(r.target for r in replicas), timeout=120) as enc:
+        # gRPC retries a dead address with growing waits (up to 120 s by default): capped at 2 s here
+        # so that the restarted replica is found again within the test's deadlines.
+        with RemoteTextEncoder(",".join(r.target for r in replicas), timeout=120,
+                               channel_options=[("grpc.max_reconnect_backoff_ms", 2000)]) as enc:
             assert enc.connection.lb_policy == "round_robin"
 
             def worker():
