@@ -176,7 +176,7 @@ def can_name_several(target: str) -> bool:
 
 
 def service_config(lb_policy: str) -> str:
-    """The gRPC service config (JSON) every channel gets; see the module's "Replicas" notes in docs/client.md.
+    """The gRPC service config (JSON) every channel gets (docs/replicas.md, "Client targets and load balancing").
 
     - ``loadBalancingConfig``: ``round_robin`` spreads calls over every address of the
       target; ``pick_first`` sticks to one.
