@@ -310,28 +310,59 @@ PACKED_ATTENTION = "flux2_packed_sdpa"
 """The transformers attention implementation a ``compute="packed"`` backbone runs with."""
 
 
-def _packed_sdpa_attention(module, query, key, value, attention_mask, *, packed_cu_seqlens=None, **kwargs):
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each prompt's tokens sit in a packed row of ``T`` tokens (TEI's ``cu_seqlens``, as indices).
+
+    Attributes:
+        gather: ``[B, N]`` (``N``: the longest prompt): indices into the packed row that lay
+            prompt ``b``'s tokens out at columns ``0 .. n_b - 1``; the columns after them
+            repeat its first token (padding that no real token attends to).
+        scatter: ``[T]``: for each packed token, its place in the flattened ``[B * N]`` layout.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+
+    @classmethod
+    def from_counts(cls, counts: list[int], device: torch.device) -> PackedLayout:
+        """The layout of prompts of ``counts`` tokens, packed one after the other in that order."""
+        lengths = torch.tensor(counts)  # [B]
+        starts = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1])  # [B]
+        columns = torch.arange(max(counts))  # [N]
+        real = columns[None, :] < lengths[:, None]  # [B, N]
+        gather = torch.where(real, starts[:, None] + columns[None, :], starts[:, None])
+        scatter = (torch.arange(len(counts))[:, None] * len(columns) + columns[None, :])[real]  # row-major = packed order
+        return cls(gather.to(device), scatter.to(device))
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, *, packed_layout=None, **kwargs):
     """transformers' SDPA attention, per prompt when the hidden states are packed.
 
     ``query`` is ``[1, heads, T, head_dim]`` (``key``/``value`` with the KV heads) and holds
-    several prompts one after another; ``packed_cu_seqlens`` (a tuple of ints, ``B + 1``
-    boundaries, TEI's ``cu_seqlens``) says where each starts. Each prompt gets its own causal
-    SDPA call over its own tokens only, so no prompt sees another and the attention costs
-    ``sum(n_b ** 2)``, not ``(sum n_b) ** 2`` as one block-diagonal mask would. Without
-    ``packed_cu_seqlens`` (a padded batch, as in the exact path) this is exactly
+    several prompts one after another, laid out by ``packed_layout``. For attention only,
+    the prompts are put in rows of their own, padded on the right to the longest of them,
+    and one causal SDPA call runs: a real token at column ``i`` attends to columns
+    ``0 .. i`` of its own prompt, all real, and never to another prompt or to the padding
+    (whose outputs are dropped). So no mask is needed, and attention costs
+    ``B * max(n_b) ** 2`` instead of the reference's ``B * 512 ** 2``, or the
+    ``(sum n_b) ** 2`` of one block-diagonal mask over the packed row. Without
+    ``packed_layout`` (a padded batch, as in the exact path) this is exactly
     ``sdpa_attention_forward``, mask included.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if packed_cu_seqlens is None:
+    if packed_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None or query.shape[0] != 1:
         raise RuntimeError("packed attention expects one packed row and no mask")
-    outputs = [
-        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
-        for s, e in itertools.pairwise(packed_cu_seqlens)
-    ]  # each [1, n_b, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
+
+    def per_prompt(x: torch.Tensor) -> torch.Tensor:  # [1, heads, T, d] -> [B, heads, N, d]
+        return x[0][:, packed_layout.gather].transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, per_prompt(query), per_prompt(key), per_prompt(value), None, **kwargs)
+    out = out.reshape(-1, *out.shape[2:])[packed_layout.scatter]  # [B, N, heads, d] -> [T, heads, d]
+    return out.unsqueeze(0), None
 
 
 @functools.cache
@@ -651,7 +682,8 @@ class TruncatedTextEncoder:
         own token ids) are concatenated into one ``[1, T]`` sequence; each token keeps the
         position id the padded reference gives it (its column in the 512-token row, i.e.
         offset by the prompt's pad count), so RoPE sees the same angles; attention is
-        causal within each prompt and never across prompts (:func:`_packed_sdpa_attention`).
+        causal within each prompt and never across prompts (:func:`_packed_sdpa_attention`;
+        it costs ``B * max(n_b) ** 2``, so a batch of very unequal prompts pays for its longest).
         The pad positions get the pad table's rows.
 
         Not bit-exact: the reference's attention reduces over 512 keys of which the pads are
@@ -674,7 +706,7 @@ class TruncatedTextEncoder:
         # 1. One packed row of real tokens, each at the position the padded reference gives it.
         input_ids = inputs["input_ids"][mask].unsqueeze(0).to(self.device)  # [1, T]
         position_ids = positions[mask].unsqueeze(0).to(self.device)  # [1, T]
-        bounds = tuple(itertools.accumulate(counts.tolist(), initial=0))  # cu_seqlens, B + 1 ints
+        layout = PackedLayout.from_counts(counts.tolist(), self.device)
         t1 = time.perf_counter_ns()
         out = self._lm(
             input_ids=input_ids,
@@ -683,7 +715,7 @@ class TruncatedTextEncoder:
             position_ids=position_ids,
             output_hidden_states=list(self.spec.hidden_states_layers),
             use_cache=False,
-            packed_cu_seqlens=bounds,
+            packed_layout=layout,
         )
         rows = torch.cat([out.hidden_states[k][0] for k in self.spec.hidden_states_layers], dim=-1)  # [T, 3 * H]
         rows = rows.to(dtype=self.dtype).to("cpu")

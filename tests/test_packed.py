@@ -153,7 +153,7 @@ def test_packed_is_within_the_references_own_rounding(left, dtype):
     moved = compare(out.embeddings, ref, mask)  # how far packing moves the reference
     packed_up = compare(out.embeddings, ref_up, mask)  # packed against the higher-precision reference
     assert floor.max_abs > 0
-    assert 0 < moved.max_abs <= floor.max_abs, (moved, floor)
+    assert moved.max_abs <= floor.max_abs, (moved, floor)
     assert moved.cos_min >= floor.cos_min
     # k = 1.25 on the largest and 1.1 on the mean difference; measured: 1.00x to 1.03x.
     assert packed_up.max_abs <= 1.25 * floor.max_abs, (packed_up, floor)
@@ -161,17 +161,22 @@ def test_packed_is_within_the_references_own_rounding(left, dtype):
     assert moved.identical_rows > 0.5  # most real rows come out bit-identical all the same
 
 
-def test_on_cpu_the_reference_has_no_batch_size_noise_and_neither_has_packed(left):
+def test_on_cpu_the_reference_has_no_batch_size_noise_but_packed_has(left):
     # Why the bound above is the dtype's rounding: at this size on a CPU the reference at
     # another batch size is bit-identical, a noise floor of zero. (At hidden 512 it is not:
-    # docs/benchmarks.md, "Packed compute".)
+    # docs/benchmarks.md, "Packed compute".) Packed pads each prompt, for attention only, to
+    # the longest in its batch, so its rounding depends on its companions, within the floor.
     family, folder = left
-    together = reference(family, folder, PROMPTS[:4], torch.bfloat16)
-    alone = torch.cat([reference(family, folder, [p], torch.bfloat16) for p in PROMPTS[:4]])
+    prompts = PROMPTS[:4]
+    together = reference(family, folder, prompts, torch.bfloat16)
+    alone = torch.cat([reference(family, folder, [p], torch.bfloat16) for p in prompts])
     assert torch.equal(together, alone)
     packed = load(folder, compute="packed")
-    assert torch.equal(packed.encode(PROMPTS[:4]).embeddings,
-                       torch.cat([packed.encode([p]).embeddings for p in PROMPTS[:4]]))
+    mask = real_rows(packed, prompts)
+    packed_alone = torch.cat([packed.encode([p]).embeddings for p in prompts])
+    drift = compare(packed.encode(prompts).embeddings, packed_alone, mask)
+    floor = compare(together, reference(family, folder, prompts, torch.float32), mask)
+    assert drift.max_abs <= floor.max_abs, (drift, floor)
 
 
 def test_a_prompt_the_table_does_not_cover_runs_exact_bit_for_bit(tiny_model_dir, caplog):
