@@ -570,8 +570,7 @@ class TruncatedTextEncoder:
         # 3. The pad table, through the exact path, before any switch to packed attention.
         self._pad_table = self._compute_pad_table()
         if compute == "packed":
-            self._use_packed_attention()
-        self.compute = compute
+            self.use_packed_compute()
 
     @property
     def embedding_dim(self) -> int:
@@ -642,6 +641,17 @@ class TruncatedTextEncoder:
         return PadTable(rows, shared, reason)
 
     # -- packed compute ---------------------------------------------------------
+
+    def use_packed_compute(self) -> None:
+        """Switch to ``compute="packed"`` (what the constructor does for it), for encoders built in memory.
+
+        The pad table is computed first, through the exact path, if it was not yet.
+        ConfigError where packing cannot reproduce the reference's layout (right padding,
+        attention other than SDPA, a sliding window shorter than the prompt).
+        """
+        self.pad_rows()
+        self._use_packed_attention()
+        self.compute = "packed"
 
     def _use_packed_attention(self) -> None:
         """Switch the backbone to :data:`PACKED_ATTENTION` (ConfigError where packing cannot match the reference)."""

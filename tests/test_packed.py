@@ -221,3 +221,22 @@ def test_images_from_packed_and_exact_embeddings(tiny_model_dir):
         images.append(np.asarray(out, dtype=np.float64))
     assert np.abs(images[0] - images[1]).max() < 1 / 255
     assert np.array_equal(np.round(images[0] * 255), np.round(images[1] * 255))
+
+
+def test_gpu_benchmark_dry_run_reports_packed_fidelity():
+    """benchmarks/gpu_encoder.py --packed runs end to end on a toy config (the GPU run is minutes of a loan)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_encoder.py", "--dry-run", "--packed", "--models", "dev", "--formats", "bf16",
+         "--batches", "2", "--repeats", "1"],
+        cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| bf16 | dev packed | 2 |")]
+    assert len(rows) == 2, proc.stdout  # the timing table and the fidelity table
+    assert float(rows[1].split("|")[8].strip().split("%")[0]) > 0  # some real rows bit-identical, the rest close
