@@ -1,6 +1,13 @@
 """Reference text-encoder forward vs the server's truncated forward, on CPU.
 
     .venv/bin/python benchmarks/encoder_forward.py [--batches 1 4] [--repeats 3]
+    .venv/bin/python benchmarks/encoder_forward.py --compute packed [--rows 127] [--batches 1 8 32]
+
+``--compute exact`` (the default) is the comparison below. ``--compute packed``
+times the server's two compute modes against each other instead (see
+:func:`packed_main`): ``compute="exact"`` (512 tokens per prompt) and
+``compute="packed"`` (only the real tokens), on prompts of realistic length, and
+reports packed's fidelity next to the reference's own noise.
 
 The model is FLUX.2-dev's text encoder at the Mistral-Small depth and vocab
 (40 layers, vocab 131072, 32 query / 8 KV heads) scaled down in width
@@ -116,12 +123,12 @@ def load_truncated(folder: Path):
     return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
 
 
-def run_reference(model_and_tok, prompts: list[str]) -> torch.Tensor:
+def run_reference(model_and_tok, prompts: list[str], **kwargs) -> torch.Tensor:
     from diffusers import Flux2Pipeline
 
     model, tok = model_and_tok
     with torch.inference_mode():
-        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(model, tok, prompts)
+        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(model, tok, prompts, **kwargs)
 
 
 def run_truncated(backend, prompts: list[str]) -> torch.Tensor:
@@ -191,6 +198,155 @@ def time_pair(fn_a, fn_b, repeats: int):
     return [(min(walls[i]), outs[i]) for i in range(2)]
 
 
+# -- --compute packed ------------------------------------------------------
+
+# Real-token rows of realistic FLUX.2-dev prompts, counted with the Tekken tokenizer
+# (docs/benchmarks.md, FLUX2_FACTS.md): a short prompt, a structured JSON prompt, the
+# model card's hermit-crab prompt. Their median, 127, is the goal's prompt.
+REALISTIC_ROWS = (43, 127, 132)
+CAPTION = ("a hermit crab in a shell made of a tiny glass terrarium, moss and ferns inside, on wet sand at low tide, "
+           "soft morning light, shallow depth of field, macro photograph, waves in the background, ")
+
+
+def load_compute(folder: Path, compute: str, dtype=torch.bfloat16):
+    """The server's encoder in one compute mode, without the system message (see :func:`prompts_with_rows`)."""
+    from dataclasses import replace
+
+    from common.encoder_spec import FLUX2_DEV
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedMistral3Encoder
+
+    source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
+    return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=dtype,
+                                    spec=replace(FLUX2_DEV, system_message=""), compute=compute)
+
+
+def prompts_with_rows(backend, rows: list[int]) -> list[str]:
+    """Distinct prompts whose templated token counts are exactly ``rows`` under ``backend``'s tokenizer.
+
+    The demo tokenizer makes one token per byte, so FLUX.2-dev's 500-character system
+    message alone would fill 173 rows; the benchmark drops it (``system_message=""``,
+    in both the server and the reference) and sizes plain-text prompts so that each fills
+    as many rows as the realistic prompt does with the real tokenizer, system message included.
+    """
+    overhead = backend.encode([""]).token_counts[0]
+    prompts = []
+    for i, n in enumerate(rows):
+        text = f"{i}: " + CAPTION * (1 + n // len(CAPTION))
+        prompts.append(text[: n - overhead])
+    counts = backend.tokenize(prompts)[0]["attention_mask"].sum(dim=1).tolist()
+    if counts != list(rows):
+        raise RuntimeError(f"prompt sizing failed: wanted {rows}, got {counts}")
+    return prompts
+
+
+def image_difference() -> list[str]:
+    """Pixels of a tiny FLUX.2 pipeline (fixed seed) fed packed vs exact embeddings, per dtype.
+
+    The tiny demo model (hidden 16, random weights), because the scaled model has no DiT;
+    the embeddings are cast to the pipeline's float32, 64x64, 4 steps.
+    """
+    import numpy as np
+    from diffusers import Flux2Pipeline
+
+    from common.demo import TinyFlux2Spec, build_tiny_flux2
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedTextEncoder
+
+    lines = ["| embeddings dtype | embeddings max abs diff | image max abs diff before 8-bit rounding (0-1) | "
+             "8-bit pixels differing | 8-bit max abs diff (0-255) |",
+             "|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory(prefix="flux2-tiny-") as tmp:
+        folder = build_tiny_flux2(Path(tmp), TinyFlux2Spec())
+        pipe = Flux2Pipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
+        prompts = [PROMPTS[0], PROMPTS[1]]
+        for dtype in (torch.float32, torch.bfloat16):
+            images, embeds = [], []
+            for compute in ("exact", "packed"):
+                enc = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=dtype, compute=compute)
+                embeds.append(enc.encode(prompts).embeddings.to(torch.float32))
+                out = pipe(prompt_embeds=embeds[-1], height=64, width=64, num_inference_steps=4, guidance_scale=4.0,
+                           generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+                images.append(np.asarray(out, dtype=np.float64))
+            as_8bit = [np.round(image * 255).astype(np.int16) for image in images]
+            diff8 = np.abs(as_8bit[0] - as_8bit[1])
+            lines.append(f"| {str(dtype).removeprefix('torch.')} | {(embeds[0] - embeds[1]).abs().max():.3g} | "
+                         f"{np.abs(images[0] - images[1]).max():.3g} | {100 * (diff8 > 0).mean():.2f}% | "
+                         f"{diff8.max()} |")
+    return lines
+
+
+def packed_main(args) -> int:
+    """``--compute packed``: exact vs packed throughput at ``--rows``, and fidelity next to the noise floor."""
+    from encoder_server.fidelity import compare
+
+    with tempfile.TemporaryDirectory(prefix="flux2-bench-") as tmp:
+        folder = args.model_dir
+        if folder is None or not (folder / "text_encoder").is_dir():
+            folder = folder or Path(tmp)
+            t0 = time.perf_counter()
+            build_scaled_model(folder)
+            print(f"built the scaled model in {time.perf_counter() - t0:.0f}s at {folder}", file=sys.stderr)
+        exact, packed = load_compute(folder, "exact"), load_compute(folder, "packed")
+        print(f"# Encoder forward, exact vs packed: {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16, scaled model (40 layers, 30 run, "
+              f"hidden 512), {args.repeats} alternating runs each; load average at start {os.getloadavg()[0]:.2f}")
+        print()
+        print(f"Throughput, every prompt {args.rows} real rows of 512 (best of the runs):")
+        print()
+        print("| batch | exact s/batch | packed s/batch | exact prompts/s | packed prompts/s | packed / exact |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for batch in args.batches:
+            prompts = prompts_with_rows(exact, [args.rows] * batch)
+            (t_exact, _), (t_packed, _) = time_pair(
+                lambda p=prompts: exact.encode(p).embeddings, lambda p=prompts: packed.encode(p).embeddings,
+                args.repeats,
+            )
+            print(f"| {batch} | {t_exact:.2f} | {t_packed:.2f} | {batch / t_exact:.2f} | {batch / t_packed:.2f} | "
+                  f"{t_exact / t_packed:.2f}x |", flush=True)
+
+        # Fidelity on one batch of 8 mixed realistic prompts (43, 127, 132 rows, cycled).
+        rows = [REALISTIC_ROWS[i % len(REALISTIC_ROWS)] for i in range(8)]
+        prompts = prompts_with_rows(exact, rows)
+        mask = exact.tokenize(prompts)[0]["attention_mask"].bool()
+        e_exact = exact.encode(prompts).embeddings
+        e_packed = packed.encode(prompts).embeddings
+        reference = run_reference(load_reference(folder), prompts, system_message="")
+        e_alone = torch.cat([exact.encode([p]).embeddings for p in prompts])
+        p_alone = torch.cat([packed.encode([p]).embeddings for p in prompts])
+        exact32 = load_compute(folder, "exact", torch.float32)
+        e32 = exact32.encode(prompts).embeddings
+        del exact32
+        print()
+        print(f"Fidelity, batch of 8 prompts of {', '.join(map(str, rows))} real rows, bf16, over the "
+              f"{int(mask.sum())} real rows (pad rows: see below):")
+        print()
+        print("| compared | max abs diff | mean abs diff | max diff in ulps of the row's largest element | "
+              "min cosine per row | bit-identical rows |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, a, b in [
+            ("exact vs reference (diffusers `_get_mistral_3_small_prompt_embeds`)", e_exact, reference),
+            ("packed vs reference", e_packed, reference),
+            ("noise floor 1: reference at batch 1 vs batch 8 (exact path, bit-exact with it)", e_alone, e_exact),
+            ("packed at batch 1 vs packed at batch 8", p_alone, e_packed),
+            ("noise floor 2: bf16 reference vs fp32 reference (exact path)", e_exact, e32),
+            ("packed bf16 vs fp32 reference", e_packed, e32),
+        ]:
+            print(f"| {name} | {compare(a, b, mask).cells()} |")
+        pads_equal = torch.equal(e_packed[~mask], reference[~mask])
+        print(f"\nPad rows (the other {int((~mask).sum())} rows): packed's, from the pad table, are "
+              f"{'bit-identical to' if pads_equal else 'NOT equal to'} the reference's.")
+        print(f"Load average at end {os.getloadavg()[0]:.2f}.")
+    if args.images:
+        print()
+        print("Images from packed vs exact embeddings (tiny demo pipeline, seed 0, 64x64, 4 steps, 2 prompts):")
+        print()
+        print("\n".join(image_difference()))
+    return 0
+
+
 # -- main -----------------------------------------------------------------
 
 
@@ -226,16 +382,29 @@ def full_scale_lines() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--compute", choices=["exact", "packed"], default="exact",
+                        help="exact: reference vs the server's exact forward; packed: exact vs packed compute")
+    parser.add_argument("--rows", type=int, default=127, help="--compute packed: real rows per prompt (median: 127)")
+    parser.add_argument("--images", action="store_true", help="--compute packed: also the tiny pipeline's pixels")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's). On a machine shared with other jobs, 1 avoids "
+                             "OpenMP threads waiting for each other at every op while the CPUs are taken")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 4 (exact), 1 8 32 (packed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a folder built by an earlier run")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--child", choices=["reference", "truncated"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batches is None:
+        args.batches = [1, 8, 32] if args.compute == "packed" else [1, 4]
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.child:
         print(json.dumps(child(args.child, args.model_dir, args.batches[0])))
         return 0
+    if args.compute == "packed":
+        return packed_main(args)
 
     with tempfile.TemporaryDirectory(prefix="flux2-bench-") as tmp:
         folder = args.model_dir
