@@ -32,8 +32,9 @@ Printed per format and batch: weight memory, peak VRAM of the forward
 (``torch.equal``). With ``--packed`` the server's forward then also runs with
 ``compute="packed"`` (real tokens only; not bit-exact, so a second table gives its
 fidelity against the reference: max abs diff, min cosine per real row, share of
-bit-identical real rows; a model whose tokenizer pads on the right is skipped). Only one model is resident at a time: the full bf16 model
-(48 GB) fits an 80 GB card with batch-8 activations, two would not.
+bit-identical real rows; a model whose tokenizer pads on the right is skipped).
+Only one model is resident at a time: the full bf16 model (48 GB) fits an 80 GB
+card with batch-8 activations, two would not.
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ attends to the prompt, its rows differ per prompt, and there is no table.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import re
 import time
-import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -332,7 +332,8 @@ class PackedLayout:
         columns = torch.arange(max(counts))  # [N]
         real = columns[None, :] < lengths[:, None]  # [B, N]
         gather = torch.where(real, starts[:, None] + columns[None, :], starts[:, None])
-        scatter = (torch.arange(len(counts))[:, None] * len(columns) + columns[None, :])[real]  # row-major = packed order
+        # Row-major order of ``real`` is the packed order: prompt 0's tokens, then prompt 1's, ...
+        scatter = (torch.arange(len(counts))[:, None] * len(columns) + columns[None, :])[real]
         return cls(gather.to(device), scatter.to(device))
 
 
