@@ -609,8 +609,12 @@ class TruncatedTextEncoder:
         so it holds exactly what the reference puts there for that prompt at batch size 1;
         :attr:`pad_rows_shared` says whether another prompt at batch size 2 got the same
         bits. With right padding a pad token attends to the prompt, the rows differ per
-        prompt, and there is no table.
+        prompt, and there is no table. Returns a copy: the packed path reads the original.
         """
+        rows = self._pad_rows()
+        return None if rows is None else rows.clone()
+
+    def _pad_rows(self) -> torch.Tensor | None:
         if self._pad_table is None:  # a subclass that skipped __init__
             self._pad_table = self._compute_pad_table()
         return self._pad_table.rows
@@ -618,7 +622,7 @@ class TruncatedTextEncoder:
     @property
     def pad_rows_shared(self) -> bool:
         """True when the load-time check found the pad rows bit-identical across prompts and batch sizes."""
-        self.pad_rows()
+        self._pad_rows()
         return self._pad_table.shared
 
     def _compute_pad_table(self) -> PadTable:
@@ -650,7 +654,7 @@ class TruncatedTextEncoder:
         ConfigError where packing cannot reproduce the reference's layout (right padding,
         attention other than SDPA, a sliding window shorter than the prompt).
         """
-        self.pad_rows()
+        self._pad_rows()
         self._use_packed_attention()
         self.compute = "packed"
 
@@ -707,7 +711,7 @@ class TruncatedTextEncoder:
         inputs, truncated = self.tokenize(prompts)
         mask = inputs["attention_mask"].bool()  # [B, L]
         batch, length = mask.shape
-        table = self.pad_rows()
+        table = self._pad_rows()  # [P, D]
         counts = mask.sum(dim=1)  # [B]
         positions = torch.arange(length).expand(batch, length)  # [B, L]
         left_padded = torch.equal(mask, positions >= (length - counts)[:, None])
