@@ -88,6 +88,10 @@ class FakeBackend:
         self.dtype = torch.bfloat16
         self.fingerprint = f"fake-bench-{hidden}"
         self.padding_side = "left"
+        self.num_hidden_layers = FLUX2_DEV.computed_layers
+        self.quantization = "none"
+        self.compute = "exact"
+        self.device = torch.device("cpu")
         self._row = torch.zeros((FLUX2_DEV.max_sequence_length, 3 * hidden), dtype=torch.bfloat16)
 
     def encode(self, prompts):

@@ -67,6 +67,7 @@ class FixedTensorBackend:
     dtype = torch.bfloat16
     num_hidden_layers = 40
     quantization = "none"
+    compute = "exact"
     device = torch.device("cpu")
     padding_side = "left"
 

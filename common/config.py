@@ -167,12 +167,14 @@ class ModelConfig:
         source: hub id, local folder, ``demo`` or ``demo-klein``.
         dtype: its compute dtype; ``None``: the server's ``--dtype``.
         quantization: its quantization; ``None``: the server's ``--quantization``.
+        compute: ``exact`` or ``packed``; ``None``: the server's ``--compute``.
     """
 
     name: str
     source: str
     dtype: str | None = None
     quantization: str | None = None
+    compute: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,8 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "bfloat16"
     quantization: str = "none"
+    # "exact": bit-exact with the reference; "packed": only real tokens run (faster, not bit-exact).
+    compute: str = "exact"
     grace_period_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -21,7 +21,7 @@ from common.config import (
 from common.logs import quiet_third_party_logs
 from common.model_source import DEFAULT_MODEL, ModelNotFound
 from encoder_server.models import apply_per_model, parse_model_flag
-from encoder_server.text_encoder import DTYPES, QUANTIZATIONS, ConfigError
+from encoder_server.text_encoder import COMPUTE_MODES, DTYPES, QUANTIZATIONS, ConfigError
 
 EXIT_CONFIG = 2
 
@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quantization", action="append", type=_per_model(QUANTIZATIONS), metavar="[NAME=]Q",
                        help=f"weight quantization ({', '.join(QUANTIZATIONS)}); fp8 and nf4 need CUDA and change the "
                             "embeddings (docs/memory.md); NAME=Q sets one model's (default none)")
+    serve.add_argument("--compute", action="append", type=_per_model(COMPUTE_MODES), metavar="[NAME=]MODE",
+                       help="exact: bit-exact with diffusers' reference; packed: only the real tokens run, several "
+                            "prompts in one pass (faster, not bit-exact: its fingerprint ends in +packed; "
+                            "docs/benchmarks.md); NAME=MODE sets one model's (default exact)")
     serve.add_argument("--grace-period", type=_number(float, 0), default=30.0,
                        help="seconds SIGTERM waits for in-flight work before exiting")
     serve.add_argument("--max-prompts-per-request", type=_number(int, 1), default=Limits.max_prompts_per_request,
@@ -214,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     models = tuple(parse_model_flag(v) for v in (args.model or [DEFAULT_MODEL]))
     dtype, models = apply_per_model(models, args.dtype or [], "dtype", "--dtype")
     quantization, models = apply_per_model(models, args.quantization or [], "quantization", "--quantization")
+    compute, models = apply_per_model(models, args.compute or [], "compute", "--compute")
     return ServerConfig(
         model=models[0].source,
         models=models,
@@ -223,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         dtype=dtype or "bfloat16",
         quantization=quantization or "none",
+        compute=compute or "exact",
         grace_period_s=args.grace_period,
         limits=Limits(
             max_prompts_per_request=args.max_prompts_per_request,

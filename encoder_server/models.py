@@ -37,7 +37,7 @@ class ServedModel:
     """One model: its backend, the engine that batches for it, and what GetInfo says of it.
 
     ``pad_table`` (``[P, D]``, compute dtype) holds the rows every left-padded
-    prompt has at its pad positions (see :func:`compute_pad_table`); ``None``
+    prompt has at its pad positions (see :func:`served_pad_table`); ``None``
     when the model cannot leave pad rows out.
     """
 
@@ -91,6 +91,7 @@ class ServedModel:
             family=self.family,
             pad_table=self.pad_table_id,
             pad_table_rows=0 if self.pad_table is None else self.pad_table.shape[0],
+            compute=backend.compute,
         )
 
 
@@ -123,21 +124,13 @@ class ModelRegistry:
             model.engine.close()
 
 
-def compute_pad_table(backend: EmbeddingBackend) -> torch.Tensor | None:
-    """The pad rows of ``backend``'s embeddings, through the exact reference path: ``[P, D]`` or None.
-
-    With left padding a pad token attends only to pads, so the row at pad
-    position i is the same for every prompt (measured through diffusers'
-    reference on tiny models; tests/test_pad_table.py). The empty prompt has the most
-    pad positions (the chat template is all it holds), so its leading rows are
-    the table. Right padding puts the pads after the prompt, where they see
-    it: nothing is shared, and None is returned.
-    """
-    if backend.padding_side != "left":
+def served_pad_table(backend: EmbeddingBackend) -> torch.Tensor | None:
+    """The pad table a model may elide with: the backend's (computed at load through the exact
+    path), when the load-time check found it shared by every prompt; None otherwise."""
+    rows = backend.pad_rows()
+    if rows is None or rows.shape[0] == 0 or not backend.pad_rows_shared:
         return None
-    batch = backend.encode([""])
-    pad = batch.embeddings.shape[1] - int(batch.token_counts[0])
-    return batch.embeddings[0, :pad].clone() if pad > 0 else None
+    return rows
 
 
 def resolve_model_name(name: str, names: list[str]) -> str:
@@ -198,4 +191,5 @@ def config_for(config: ServerConfig, model: ModelConfig) -> ServerConfig:
     return replace(
         config, model=model.source, models=(),
         dtype=model.dtype or config.dtype, quantization=model.quantization or config.quantization,
+        compute=model.compute or config.compute,
     )

@@ -24,7 +24,7 @@ from encoder_server.engine import EncodeEngine
 from encoder_server.http_endpoint import HTTPEndpoint
 from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics, MetricsEndpoint
-from encoder_server.models import ModelRegistry, ServedModel, compute_pad_table, config_for, model_configs
+from encoder_server.models import ModelRegistry, ServedModel, config_for, model_configs, served_pad_table
 from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
@@ -275,7 +275,7 @@ def load_models(config: ServerConfig) -> list[LoadedModel]:
     for model in model_configs(config):
         backend, source = load_backend(config_for(config, model))
         loaded.append(LoadedModel(
-            model.name, backend, source.model_id, source.revision, source.demo, compute_pad_table(backend)
+            model.name, backend, source.model_id, source.revision, source.demo, served_pad_table(backend)
         ))
     return loaded
 

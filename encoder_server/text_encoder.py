@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 DTYPES = {row.name: row.torch for row in dtype_table.DTYPES}
 QUANTIZATIONS = ("none", "fp8", "nf4")
 COMPUTE_MODES = ("exact", "packed")
+# Appended to a packed backend's fingerprint (see use_packed_compute).
+PACKED_FINGERPRINT_SUFFIX = "+packed"
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 # Read by nothing: the server replaces the final norm with the identity, and
@@ -482,6 +484,7 @@ class TruncatedTextEncoder:
     """
 
     compute: str = "exact"  # also for subclasses that skip __init__ (benchmarks/gpu_encoder.py)
+    fingerprint: str = ""  # likewise: set by __init__ from the files read
     _pad_table: PadTable | None = None
 
     def __init__(
@@ -656,6 +659,10 @@ class TruncatedTextEncoder:
         """
         self._pad_rows()
         self._use_packed_attention()
+        if self.compute != "packed":
+            # Packed embeddings are not the exact ones: a fingerprint of their own keeps them
+            # out of exact caches, stores and clients that expect the exact function.
+            self.fingerprint = f"{self.fingerprint}{PACKED_FINGERPRINT_SUFFIX}"
         self.compute = "packed"
 
     def _use_packed_attention(self) -> None:

@@ -39,6 +39,7 @@ class FakeBackend:
     num_hidden_layers = 1
     dtype = torch.float32
     quantization = "none"
+    compute = "exact"
     device = "cpu"
     padding_side = "left"
 

@@ -491,6 +491,7 @@ class _NarrowBackend:
     num_hidden_layers = 30
     dtype = torch.float32
     quantization = "none"
+    compute = "exact"
     device = torch.device("cpu")
     padding_side = "left"
 

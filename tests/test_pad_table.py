@@ -14,7 +14,6 @@ from common.config import ServerConfig
 from common.pad_table import pad_table_id, rebuild
 from common.protocol import pb2, pb2_grpc
 from dit_client.pad_table import PadTables, fetch
-from encoder_server.models import compute_pad_table
 from encoder_server.server import LoadedModel
 from tests.helpers import ServerThread
 
@@ -23,7 +22,7 @@ PROMPTS = ["a red fox", "a hermit crab in a shell of blown glass on a beach at d
 
 def test_pad_rows_depend_on_the_position_only(tiny_backend):
     """Every left-padded prompt holds the table's rows at its pad positions, alone or in a batch."""
-    table = compute_pad_table(tiny_backend)
+    table = tiny_backend.pad_rows()
     assert table is not None and table.shape[1] == 3 * tiny_backend.hidden_size
     together = tiny_backend.encode(PROMPTS)
     for i, prompt in enumerate(PROMPTS):
@@ -40,12 +39,12 @@ def test_right_padding_has_no_table(tiny_model_dir_right):
 
     source = resolve_model(str(tiny_model_dir_right), components=("text_encoder", "tokenizer"))
     backend = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.float32)
-    assert compute_pad_table(backend) is None
+    assert backend.pad_rows() is None
 
 
 @pytest.fixture()
 def elide_server(tiny_backend):
-    model = LoadedModel("dev", tiny_backend, "tiny", pad_table=compute_pad_table(tiny_backend))
+    model = LoadedModel("dev", tiny_backend, "tiny", pad_table=tiny_backend.pad_rows())
     with ServerThread(None, ServerConfig(), models=[model]) as s:
         yield s
 
@@ -143,3 +142,23 @@ def test_a_damaged_or_foreign_table_on_disk_is_fetched_again(elide_server, tmp_p
         tables.save(info.pad_table, good[:-1].clone())
         assert tables.load(info.pad_table) is None
         assert torch.equal(fetch(stub, info), good)
+
+
+def test_compute_flag_reaches_each_model_and_packed_has_its_own_fingerprint(tiny_model_dir):
+    from common.model_source import resolve_model
+    from encoder_server.cli import build_parser, config_from_args
+    from encoder_server.text_encoder import TruncatedTextEncoder
+
+    config = config_from_args(build_parser().parse_args(
+        ["serve", "--model", "dev=demo", "--model", "fast=demo", "--compute", "fast=packed"]
+    ))
+    assert config.compute == "exact"
+    assert [m.compute for m in config.served_models()] == [None, "packed"]
+    source = resolve_model(str(tiny_model_dir), components=("text_encoder", "tokenizer"))
+    exact = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
+    packed = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16, compute="packed")
+    assert packed.compute == "packed" and packed.fingerprint == exact.fingerprint + "+packed"
+    with ServerThread(None, ServerConfig(), models=[LoadedModel("fast", packed, "tiny")]) as s, \
+            grpc.insecure_channel(s.target) as channel:
+        info = pb2_grpc.TextEncoderStub(channel).GetInfo(pb2.GetInfoRequest(), timeout=10)
+    assert info.models[0].compute == "packed" and info.fingerprint.endswith("+packed")
