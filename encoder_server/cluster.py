@@ -9,7 +9,7 @@ Three things live there, so N replicas behave like one server:
 * **compute-once leases**: ``flux2:lease:<cache key>`` (``SET NX PX``) names the
   replica computing a prompt; the others wait for its entry. A lease expires on
   its own, so a replica that dies mid-computation holds nobody up for longer
-  than ``lease_ms``.
+  than ``lease_ms`` (5 s; a live holder renews its leases while it works).
 * **per-user limits**: the rate (a token bucket) and the daily quota, updated
   atomically by Lua scripts on Redis' own clock, so a user has one limit for
   the whole cluster, not one per replica.
@@ -86,6 +86,15 @@ end
 return 0
 """
 
+# Extend the leases this replica still holds: KEYS the leases, ARGV[1] the
+# replica id, ARGV[2] the new time to live in ms.
+_RENEW = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, tonumber(ARGV[2])) end
+end
+return 0
+"""
+
 # Delete a lease only if this replica still holds it (it may have expired and
 # been taken by another).
 _RELEASE = """
@@ -123,7 +132,7 @@ class RedisLink:
         self._scripts = {
             name: self.client.register_script(body)
             for name, body in (("take", _TAKE_TOKEN), ("reserve", _RESERVE), ("refund", _REFUND),
-                               ("release", _RELEASE))
+                               ("release", _RELEASE), ("renew", _RENEW))
         }
 
     @property
@@ -168,8 +177,10 @@ class SharedCache:
     engine computes locally instead of failing.
     """
 
-    def __init__(self, link: RedisLink, *, lease_ms: int = 30_000, poll_s: float = 0.02):
+    def __init__(self, link: RedisLink, *, lease_ms: int = 5_000, poll_s: float = 0.02):
         self.link = link
+        # Short, and renewed while the holder works on it (renew()): a replica
+        # that dies holds the others up for at most this long.
         self.lease_ms = lease_ms
         self._poll_s = poll_s
 
@@ -209,6 +220,15 @@ class SharedCache:
             ))
         except ClusterUnavailable:
             return True
+
+    async def renew(self, keys: list[str]) -> None:
+        """Extend this replica's leases on ``keys`` by ``lease_ms`` (those another replica took are left alone)."""
+        if not keys:
+            return
+        try:
+            await self.link.script("renew", [_LEASE + k for k in keys], [self.link.replica_id, self.lease_ms])
+        except ClusterUnavailable:
+            pass
 
     async def release(self, key: str) -> None:
         try:

@@ -119,6 +119,7 @@ class EncodeEngine:
         self.shared_cache = shared_cache
         self._cluster_lookups: dict[str, asyncio.Future] = {}
         self._leases: set[str] = set()
+        self._lease_renewal: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.batching = batching or BatchingConfig()
         self.memory_cache = memory_cache
@@ -285,6 +286,8 @@ class EncodeEngine:
         self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
+        if self._lease_renewal is not None:
+            self._lease_renewal.cancel()
         self._batcher.fail_all(EncoderUnavailable("the encoder is shutting down"))
         for item in list(self._inflight.values()):
             if not item.future.done():
@@ -365,6 +368,7 @@ class EncodeEngine:
         while entry is None:
             if await shared.try_lease(key):
                 self._leases.add(key)  # ours to compute, publish and release (_finish, _on_drop)
+                self._ensure_lease_renewal()
                 return None
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed while another replica computed this prompt")
@@ -389,6 +393,17 @@ class EncodeEngine:
 
     def _give_up_lease(self, key: str) -> None:
         self._publish(key, None)
+
+    def _ensure_lease_renewal(self) -> None:
+        if self._lease_renewal is None or self._lease_renewal.done():
+            self._lease_renewal = asyncio.get_running_loop().create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """While this replica holds leases (queued or computing prompts), keep them alive."""
+        period = self.shared_cache.lease_ms / 3000
+        while self._leases and not self._closed:
+            await asyncio.sleep(period)
+            await self.shared_cache.renew(list(self._leases))
 
     def _read_disk(self, keys: list[str]) -> list[CachedEmbedding | None]:
         return [self.disk_cache.get(k) for k in keys]

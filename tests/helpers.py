@@ -112,3 +112,20 @@ class GatedBackend:
         self.seen.extend(prompts)
         assert self.gate.wait(60), "the test never opened the gate"
         return self._backend.encode(prompts)
+
+
+class Serialized(ProxyBackend):
+    """One backend object shared by several in-process servers, one forward pass at a time.
+
+    A server runs its backend on one model thread; two servers in one test
+    process sharing one backend would otherwise call its Hugging Face fast
+    tokenizer from two threads at once, which is not safe (its padding and
+    truncation settings are per object).
+    """
+
+    _locks: dict[int, threading.Lock] = {}
+
+    def encode(self, prompts):
+        lock = Serialized._locks.setdefault(id(self._backend), threading.Lock())
+        with lock:
+            return super().encode(prompts)

@@ -17,7 +17,7 @@ from common.config import AuthConfig, CacheConfig, ServerConfig
 from common.errors import EncoderOverloaded, NotCached
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import cache_key
-from tests.helpers import GatedBackend, ServerThread
+from tests.helpers import GatedBackend, Serialized, ServerThread
 
 ALICE = "alice-key-0123456789abcdef"
 
@@ -33,7 +33,7 @@ def replica_config(url: str, **auth) -> ServerConfig:
 @pytest.fixture()
 def two_replicas(tiny_backend, redis_server):
     config = replica_config(redis_server.url)
-    with ServerThread(tiny_backend, config) as a, ServerThread(tiny_backend, config) as b:
+    with ServerThread(Serialized(tiny_backend), config) as a, ServerThread(Serialized(tiny_backend), config) as b:
         yield a, b
 
 
@@ -55,7 +55,7 @@ def test_a_prompt_computed_on_one_replica_is_a_hit_on_another(two_replicas):
 def test_concurrent_identical_prompts_on_two_replicas_are_computed_once(tiny_backend, redis_server):
     gated = GatedBackend(tiny_backend)
     config = replica_config(redis_server.url)
-    with ServerThread(gated, config) as a, ServerThread(tiny_backend, config) as b:
+    with ServerThread(gated, config) as a, ServerThread(Serialized(tiny_backend), config) as b:
         results = {}
 
         def encode(name, server):
@@ -112,7 +112,7 @@ def test_daily_quota_and_rate_hold_across_replicas(tiny_backend, redis_server, t
     keys.write_text(f"alice:{ALICE}\n")
     keys.chmod(0o600)
     config = replica_config(redis_server.url, api_key_file=str(keys), quota_prompts_per_day=3, rate_limit_rpm=4)
-    with ServerThread(tiny_backend, config) as a, ServerThread(tiny_backend, config) as b:
+    with ServerThread(Serialized(tiny_backend), config) as a, ServerThread(Serialized(tiny_backend), config) as b:
         with RemoteTextEncoder(a.target, api_key=ALICE) as on_a, RemoteTextEncoder(b.target, api_key=ALICE) as on_b:
             on_a.encode(["one", "two"])
             with pytest.raises(EncoderOverloaded, match="used 2 of 3 prompts today"):
@@ -150,3 +150,31 @@ def test_a_redis_that_stops_answering_costs_a_timeout_once_not_every_request(two
     assert a.running.metrics.sample("flux2_encoder_shared_cache_errors_total") >= 1
     # The link is marked down after the first timeout, so the next requests do not wait for Redis.
     assert later < max(first, 0.25)
+
+
+def test_a_live_holder_renews_its_lease_so_a_long_computation_is_not_done_twice(tiny_backend, redis_server):
+    gated = GatedBackend(tiny_backend)
+    config = replica_config(redis_server.url)
+    with ServerThread(gated, config) as a, ServerThread(Serialized(tiny_backend), config) as b:
+        for server in (a, b):
+            server.running.engine.shared_cache.lease_ms = 300  # expires three times over while A computes
+        results = {}
+
+        def encode(name, server):
+            with RemoteTextEncoder(server.target, timeout=60) as enc:
+                results[name] = enc.encode(["a long computation"])
+
+        on_a = threading.Thread(target=encode, args=("a", a))
+        on_a.start()
+        deadline = time.monotonic() + 30
+        while not gated.seen:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        on_b = threading.Thread(target=encode, args=("b", b))
+        on_b.start()
+        time.sleep(1.2)  # four lease lengths: without renewal B would have taken the lease and computed
+        gated.gate.set()
+        on_a.join(60)
+        on_b.join(60)
+        assert torch.equal(results["a"], results["b"])
+        assert computed(a, b) == 1
