@@ -1,6 +1,6 @@
 """Reference text-encoder forward vs the server's truncated forward, on CPU.
 
-    .venv/bin/python benchmarks/encoder_forward.py [--batches 1 4] [--repeats 3]
+    .venv/bin/python benchmarks/encoder_forward.py [--family dev|klein] [--batches 1 4] [--repeats 3]
     .venv/bin/python benchmarks/encoder_forward.py --compute packed [--rows 127] [--batches 1 8 32]
 
 ``--compute exact`` (the default) is the comparison below. ``--compute packed``
@@ -33,6 +33,15 @@ At this width the 131072-row embedding and lm_head weigh far more, relative
 to the layers, than at full width, so the measured ratios are not the
 full-scale ones; the full-scale figures are computed from parameter and FLOP
 counts of the real config (encoder_server/memory.py) and printed at the end.
+
+``--family klein`` runs the same comparison for FLUX.2 [klein] 4B's text
+encoder: Qwen3-4B's depth, heads and vocab (36 layers, 32 query / 8 KV heads,
+vocab 151936, tied embeddings; common/configs/qwen3_4b_text_encoder.json)
+scaled to 1/10 of the width (hidden 256, head_dim 8, intermediate 973), with
+the demo's Qwen chat-template tokenizer. Reference:
+``Flux2KleinPipeline._get_qwen3_prompt_embeds`` on the full ``Qwen3ForCausalLM``
+(36 layers, lm_head on every position); ours: ``TruncatedTextEncoder``
+(embedding + 27 layers, no lm_head), which picks the Qwen3 recipe from the folder.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 WIDTH = dict(hidden_size=512, head_dim=16, intermediate_size=3276, num_attention_heads=32, num_key_value_heads=8)
+# Qwen3-4B (hidden 2560, intermediate 9728) at 1/10 width; 32 x 8 = hidden, as 32 x 16 is for [dev].
+KLEIN_WIDTH = dict(hidden_size=256, head_dim=8, intermediate_size=973, num_attention_heads=32, num_key_value_heads=8)
+KLEIN_CONFIG = "qwen3_4b_text_encoder.json"
 PROMPTS = [
     "a red fox in fresh snow, morning light",
     "Isometric illustration of a tiny bakery at night, warm windows, rain on the cobblestones, 35mm film grain",
@@ -88,6 +101,29 @@ def build_scaled_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_scaled_klein_model(folder: Path, seed: int = 0) -> Path:
+    """Write ``text_encoder/`` (bf16, random) and ``tokenizer/`` at the scaled Qwen3-4B shape."""
+    from transformers import Qwen3ForCausalLM
+
+    from common.demo import TinyKleinSpec, build_tiny_klein
+    from encoder_server.memory import default_config_path, load_config
+
+    # The demo [klein] tokenizer (byte-level, Qwen control tokens, Qwen-style chat
+    # template): its ids are all valid in a 151936-row vocab.
+    build_tiny_klein(folder / "tok", TinyKleinSpec(with_dit=False))
+    (folder / "tok" / "tokenizer").rename(folder / "tokenizer")
+    from encoder_server.text_encoder import load_tokenizer
+
+    tok = load_tokenizer(folder / "tokenizer")
+    config = load_config(default_config_path(KLEIN_CONFIG))  # the real Qwen3-4B config, then narrowed
+    config.update({**KLEIN_WIDTH, "pad_token_id": tok.pad_token_id, "bos_token_id": None,
+                   "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>")})
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+    model.save_pretrained(folder / "text_encoder")
+    return folder
+
+
 # -- measurement helpers --------------------------------------------------
 
 
@@ -106,29 +142,32 @@ def _release_freed_memory() -> None:
         pass
 
 
-def load_reference(folder: Path):
-    from transformers import Mistral3ForConditionalGeneration
+def load_reference(folder: Path, family: str = "dev"):
+    import transformers
 
     from encoder_server.text_encoder import load_tokenizer
 
-    model = Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16).eval()
+    cls = getattr(transformers, FAMILIES[family].reference_class)
+    model = cls.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16).eval()
     return model, load_tokenizer(folder / "tokenizer")
 
 
-def load_truncated(folder: Path):
+def load_truncated(folder: Path, family: str = "dev"):
     from common.model_source import resolve_model
-    from encoder_server.text_encoder import TruncatedMistral3Encoder
+    from encoder_server import text_encoder
 
     source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
-    return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
+    cls = getattr(text_encoder, FAMILIES[family].truncated_class)
+    return cls(source, device=torch.device("cpu"), dtype=torch.bfloat16)
 
 
-def run_reference(model_and_tok, prompts: list[str], **kwargs) -> torch.Tensor:
-    from diffusers import Flux2Pipeline
+def run_reference(model_and_tok, prompts: list[str], family: str = "dev", **kwargs) -> torch.Tensor:
+    import diffusers
 
+    pipeline_class, function = FAMILIES[family].reference_function.split(".")
     model, tok = model_and_tok
     with torch.inference_mode():
-        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(model, tok, prompts, **kwargs)
+        return getattr(getattr(diffusers, pipeline_class), function)(model, tok, prompts, **kwargs)
 
 
 def run_truncated(backend, prompts: list[str]) -> torch.Tensor:
@@ -143,19 +182,24 @@ def batch_prompts(batch: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
-def child(variant: str, folder: Path, batch: int) -> dict:
+def child(variant: str, folder: Path, batch: int, family: str = "dev") -> dict:
     """Memory of one variant, alone in this process (run via ``--child``)."""
+    from functools import partial
+
     import diffusers.pipelines.flux2.pipeline_flux2  # noqa: F401  (import cost is part of the baseline)
     import transformers  # noqa: F401
+
+    if family == "klein":
+        import diffusers.pipelines.flux2.pipeline_flux2_klein  # noqa: F401
 
     _release_freed_memory()
     base = _proc_status_kb("VmRSS")
     if variant == "reference":
-        loaded = load_reference(folder)
+        loaded = load_reference(folder, family)
         weights = param_bytes(loaded[0])
-        run = run_reference
+        run = partial(run_reference, family=family)
     else:
-        loaded = load_truncated(folder)
+        loaded = load_truncated(folder, family)
         weights = param_bytes(loaded._lm)
         run = run_truncated
     prompts = batch_prompts(batch)
@@ -174,9 +218,10 @@ def child(variant: str, folder: Path, batch: int) -> dict:
     }
 
 
-def measure_memory(variant: str, folder: Path, batch: int) -> dict:
+def measure_memory(variant: str, folder: Path, batch: int, family: str = "dev") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--model-dir", str(folder), "--batches", str(batch)],
+        [sys.executable, __file__, "--child", variant, "--model-dir", str(folder), "--batches", str(batch),
+         "--family", family],
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -350,6 +395,30 @@ def packed_main(args) -> int:
 # -- main -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Family:
+    """What differs between the [dev] and [klein] comparisons; everything else is shared."""
+
+    build: object  # (folder) -> folder: the scaled model's text_encoder/ and tokenizer/
+    reference_class: str  # in transformers
+    reference_function: str  # "Pipeline.method" in diffusers
+    truncated_class: str  # in encoder_server.text_encoder
+    config_name: str  # the bundled real config (encoder_server/memory.py)
+    full_scale_label: str
+    goals: bool  # print the FLUX.2-dev goal column
+    title: str  # after "# Encoder forward" in the header
+
+
+FAMILIES = {
+    "dev": Family(build_scaled_model, "Mistral3ForConditionalGeneration",
+                  "Flux2Pipeline._get_mistral_3_small_prompt_embeds", "TruncatedMistral3Encoder",
+                  "flux2_dev_text_encoder.json", "FLUX.2-dev config", True, ""),
+    "klein": Family(build_scaled_klein_model, "Qwen3ForCausalLM", "Flux2KleinPipeline._get_qwen3_prompt_embeds",
+                    "TruncatedTextEncoder", KLEIN_CONFIG, "FLUX.2 [klein] 4B's Qwen3-4B config", False,
+                    ", FLUX.2 [klein] (Qwen3, 36 layers, 27 run, hidden 256, vocab 151936)"),
+}
+
+
 def scaled_prediction(folder: Path) -> str:
     """What parameter and FLOP counts predict for the scaled model itself (to check the measurement)."""
     from encoder_server.memory import bf16_bytes, count_parameters, forward_flops, load_config
@@ -361,27 +430,33 @@ def scaled_prediction(folder: Path) -> str:
             f"{bf16_bytes(counts.truncated) / bf16_bytes(counts.full):.2f}x weights.")
 
 
-def full_scale_lines() -> list[str]:
-    from encoder_server.memory import bf16_bytes, count_parameters, forward_flops
+def full_scale_lines(family: str = "dev") -> list[str]:
+    from encoder_server.memory import bf16_bytes, count_parameters, default_config_path, forward_flops, load_config
 
-    counts = count_parameters()
-    flops = forward_flops(counts)
+    fam = FAMILIES[family]
+    config = load_config(default_config_path(fam.config_name))
+    counts = count_parameters(config)
+    flops = forward_flops(counts, config)
     ratio = bf16_bytes(counts.truncated) / bf16_bytes(counts.full)
+    goals = (f" | >= 1.35x: {'met' if flops.speedup >= 1.35 else 'MISSED'}",
+             f" | <= 0.73x: {'met' if ratio <= 0.73 else 'MISSED'}") if fam.goals else ("", "")
     return [
         "",
-        "Full scale (FLUX.2-dev config on the meta device, encoder_server/memory.py; computed, not timed):",
+        f"Full scale ({fam.full_scale_label} on the meta device, encoder_server/memory.py; computed, not timed):",
         "",
-        "| | reference | truncated | ratio | goal |",
-        "|---|---:|---:|---:|---|",
+        "| | reference | truncated | ratio |" + (" goal |" if fam.goals else ""),
+        "|---|---:|---:|---:|" + ("---|" if fam.goals else ""),
         f"| forward FLOPs per prompt (512 tokens) | {flops.reference / 1e12:.2f} T | {flops.truncated / 1e12:.2f} T "
-        f"| {flops.speedup:.3f}x throughput | >= 1.35x: {'met' if flops.speedup >= 1.35 else 'MISSED'} |",
+        f"| {flops.speedup:.3f}x throughput{goals[0]} |",
         f"| bf16 weights | {bf16_bytes(counts.full) / 1e9:.2f} GB | {bf16_bytes(counts.truncated) / 1e9:.2f} GB "
-        f"| {ratio:.3f}x | <= 0.73x: {'met' if ratio <= 0.73 else 'MISSED'} |",
+        f"| {ratio:.3f}x{goals[1]} |",
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="dev",
+                        help="dev: scaled Mistral-Small (FLUX.2-dev); klein: scaled Qwen3-4B (FLUX.2 [klein] 4B)")
     parser.add_argument("--compute", choices=["exact", "packed"], default="exact",
                         help="exact: reference vs the server's exact forward; packed: exact vs packed compute")
     parser.add_argument("--rows", type=int, default=127, help="--compute packed: real rows per prompt (median: 127)")
@@ -401,22 +476,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.child:
-        print(json.dumps(child(args.child, args.model_dir, args.batches[0])))
+        print(json.dumps(child(args.child, args.model_dir, args.batches[0], args.family)))
         return 0
     if args.compute == "packed":
+        if args.family != "dev":
+            parser.error("--compute packed runs the dev model only")
         return packed_main(args)
+    fam = FAMILIES[args.family]
 
     with tempfile.TemporaryDirectory(prefix="flux2-bench-") as tmp:
         folder = args.model_dir
         if folder is None or not (folder / "text_encoder").is_dir():
             folder = folder or Path(tmp)
             t0 = time.perf_counter()
-            build_scaled_model(folder)
+            fam.build(folder)
             print(f"built the scaled model in {time.perf_counter() - t0:.0f}s at {folder}", file=sys.stderr)
 
-        reference = load_reference(folder)
-        truncated = load_truncated(folder)
-        print(f"# Encoder forward: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+        reference = load_reference(folder, args.family)
+        truncated = load_truncated(folder, args.family)
+        print(f"# Encoder forward{fam.title}: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, bf16, 512 tokens, {args.repeats} alternating runs each; "
               f"load average at start {os.getloadavg()[0]:.2f}")
         print()
@@ -427,14 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             prompts = batch_prompts(batch)
             (t_ref, e_ref), (t_ours, e_ours) = time_pair(
-                lambda p=prompts: run_reference(reference, p),
+                lambda p=prompts: run_reference(reference, p, args.family),
                 lambda p=prompts: run_truncated(truncated, p),
                 args.repeats,
             )
             exact = torch.equal(e_ref, e_ours) and e_ref.dtype == e_ours.dtype
             mem_cells = ["not measured"] * 3
             if not args.no_memory:
-                ref_m, our_m = measure_memory("reference", folder, batch), measure_memory("truncated", folder, batch)
+                ref_m = measure_memory("reference", folder, batch, args.family)
+                our_m = measure_memory("truncated", folder, batch, args.family)
                 mem_cells = [
                     f"{ref_m[k] / 1e6:.0f} / {our_m[k] / 1e6:.0f} ({our_m[k] / ref_m[k]:.2f}x)"
                     for k in ("weights_bytes", "resident_bytes", "forward_peak_bytes")
@@ -444,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nTimes: best wall time of the runs (the least disturbed by other load). "
               f"Load average at end {os.getloadavg()[0]:.2f}.")
         print(scaled_prediction(folder))
-        print("\n".join(full_scale_lines()))
+        print("\n".join(full_scale_lines(args.family)))
     return 0
 
 
