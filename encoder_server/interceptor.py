@@ -84,14 +84,19 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         current_user.set(user)
         return user
 
+    async def _begin_or_abort(self, context, method: Method, authorization: list[str]) -> str:
+        """:meth:`_begin` for calls that pass steps 1-2 only; a refusal ends the call with its status."""
+        try:
+            return self._begin(context, method, authorization)
+        except Flux2RemoteError as exc:
+            await _abort(context, exc)
+            raise  # not reached: abort raises
+
     def _unary(self, behaviour, method: Method, authorization: list[str]):
         admission = self._admission
 
         async def wrapped(request, context):
-            try:
-                user = self._begin(context, method, authorization)
-            except Flux2RemoteError as exc:
-                await _abort(context, exc)
+            user = await self._begin_or_abort(context, method, authorization)
             response = await behaviour(request, context)
             admission.count(method, grpc.StatusCode.OK, user)
             return response
@@ -103,10 +108,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         admission = self._admission
 
         async def wrapped(request, context):
-            try:
-                user = self._begin(context, method, authorization)
-            except Flux2RemoteError as exc:
-                await _abort(context, exc)
+            user = await self._begin_or_abort(context, method, authorization)
             await self._write_all(behaviour(request, context), context, method, user)
             admission.count(method, grpc.StatusCode.OK, user)
 
