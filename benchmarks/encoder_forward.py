@@ -116,8 +116,14 @@ def build_scaled_klein_model(folder: Path, seed: int = 0) -> Path:
 
     tok = load_tokenizer(folder / "tokenizer")
     config = load_config(default_config_path(KLEIN_CONFIG))  # the real Qwen3-4B config, then narrowed
-    config.update({**KLEIN_WIDTH, "pad_token_id": tok.pad_token_id, "bos_token_id": None,
-                   "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>")})
+    config.update(
+        {
+            **KLEIN_WIDTH,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": None,
+            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+        }
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
     model.save_pretrained(folder / "text_encoder")
@@ -220,9 +226,21 @@ def child(variant: str, folder: Path, batch: int, family: str = "dev") -> dict:
 
 def measure_memory(variant: str, folder: Path, batch: int, family: str = "dev") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--model-dir", str(folder), "--batches", str(batch),
-         "--family", family],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--model-dir",
+            str(folder),
+            "--batches",
+            str(batch),
+            "--family",
+            family,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -249,8 +267,10 @@ def time_pair(fn_a, fn_b, repeats: int):
 # (docs/benchmarks.md, FLUX2_FACTS.md): a short prompt, a structured JSON prompt, the
 # model card's hermit-crab prompt. Their median, 127, is the goal's prompt.
 REALISTIC_ROWS = (43, 127, 132)
-CAPTION = ("a hermit crab in a shell made of a tiny glass terrarium, moss and ferns inside, on wet sand at low tide, "
-           "soft morning light, shallow depth of field, macro photograph, waves in the background, ")
+CAPTION = (
+    "a hermit crab in a shell made of a tiny glass terrarium, moss and ferns inside, on wet sand at low tide, "
+    "soft morning light, shallow depth of field, macro photograph, waves in the background, "
+)
 
 
 def load_compute(folder: Path, compute: str, dtype=torch.bfloat16):
@@ -262,8 +282,9 @@ def load_compute(folder: Path, compute: str, dtype=torch.bfloat16):
     from encoder_server.text_encoder import TruncatedMistral3Encoder
 
     source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
-    return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=dtype,
-                                    spec=replace(FLUX2_DEV, system_message=""), compute=compute)
+    return TruncatedMistral3Encoder(
+        source, device=torch.device("cpu"), dtype=dtype, spec=replace(FLUX2_DEV, system_message=""), compute=compute
+    )
 
 
 def prompts_with_rows(backend, rows: list[int]) -> list[str]:
@@ -298,9 +319,11 @@ def image_difference() -> list[str]:
     from common.model_source import resolve_model
     from encoder_server.text_encoder import TruncatedTextEncoder
 
-    lines = ["| embeddings dtype | embeddings max abs diff | image max abs diff before 8-bit rounding (0-1) | "
-             "8-bit pixels differing | 8-bit max abs diff (0-255) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| embeddings dtype | embeddings max abs diff | image max abs diff before 8-bit rounding (0-1) | "
+        "8-bit pixels differing | 8-bit max abs diff (0-255) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     with tempfile.TemporaryDirectory(prefix="flux2-tiny-") as tmp:
         folder = build_tiny_flux2(Path(tmp), TinyFlux2Spec())
         pipe = Flux2Pipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, dtype=torch.float32)
@@ -312,14 +335,23 @@ def image_difference() -> list[str]:
             for compute in ("exact", "packed"):
                 enc = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=dtype, compute=compute)
                 embeds.append(enc.encode(prompts).embeddings.to(torch.float32))
-                out = pipe(prompt_embeds=embeds[-1], height=64, width=64, num_inference_steps=4, guidance_scale=4.0,
-                           generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+                out = pipe(
+                    prompt_embeds=embeds[-1],
+                    height=64,
+                    width=64,
+                    num_inference_steps=4,
+                    guidance_scale=4.0,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="np",
+                ).images
                 images.append(np.asarray(out, dtype=np.float64))
             as_8bit = [np.round(image * 255).astype(np.int16) for image in images]
             diff8 = np.abs(as_8bit[0] - as_8bit[1])
-            lines.append(f"| {str(dtype).removeprefix('torch.')} | {(embeds[0] - embeds[1]).abs().max():.3g} | "
-                         f"{np.abs(images[0] - images[1]).max():.3g} | {100 * (diff8 > 0).mean():.2f}% | "
-                         f"{diff8.max()} |")
+            lines.append(
+                f"| {str(dtype).removeprefix('torch.')} | {(embeds[0] - embeds[1]).abs().max():.3g} | "
+                f"{np.abs(images[0] - images[1]).max():.3g} | {100 * (diff8 > 0).mean():.2f}% | "
+                f"{diff8.max()} |"
+            )
     return lines
 
 
@@ -335,9 +367,11 @@ def packed_main(args) -> int:
             build_scaled_model(folder)
             print(f"built the scaled model in {time.perf_counter() - t0:.0f}s at {folder}", file=sys.stderr)
         exact, packed = load_compute(folder, "exact"), load_compute(folder, "packed")
-        print(f"# Encoder forward, exact vs packed: {platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16, scaled model (40 layers, 30 run, "
-              f"hidden 512), {args.repeats} alternating runs each; load average at start {os.getloadavg()[0]:.2f}")
+        print(
+            f"# Encoder forward, exact vs packed: {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16, scaled model (40 layers, 30 run, "
+            f"hidden 512), {args.repeats} alternating runs each; load average at start {os.getloadavg()[0]:.2f}"
+        )
         print()
         print(f"Throughput, every prompt {args.rows} real rows of 512 (best of the runs):")
         print()
@@ -346,11 +380,15 @@ def packed_main(args) -> int:
         for batch in args.batches:
             prompts = prompts_with_rows(exact, [args.rows] * batch)
             (t_exact, _), (t_packed, _) = time_pair(
-                lambda p=prompts: exact.encode(p).embeddings, lambda p=prompts: packed.encode(p).embeddings,
+                lambda p=prompts: exact.encode(p).embeddings,
+                lambda p=prompts: packed.encode(p).embeddings,
                 args.repeats,
             )
-            print(f"| {batch} | {t_exact:.2f} | {t_packed:.2f} | {batch / t_exact:.2f} | {batch / t_packed:.2f} | "
-                  f"{t_exact / t_packed:.2f}x |", flush=True)
+            print(
+                f"| {batch} | {t_exact:.2f} | {t_packed:.2f} | {batch / t_exact:.2f} | {batch / t_packed:.2f} | "
+                f"{t_exact / t_packed:.2f}x |",
+                flush=True,
+            )
 
         # Fidelity on one batch of 8 mixed realistic prompts (43, 127, 132 rows, cycled).
         rows = [REALISTIC_ROWS[i % len(REALISTIC_ROWS)] for i in range(8)]
@@ -365,11 +403,15 @@ def packed_main(args) -> int:
         e32 = exact32.encode(prompts).embeddings
         del exact32
         print()
-        print(f"Fidelity, batch of 8 prompts of {', '.join(map(str, rows))} real rows, bf16, over the "
-              f"{int(mask.sum())} real rows (pad rows: see below):")
+        print(
+            f"Fidelity, batch of 8 prompts of {', '.join(map(str, rows))} real rows, bf16, over the "
+            f"{int(mask.sum())} real rows (pad rows: see below):"
+        )
         print()
-        print("| compared | max abs diff | mean abs diff | max diff in ulps of the row's largest element | "
-              "min cosine per row | bit-identical rows |")
+        print(
+            "| compared | max abs diff | mean abs diff | max diff in ulps of the row's largest element | "
+            "min cosine per row | bit-identical rows |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         for name, a, b in [
             ("exact vs reference (diffusers `_get_mistral_3_small_prompt_embeds`)", e_exact, reference),
@@ -381,8 +423,10 @@ def packed_main(args) -> int:
         ]:
             print(f"| {name} | {compare(a, b, mask).cells()} |")
         pads_equal = torch.equal(e_packed[~mask], reference[~mask])
-        print(f"\nPad rows (the other {int((~mask).sum())} rows): packed's, from the pad table, are "
-              f"{'bit-identical to' if pads_equal else 'NOT equal to'} the reference's.")
+        print(
+            f"\nPad rows (the other {int((~mask).sum())} rows): packed's, from the pad table, are "
+            f"{'bit-identical to' if pads_equal else 'NOT equal to'} the reference's."
+        )
         print(f"Load average at end {os.getloadavg()[0]:.2f}.")
     if args.images:
         print()
@@ -410,12 +454,26 @@ class Family:
 
 
 FAMILIES = {
-    "dev": Family(build_scaled_model, "Mistral3ForConditionalGeneration",
-                  "Flux2Pipeline._get_mistral_3_small_prompt_embeds", "TruncatedMistral3Encoder",
-                  "flux2_dev_text_encoder.json", "FLUX.2-dev config", True, ""),
-    "klein": Family(build_scaled_klein_model, "Qwen3ForCausalLM", "Flux2KleinPipeline._get_qwen3_prompt_embeds",
-                    "TruncatedTextEncoder", KLEIN_CONFIG, "FLUX.2 [klein] 4B's Qwen3-4B config", False,
-                    ", FLUX.2 [klein] (Qwen3, 36 layers, 27 run, hidden 256, vocab 151936)"),
+    "dev": Family(
+        build_scaled_model,
+        "Mistral3ForConditionalGeneration",
+        "Flux2Pipeline._get_mistral_3_small_prompt_embeds",
+        "TruncatedMistral3Encoder",
+        "flux2_dev_text_encoder.json",
+        "FLUX.2-dev config",
+        True,
+        "",
+    ),
+    "klein": Family(
+        build_scaled_klein_model,
+        "Qwen3ForCausalLM",
+        "Flux2KleinPipeline._get_qwen3_prompt_embeds",
+        "TruncatedTextEncoder",
+        KLEIN_CONFIG,
+        "FLUX.2 [klein] 4B's Qwen3-4B config",
+        False,
+        ", FLUX.2 [klein] (Qwen3, 36 layers, 27 run, hidden 256, vocab 151936)",
+    ),
 }
 
 
@@ -426,8 +484,10 @@ def scaled_prediction(folder: Path) -> str:
     config = load_config(folder / "text_encoder" / "config.json")
     counts = count_parameters(config)
     flops = forward_flops(counts, config)
-    return (f"Predicted by FLOP and parameter counts for this scaled model: {flops.speedup:.2f}x speed, "
-            f"{bf16_bytes(counts.truncated) / bf16_bytes(counts.full):.2f}x weights.")
+    return (
+        f"Predicted by FLOP and parameter counts for this scaled model: {flops.speedup:.2f}x speed, "
+        f"{bf16_bytes(counts.truncated) / bf16_bytes(counts.full):.2f}x weights."
+    )
 
 
 def full_scale_lines(family: str = "dev") -> list[str]:
@@ -438,8 +498,14 @@ def full_scale_lines(family: str = "dev") -> list[str]:
     counts = count_parameters(config)
     flops = forward_flops(counts, config)
     ratio = bf16_bytes(counts.truncated) / bf16_bytes(counts.full)
-    goals = (f" | >= 1.35x: {'met' if flops.speedup >= 1.35 else 'MISSED'}",
-             f" | <= 0.73x: {'met' if ratio <= 0.73 else 'MISSED'}") if fam.goals else ("", "")
+    goals = (
+        (
+            f" | >= 1.35x: {'met' if flops.speedup >= 1.35 else 'MISSED'}",
+            f" | <= 0.73x: {'met' if ratio <= 0.73 else 'MISSED'}",
+        )
+        if fam.goals
+        else ("", "")
+    )
     return [
         "",
         f"Full scale ({fam.full_scale_label} on the meta device, encoder_server/memory.py; computed, not timed):",
@@ -455,15 +521,27 @@ def full_scale_lines(family: str = "dev") -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="dev",
-                        help="dev: scaled Mistral-Small (FLUX.2-dev); klein: scaled Qwen3-4B (FLUX.2 [klein] 4B)")
-    parser.add_argument("--compute", choices=["exact", "packed"], default="exact",
-                        help="exact: reference vs the server's exact forward; packed: exact vs packed compute")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="dev",
+        help="dev: scaled Mistral-Small (FLUX.2-dev); klein: scaled Qwen3-4B (FLUX.2 [klein] 4B)",
+    )
+    parser.add_argument(
+        "--compute",
+        choices=["exact", "packed"],
+        default="exact",
+        help="exact: reference vs the server's exact forward; packed: exact vs packed compute",
+    )
     parser.add_argument("--rows", type=int, default=127, help="--compute packed: real rows per prompt (median: 127)")
     parser.add_argument("--images", action="store_true", help="--compute packed: also the tiny pipeline's pixels")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's). On a machine shared with other jobs, 1 avoids "
-                             "OpenMP threads waiting for each other at every op while the CPUs are taken")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's). On a machine shared with other jobs, 1 avoids "
+        "OpenMP threads waiting for each other at every op while the CPUs are taken",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 4 (exact), 1 8 32 (packed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a folder built by an earlier run")
@@ -494,13 +572,17 @@ def main(argv: list[str] | None = None) -> int:
 
         reference = load_reference(folder, args.family)
         truncated = load_truncated(folder, args.family)
-        print(f"# Encoder forward{fam.title}: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}, bf16, 512 tokens, {args.repeats} alternating runs each; "
-              f"load average at start {os.getloadavg()[0]:.2f}")
+        print(
+            f"# Encoder forward{fam.title}: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, bf16, 512 tokens, {args.repeats} alternating runs each; "
+            f"load average at start {os.getloadavg()[0]:.2f}"
+        )
         print()
-        print("| batch | reference s/batch | truncated s/batch | speed ratio | bit-exact | "
-              "weights ref / ours MB (ratio) | resident RSS ref / ours MB (ratio) | "
-              "forward peak RSS ref / ours MB (ratio) |")
+        print(
+            "| batch | reference s/batch | truncated s/batch | speed ratio | bit-exact | "
+            "weights ref / ours MB (ratio) | resident RSS ref / ours MB (ratio) | "
+            "forward peak RSS ref / ours MB (ratio) |"
+        )
         print("|---:|---:|---:|---:|---|---|---|---|")
         for batch in args.batches:
             prompts = batch_prompts(batch)
@@ -518,10 +600,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{ref_m[k] / 1e6:.0f} / {our_m[k] / 1e6:.0f} ({our_m[k] / ref_m[k]:.2f}x)"
                     for k in ("weights_bytes", "resident_bytes", "forward_peak_bytes")
                 ]
-            print(f"| {batch} | {t_ref:.2f} | {t_ours:.2f} | {t_ref / t_ours:.2f}x | "
-                  f"{'yes' if exact else 'NO'} | " + " | ".join(mem_cells) + " |", flush=True)
-        print(f"\nTimes: best wall time of the runs (the least disturbed by other load). "
-              f"Load average at end {os.getloadavg()[0]:.2f}.")
+            print(
+                f"| {batch} | {t_ref:.2f} | {t_ours:.2f} | {t_ref / t_ours:.2f}x | "
+                f"{'yes' if exact else 'NO'} | " + " | ".join(mem_cells) + " |",
+                flush=True,
+            )
+        print(
+            f"\nTimes: best wall time of the runs (the least disturbed by other load). "
+            f"Load average at end {os.getloadavg()[0]:.2f}."
+        )
         print(scaled_prediction(folder))
         print("\n".join(full_scale_lines(args.family)))
     return 0

@@ -46,8 +46,15 @@ from dit_client.plan import GIB, estimate_modes, load_configs, measure_footprint
 
 TARGET_GB = 18.0
 # --dry-run: FLUX.2-dev's structure at toy width (Linear inputs multiples of 64, as bitsandbytes on CPU needs).
-TINY_TRANSFORMER = dict(num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
-                        joint_attention_dim=128, in_channels=128, axes_dims_rope=(8, 8, 8, 8))
+TINY_TRANSFORMER = dict(
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=128,
+    in_channels=128,
+    axes_dims_rope=(8, 8, 8, 8),
+)
 TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
 
 
@@ -80,11 +87,19 @@ def _to_nf4_(module: nn.Module, dtype: torch.dtype, device: torch.device) -> int
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=False, quant_type="nf4", device="meta")
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=dtype,
+                compress_statistics=False,
+                quant_type="nf4",
+                device="meta",
+            )
             # Params4bit quantizes when moved to a device: bitsandbytes' documented loading path.
-            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=False,
-                                         quant_type="nf4", module=q).to(device)
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=False, quant_type="nf4", module=q
+            ).to(device)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q)
@@ -136,20 +151,27 @@ def main(argv: list[str] | None = None) -> int:
         size = min(args.size, 128)
     else:
         if not torch.cuda.is_available():
-            print("gpu_client.py measures NF4 on a CUDA GPU and this machine has none; use --dry-run here",
-                  file=sys.stderr)
+            print(
+                "gpu_client.py measures NF4 on a CUDA GPU and this machine has none; use --dry-run here",
+                file=sys.stderr,
+            )
             return 2
         device, quantize, size = torch.device("cuda"), True, args.size
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
-          f"; torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+        f"; torch {torch.__version__}"
+    )
 
     # 1. The DiT, block by block.
     t0 = time.perf_counter()
     transformer, swapped = build_nf4_transformer(transformer_config, device, dtype, quantize)
     sync(device)
     build_s = time.perf_counter() - t0
-    weights = (torch.cuda.memory_allocated(device) if device.type == "cuda"
-               else sum(p.numel() * p.element_size() for p in transformer.parameters()))
+    weights = (
+        torch.cuda.memory_allocated(device)
+        if device.type == "cuda"
+        else sum(p.numel() * p.element_size() for p in transformer.parameters())
+    )
     print(f"transformer: {swapped} Linear layers in NF4, built in {build_s:.1f}s, weights {weights / GIB:.2f} GiB")
 
     # 2. The VAE and the pipeline, fed random embeddings the way the client feeds remote ones.
@@ -161,11 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             vae = AutoencoderKLFlux2.from_config(vae_args).eval()
     finally:
         torch.set_default_dtype(previous)
-    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                         transformer=transformer)
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
     pipe.set_progress_bar_config(disable=True)
-    embeds = torch.randn(1, 512, transformer_config["joint_attention_dim"], device=device, dtype=dtype,
-                         generator=torch.Generator(device).manual_seed(1))
+    embeds = torch.randn(
+        1,
+        512,
+        transformer_config["joint_attention_dim"],
+        device=device,
+        dtype=dtype,
+        generator=torch.Generator(device).manual_seed(1),
+    )
 
     stamps: list[float] = []
 
@@ -179,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    pipe(prompt_embeds=embeds, height=size, width=size, num_inference_steps=args.steps, guidance_scale=4.0,
-         generator=torch.Generator(device).manual_seed(0), output_type="pil", callback_on_step_end=on_step_end)
+    pipe(
+        prompt_embeds=embeds,
+        height=size,
+        width=size,
+        num_inference_steps=args.steps,
+        guidance_scale=4.0,
+        generator=torch.Generator(device).manual_seed(0),
+        output_type="pil",
+        callback_on_step_end=on_step_end,
+    )
     sync(device)
     end = time.perf_counter()
     step_times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
@@ -206,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     # What `flux2-dit plan` predicts for the same size (full-size model only).
     if not args.dry_run:
         fp = measure_footprint(*load_configs()[:2], size, size)
-        figures["plan_nf4_estimate_gib"] = round(next(m for m in estimate_modes(fp) if m.name == "nf4").vram_bytes
-                                                 / GIB, 2)
+        figures["plan_nf4_estimate_gib"] = round(
+            next(m for m in estimate_modes(fp) if m.name == "nf4").vram_bytes / GIB, 2
+        )
 
     for key, value in figures.items():
         print(f"  {key:<30} {value}")

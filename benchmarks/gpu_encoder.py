@@ -65,11 +65,13 @@ PROMPTS = [
 ]
 
 # --dry-run: each model's depth (dev: hidden states 10/20/30 of 40 layers; klein: 9/18/27 of 36), toy width.
-TINY_TEXT = dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=1024)
+TINY_TEXT = dict(
+    hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024
+)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, head_dim=8, num_attention_heads=4, num_hidden_layers=2)
-TINY_QWEN3 = dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=1024)
+TINY_QWEN3 = dict(
+    hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024
+)
 KLEIN_CONFIGS = {"klein-4b": "qwen3_4b_text_encoder.json", "klein-9b": "qwen3_8b_text_encoder.json"}
 MODELS = ("dev", *KLEIN_CONFIGS)
 
@@ -130,12 +132,19 @@ def quantize_nf4(module: torch.nn.Module) -> int:
     for name, child in list(module.named_modules()):
         if type(child) is not torch.nn.Linear:
             continue
-        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=False, quant_type="nf4",
-                              device="meta")
+        q = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=False,
+            quant_type="nf4",
+            device="meta",
+        )
         # Params4bit quantizes when moved to a device: same settings as the server's BitsAndBytesConfig.
-        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=False).to(child.weight.device)
+        q.weight = bnb.nn.Params4bit(
+            child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=False
+        ).to(child.weight.device)
         if child.bias is not None:
             q.bias = child.bias
         module.set_submodule(name, q)
@@ -213,10 +222,23 @@ def packed_rows(args, ours, reference: dict, label: str, fmt: str, device, base:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
         fidelity = compare(out, reference[batch], ours.tokenize(prompts)[0]["attention_mask"].bool())
-        rows.append(dict(format=fmt, variant=f"{label} packed", batch=batch, seconds=t, weights=weights,
-                         peak=peak - base, exact=None, fidelity=fidelity))
-        print(f"{label} {fmt} packed batch {batch}: {t:.3f}s max abs diff {fidelity.max_abs:.3g}", file=sys.stderr,
-              flush=True)
+        rows.append(
+            dict(
+                format=fmt,
+                variant=f"{label} packed",
+                batch=batch,
+                seconds=t,
+                weights=weights,
+                peak=peak - base,
+                exact=None,
+                fidelity=fidelity,
+            )
+        )
+        print(
+            f"{label} {fmt} packed batch {batch}: {t:.3f}s max abs diff {fidelity.max_abs:.3g}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -260,11 +282,23 @@ def run_klein(args, name: str) -> list[dict]:
             with torch.inference_mode():
                 t, peak, out = timed(
                     lambda m=model, p=prompts: Flux2KleinPipeline._get_qwen3_prompt_embeds(
-                        m, tokenizer, p, device=device).cpu(),
-                    device, args.repeats)
+                        m, tokenizer, p, device=device
+                    ).cpu(),
+                    device,
+                    args.repeats,
+                )
             reference[batch] = out
-            rows.append(dict(format=fmt, variant=f"{name} reference ({config.num_hidden_layers} layers + lm_head)",
-                             batch=batch, seconds=t, weights=ref_weights, peak=peak - base, exact=None))
+            rows.append(
+                dict(
+                    format=fmt,
+                    variant=f"{name} reference ({config.num_hidden_layers} layers + lm_head)",
+                    batch=batch,
+                    seconds=t,
+                    weights=ref_weights,
+                    peak=peak - base,
+                    exact=None,
+                )
+            )
             print(f"{name} {fmt} reference batch {batch}: {t:.3f}s", file=sys.stderr, flush=True)
         lm = truncate_qwen3(model, layers)
         del model
@@ -275,8 +309,17 @@ def run_klein(args, name: str) -> list[dict]:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
             t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
             exact = torch.equal(out, reference[batch])
-            rows.append(dict(format=fmt, variant=f"{name} truncated ({layers} layers)", batch=batch,
-                             seconds=t, weights=our_weights, peak=peak - base, exact=exact))
+            rows.append(
+                dict(
+                    format=fmt,
+                    variant=f"{name} truncated ({layers} layers)",
+                    batch=batch,
+                    seconds=t,
+                    weights=our_weights,
+                    peak=peak - base,
+                    exact=exact,
+                )
+            )
             print(f"{name} {fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
         if args.packed:
             rows += packed_rows(args, ours, reference, name, fmt, device, base, our_weights)
@@ -318,10 +361,21 @@ def run_dev(args) -> list[dict]:
                 t, peak, out = timed(
                     # .cpu(): the server's encode() also returns the embeddings on the CPU
                     lambda m=model, p=prompts: Flux2Pipeline._get_mistral_3_small_prompt_embeds(m, tokenizer, p).cpu(),
-                    device, args.repeats)
+                    device,
+                    args.repeats,
+                )
             reference[batch] = out
-            rows.append(dict(format=fmt, variant="reference (40 layers + lm_head)", batch=batch, seconds=t,
-                             weights=ref_weights, peak=peak - base, exact=None))
+            rows.append(
+                dict(
+                    format=fmt,
+                    variant="reference (40 layers + lm_head)",
+                    batch=batch,
+                    seconds=t,
+                    weights=ref_weights,
+                    peak=peak - base,
+                    exact=None,
+                )
+            )
             print(f"{fmt} reference batch {batch}: {t:.3f}s", file=sys.stderr, flush=True)
         lm = truncate(model, FLUX2_DEV.computed_layers)
         del model
@@ -332,8 +386,17 @@ def run_dev(args) -> list[dict]:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
             t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
             exact = torch.equal(out, reference[batch])
-            rows.append(dict(format=fmt, variant=f"truncated ({FLUX2_DEV.computed_layers} layers)", batch=batch,
-                             seconds=t, weights=our_weights, peak=peak - base, exact=exact))
+            rows.append(
+                dict(
+                    format=fmt,
+                    variant=f"truncated ({FLUX2_DEV.computed_layers} layers)",
+                    batch=batch,
+                    seconds=t,
+                    weights=our_weights,
+                    peak=peak - base,
+                    exact=exact,
+                )
+            )
             print(f"{fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
         if args.packed:
             rows += packed_rows(args, ours, reference, "dev", fmt, device, base, our_weights)
@@ -348,13 +411,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
-                        help="dev: FLUX.2-dev's Mistral-3; klein-4b / klein-9b: [klein]'s Qwen3-4B / Qwen3-8B "
-                             "(default: all three; with --dry-run dev and klein-4b, as the toy klein-9b is the same)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=None,
+        help="dev: FLUX.2-dev's Mistral-3; klein-4b / klein-9b: [klein]'s Qwen3-4B / Qwen3-8B "
+        "(default: all three; with --dry-run dev and klein-4b, as the toy klein-9b is the same)",
+    )
     parser.add_argument("--config", default=None, help="Mistral3 config.json for dev (default: FLUX.2-dev's)")
     parser.add_argument("--dry-run", action="store_true", help="tiny config on the CPU (no GPU needed)")
-    parser.add_argument("--packed", action="store_true",
-                        help="also run the server's forward with compute=\"packed\" and report its fidelity")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help='also run the server\'s forward with compute="packed" and report its fidelity',
+    )
     args = parser.parse_args(argv)
     if args.models is None:
         args.models = ["dev", "klein-4b"] if args.dry_run else list(MODELS)
@@ -365,22 +436,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run(args)
     where = "CPU, tiny config (dry run: not a measurement)" if args.dry_run else torch.cuda.get_device_name()
-    print(f"# GPU encoder: {where}; torch {torch.__version__}; 512 tokens/prompt; median of {args.repeats}; "
-          f"total {time.perf_counter() - t0:.0f}s")
+    print(
+        f"# GPU encoder: {where}; torch {torch.__version__}; 512 tokens/prompt; median of {args.repeats}; "
+        f"total {time.perf_counter() - t0:.0f}s"
+    )
     print()
     print("| format | forward | batch | weights GB | peak during forward GB | s/batch | prompts/s | bit-exact |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         exact = "" if r["exact"] is None else ("yes" if r["exact"] else "NO")
-        print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['weights'] / 1e9:.2f} | {r['peak'] / 1e9:.2f} | "
-              f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:.1f} | {exact} |")
+        print(
+            f"| {r['format']} | {r['variant']} | {r['batch']} | {r['weights'] / 1e9:.2f} | {r['peak'] / 1e9:.2f} | "
+            f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:.1f} | {exact} |"
+        )
     packed = [r for r in rows if "fidelity" in r]
     if packed:
         print()
         print("Packed against the reference, over the real rows (not bit-exact by design):")
         print()
-        print("| format | forward | batch | max abs diff | mean abs diff | max diff in row ulps | min cosine | "
-              "bit-identical rows |")
+        print(
+            "| format | forward | batch | max abs diff | mean abs diff | max diff in row ulps | min cosine | "
+            "bit-identical rows |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in packed:
             print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['fidelity'].cells()} |")

@@ -91,8 +91,10 @@ def main() -> int:
     asyncio.run_coroutine_threadsafe(web.TCPSite(raw_runner, "127.0.0.1", 0).start(), loop).result(30)
     raw_url = f"http://127.0.0.1:{raw_runner.addresses[0][1]}/raw"
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
     print(f"{'path':<22}{'prompts':>8}{'MB':>8}{'best ms':>10}{'median ms':>11}")
     try:
         with RemoteTextEncoder(target) as enc, requests.Session() as http:
@@ -115,8 +117,12 @@ def main() -> int:
                 def transport(b=b):
                     http.post(raw_url, params={"b": b}, json={}, timeout=120).raise_for_status()
 
-                for name, fn in (("gRPC Encode", grpc_call), ("HTTP /predict", http_call),
-                                 ("torch.save alone", serialize), ("HTTP transport alone", transport)):
+                for name, fn in (
+                    ("gRPC Encode", grpc_call),
+                    ("HTTP /predict", http_call),
+                    ("torch.save alone", serialize),
+                    ("HTTP transport alone", transport),
+                ):
                     best, median = timed(fn, args.repeats)
                     print(f"{name:<22}{b:>8}{mb:>8.1f}{best * 1e3:>10.1f}{median * 1e3:>11.1f}")
     finally:

@@ -60,8 +60,21 @@ class Server:
         self.port = free_port()
         self.timeout_s = timeout_s
         model_args = [a for m in models for a in ("--model", m)]
-        cmd = [sys.executable, "-m", "encoder_server.cli", "serve", *model_args, "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(self.port), "--memory-cache-mb", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "encoder_server.cli",
+            "serve",
+            *model_args,
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--memory-cache-mb",
+            "0",
+        ]
         self.command = " ".join(["flux2-encoder", *cmd[3:]])
         self._log = open(workdir / f"server-{self.port}.log", "w")
         self.log_path = Path(self._log.name)

@@ -61,7 +61,9 @@ SCRIPT = str(Path(__file__).resolve())
 
 def _captions(n: int, tag: str = "") -> list[str]:
     # Distinct, realistic-length captions (~90 characters).
-    return [f"photo {i}{tag}: a red fox standing in fresh snow at sunrise, soft light, 35mm film grain" for i in range(n)]
+    return [
+        f"photo {i}{tag}: a red fox standing in fresh snow at sunrise, soft light, 35mm film grain" for i in range(n)
+    ]
 
 
 def _free_port() -> int:
@@ -110,8 +112,11 @@ def _scaled_model_dir(hidden: int) -> Path:
     path = Path(tempfile.gettempdir()) / f"flux2-bench-precompute-h{hidden}"
     if not (path / "text_encoder" / "config.json").is_file():
         spec = TinyFlux2Spec(
-            text_hidden=hidden, text_heads=hidden // 16, text_kv_heads=max(1, hidden // 64),
-            text_intermediate=int(hidden * 6.4), with_dit=False,
+            text_hidden=hidden,
+            text_heads=hidden // 16,
+            text_kv_heads=max(1, hidden // 64),
+            text_intermediate=int(hidden * 6.4),
+            with_dit=False,
         )
         tmp = Path(tempfile.mkdtemp(prefix=path.name + "-", dir=path.parent))
         build_tiny_flux2(tmp, spec)
@@ -183,10 +188,18 @@ def _client(args) -> None:
         report = precompute(
             enc, args.captions, args.out, concurrency=args.concurrency, batch_size=args.batch, progress=False, **shard
         )
-    print(json.dumps({
-        "encoded": report.encoded, "already_stored": report.already_stored, "elapsed_s": report.elapsed_s,
-        "rss_before_mib": rss_before / 1024, "peak_rss_mib": _status_kb("VmHWM") / 1024,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "encoded": report.encoded,
+                "already_stored": report.already_stored,
+                "elapsed_s": report.elapsed_s,
+                "rss_before_mib": rss_before / 1024,
+                "peak_rss_mib": _status_kb("VmHWM") / 1024,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _status_kb(field: str) -> int:
@@ -196,8 +209,9 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _run_client(target: str, captions: Path, out: Path, *, batch: int | None, concurrency: int | None,
-                shard_mb: float | None) -> dict:
+def _run_client(
+    target: str, captions: Path, out: Path, *, batch: int | None, concurrency: int | None, shard_mb: float | None
+) -> dict:
     cmd = [sys.executable, SCRIPT, "_client", "--encoder", target, "--captions", str(captions), "--out", str(out)]
     if shard_mb:
         cmd += ["--shard-mb", str(shard_mb)]
@@ -221,7 +235,8 @@ def _server_busy() -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{_server_busy.port}/metrics", timeout=10).read().decode()
     values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
     return {
-        "busy_s": values["flux2_encoder_tokenize_duration_seconds_sum"] + values["flux2_encoder_inference_duration_seconds_sum"],
+        "busy_s": values["flux2_encoder_tokenize_duration_seconds_sum"]
+        + values["flux2_encoder_inference_duration_seconds_sum"],
         "prompts": values["flux2_encoder_prompts_computed_total"],
         "batches": values["flux2_encoder_batch_size_count"],
     }
@@ -234,8 +249,10 @@ def bench_throughput(args) -> None:
     from dit_client.training import EmbeddingStore, precompute
 
     n = args.captions
-    print(f"# throughput: scaled FLUX.2-dev encoder, hidden {args.hidden}, embedding [512, {3 * args.hidden}] bf16, "
-          f"{args.rounds} rounds of {n} captions; {_machine()}")
+    print(
+        f"# throughput: scaled FLUX.2-dev encoder, hidden {args.hidden}, embedding [512, {3 * args.hidden}] bf16, "
+        f"{args.rounds} rounds of {n} captions; {_machine()}"
+    )
     backend = _real_backend(args.hidden)
     sizes = sorted({args.batch, n})
     in_situ, standalone = [], []
@@ -268,14 +285,18 @@ def bench_throughput(args) -> None:
                 own_rate = computed / busy  # the encoder's batched throughput during this very run
                 in_situ.append(report.captions_per_s / own_rate)
                 standalone.append(report.captions_per_s / alone)
-                print(f"round {r}: precompute {report.captions_per_s:6.2f} captions/s; encoder busy {busy:.1f}s of "
-                      f"{report.elapsed_s:.1f}s ({computed / batches:.0f} prompts/batch) -> its own rate "
-                      f"{own_rate:.2f}/s, precompute = {100 * in_situ[-1]:.0f}% of it; encoder alone in-process "
-                      f"{alone:.2f}/s (best of batch {sizes}) -> {100 * standalone[-1]:.0f}%")
+                print(
+                    f"round {r}: precompute {report.captions_per_s:6.2f} captions/s; encoder busy {busy:.1f}s of "
+                    f"{report.elapsed_s:.1f}s ({computed / batches:.0f} prompts/batch) -> its own rate "
+                    f"{own_rate:.2f}/s, precompute = {100 * in_situ[-1]:.0f}% of it; encoder alone in-process "
+                    f"{alone:.2f}/s (best of batch {sizes}) -> {100 * standalone[-1]:.0f}%"
+                )
         assert len(EmbeddingStore(Path(tmp) / "store")) == n * (args.rounds + 1)
-    print(f"median: precompute = {100 * statistics.median(in_situ):.0f}% of the encoder's own throughput during "
-          f"the run; {100 * statistics.median(standalone):.0f}% of the encoder alone in-process (noisier: "
-          f"measured at other moments)")
+    print(
+        f"median: precompute = {100 * statistics.median(in_situ):.0f}% of the encoder's own throughput during "
+        f"the run; {100 * statistics.median(standalone):.0f}% of the encoder alone in-process (noisier: "
+        f"measured at other moments)"
+    )
 
 
 def bench_transport(args) -> None:
@@ -294,24 +315,31 @@ def bench_transport(args) -> None:
         store_bytes = sum(p.stat().st_size for p in (Path(tmp) / "store").glob("shard-*"))
         assert len(EmbeddingStore(Path(tmp) / "store")) == args.captions
     mb = r["encoded"] * 512 * 15360 * 2 / 1e6
-    print(f"precompute (default batch, concurrency and shard size): {r['encoded'] / r['elapsed_s']:.1f} "
-          f"captions/s = {mb / r['elapsed_s']:.0f} MB/s ({r['encoded']} captions, {store_bytes / 1e9:.2f} GB of "
-          f"shards, {r['elapsed_s']:.1f}s); client RSS before {r['rss_before_mib']:.0f} MiB, peak "
-          f"{r['peak_rss_mib']:.0f} MiB (+{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB)")
+    print(
+        f"precompute (default batch, concurrency and shard size): {r['encoded'] / r['elapsed_s']:.1f} "
+        f"captions/s = {mb / r['elapsed_s']:.0f} MB/s ({r['encoded']} captions, {store_bytes / 1e9:.2f} GB of "
+        f"shards, {r['elapsed_s']:.1f}s); client RSS before {r['rss_before_mib']:.0f} MiB, peak "
+        f"{r['peak_rss_mib']:.0f} MiB (+{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB)"
+    )
 
 
 def bench_memory(args) -> None:
-    print(f"# client memory: fake encoder, embeddings [512, 12] bf16 (12 KiB), default batch/concurrency/shards; {_machine()}")
+    print(
+        f"# client memory: fake encoder, embeddings [512, 12] bf16 (12 KiB), default batch/concurrency/shards; {_machine()}"
+    )
     with Server(fake=True, hidden=4) as server:
         for n in args.counts:
             with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
                 captions = Path(tmp) / "captions.txt"
                 captions.write_text("\n".join(_captions(n, " mem")) + "\n")
-                r = _run_client(server.target, captions, Path(tmp) / "store", batch=None, concurrency=None,
-                                shard_mb=None)
-            print(f"{n:7d} captions: {r['encoded'] / r['elapsed_s']:7.0f} captions/s, client RSS before "
-                  f"{r['rss_before_mib']:.0f} MiB, peak {r['peak_rss_mib']:.0f} MiB "
-                  f"(+{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB)")
+                r = _run_client(
+                    server.target, captions, Path(tmp) / "store", batch=None, concurrency=None, shard_mb=None
+                )
+            print(
+                f"{n:7d} captions: {r['encoded'] / r['elapsed_s']:7.0f} captions/s, client RSS before "
+                f"{r['rss_before_mib']:.0f} MiB, peak {r['peak_rss_mib']:.0f} MiB "
+                f"(+{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB)"
+            )
 
 
 def bench_resume(args) -> None:
@@ -324,8 +352,19 @@ def bench_resume(args) -> None:
         captions = Path(tmp) / "captions.txt"
         captions.write_text("\n".join(_captions(n, " resume")) + "\n")
         out = Path(tmp) / "store"
-        cmd = [sys.executable, SCRIPT, "_client", "--encoder", server.target, "--captions", str(captions),
-               "--out", str(out), "--shard-mb", str(shard_mb)]
+        cmd = [
+            sys.executable,
+            SCRIPT,
+            "_client",
+            "--encoder",
+            server.target,
+            "--captions",
+            str(captions),
+            "--out",
+            str(out),
+            "--shard-mb",
+            str(shard_mb),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shards_total = -(-n // int(shard_mb * 2**20 // (512 * 12 * 2)))
@@ -343,9 +382,11 @@ def bench_resume(args) -> None:
         rerun = time.perf_counter() - t1
         store = EmbeddingStore(out)
         assert len(store) == n and r["already_stored"] + r["encoded"] == n
-    print(f"killed after {killed_after:.1f}s with {kept} captions in the index ({leftovers} unfinished temp files); "
-          f"rerun kept {r['already_stored']}, encoded {r['encoded']}, took {rerun:.1f}s (process start included); "
-          f"store ends with {n} captions, each once")
+    print(
+        f"killed after {killed_after:.1f}s with {kept} captions in the index ({leftovers} unfinished temp files); "
+        f"rerun kept {r['already_stored']}, encoded {r['encoded']}, took {rerun:.1f}s (process start included); "
+        f"store ends with {n} captions, each once"
+    )
 
 
 def main() -> None:
@@ -378,8 +419,14 @@ def main() -> None:
     c.add_argument("--concurrency", type=int, default=None)
     c.add_argument("--shard-mb", type=float, default=None, help="default: the library's")
     args = p.parse_args()
-    {"throughput": bench_throughput, "transport": bench_transport, "memory": bench_memory, "resume": bench_resume,
-     "_serve": _serve, "_client": _client}[args.cmd](args)
+    {
+        "throughput": bench_throughput,
+        "transport": bench_transport,
+        "memory": bench_memory,
+        "resume": bench_resume,
+        "_serve": _serve,
+        "_client": _client,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ def throughput(backends, args) -> list[dict]:
     config = ServerConfig(cache=CacheConfig(memory_mb=0))
     rows = []
     for n in args.replicas:
-        servers = [ServerThread(FixedTimeBackend(backends[i], args.compute_ms / 1000), config).__enter__()
-                   for i in range(n)]
+        servers = [
+            ServerThread(FixedTimeBackend(backends[i], args.compute_ms / 1000), config).__enter__() for i in range(n)
+        ]
         try:
             with RemoteTextEncoder(",".join(s.target for s in servers), timeout=120) as enc:
                 enc.info()
@@ -125,8 +126,16 @@ def throughput(backends, args) -> list[dict]:
         finally:
             for s in servers:
                 s.stop(0)
-        rows.append({"replicas": n, "requests": args.requests, "seconds": seconds,
-                     "prompts_per_s": args.requests / seconds, "failures": len(failures), "errors": failures})
+        rows.append(
+            {
+                "replicas": n,
+                "requests": args.requests,
+                "seconds": seconds,
+                "prompts_per_s": args.requests / seconds,
+                "failures": len(failures),
+                "errors": failures,
+            }
+        )
     return rows
 
 
@@ -134,8 +143,12 @@ def hit_latency(backends, args, workdir: Path) -> dict:
     redis = RedisServer(workdir / "redis").start()
     try:
         config = ServerConfig(cache=CacheConfig(shared_url=redis.url, memory_mb=64))
-        with ServerThread(backends[0], config) as a, ServerThread(backends[1], config) as b, \
-                RemoteTextEncoder(a.target) as on_a, RemoteTextEncoder(b.target) as on_b:
+        with (
+            ServerThread(backends[0], config) as a,
+            ServerThread(backends[1], config) as b,
+            RemoteTextEncoder(a.target) as on_a,
+            RemoteTextEncoder(b.target) as on_b,
+        ):
             prompts = [f"hit latency prompt {i}" for i in range(args.hit_prompts)]
             for p in prompts:
                 on_b.encode([p])  # computed on B, stored in Redis
@@ -153,9 +166,15 @@ def hit_latency(backends, args, workdir: Path) -> dict:
             memory_hits = a.running.metrics.sample("flux2_encoder_cache_hits_total", {"tier": "memory"})
     finally:
         redis.kill()
-    return {"prompts": len(prompts), "shared_hits": shared_hits, "memory_hits": memory_hits,
-            "shared_p50_ms": 1e3 * statistics.median(shared), "shared_p99_ms": 1e3 * percentile(shared, 0.99),
-            "local_p50_ms": 1e3 * statistics.median(local), "local_p99_ms": 1e3 * percentile(local, 0.99)}
+    return {
+        "prompts": len(prompts),
+        "shared_hits": shared_hits,
+        "memory_hits": memory_hits,
+        "shared_p50_ms": 1e3 * statistics.median(shared),
+        "shared_p99_ms": 1e3 * percentile(shared, 0.99),
+        "local_p50_ms": 1e3 * statistics.median(local),
+        "local_p99_ms": 1e3 * percentile(local, 0.99),
+    }
 
 
 def recovery(args, workdir: Path) -> dict:
@@ -202,9 +221,14 @@ def recovery(args, workdir: Path) -> dict:
         # Every thread had a post-kill request answered by the time the clients'th such answer came in.
         recovered = (after[args.clients - 1] - kill) if len(after) >= args.clients else float("nan")
         before = [done - sent for sent, done, _ in log if done < kill]
-        return {"requests": len(log), "failures": failures, "in_flight_at_kill": len(across),
-                "slowest_across_kill_s": max(across, default=0.0), "recovered_s": recovered,
-                "p50_before_ms": 1e3 * statistics.median(before) if before else float("nan")}
+        return {
+            "requests": len(log),
+            "failures": failures,
+            "in_flight_at_kill": len(across),
+            "slowest_across_kill_s": max(across, default=0.0),
+            "recovered_s": recovered,
+            "p50_before_ms": 1e3 * statistics.median(before) if before else float("nan"),
+        }
     finally:
         for r in replicas:
             r.close()
@@ -219,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hit-prompts", type=int, default=100, help="prompts for the hit-latency part")
     parser.add_argument("--recovery-before-s", type=float, default=5.0, help="traffic before the kill")
     parser.add_argument("--recovery-after-s", type=float, default=5.0, help="traffic after the kill")
-    parser.add_argument("--parts", nargs="+", choices=("throughput", "hits", "recovery"),
-                        default=["throughput", "hits", "recovery"], help="which measurements to run")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("throughput", "hits", "recovery"),
+        default=["throughput", "hits", "recovery"],
+        help="which measurements to run",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes: checks the logic, not the figures")
     args = parser.parse_args(argv)
@@ -228,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         args.replicas, args.compute_ms, args.requests, args.clients = [1, 2], 20.0, 16, 4
         args.hit_prompts, args.recovery_before_s, args.recovery_after_s = 5, 1.0, 1.0
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
     backends = [demo_backend() for _ in range(max(2, *args.replicas))]
     with tempfile.TemporaryDirectory() as tmp:
         results = {
@@ -251,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_throughput(results: dict, args) -> None:
     base = results["throughput"][0]["prompts_per_s"]
-    print(f"\n### Throughput: {args.compute_ms:g} ms per prompt, "
-          f"{args.clients} client threads, one target\n")
+    print(f"\n### Throughput: {args.compute_ms:g} ms per prompt, {args.clients} client threads, one target\n")
     print("| replicas | prompts | seconds | prompts/s | vs 1 replica | failed |")
     print("|---|---|---|---|---|---|")
     for row in results["throughput"]:
-        print(f"| {row['replicas']} | {row['requests']} | {row['seconds']:.2f} | {row['prompts_per_s']:.1f} | "
-              f"{row['prompts_per_s'] / base:.2f}x | {row['failures']} |")
+        print(
+            f"| {row['replicas']} | {row['requests']} | {row['seconds']:.2f} | {row['prompts_per_s']:.1f} | "
+            f"{row['prompts_per_s'] / base:.2f}x | {row['failures']} |"
+        )
     for row in results["throughput"]:
         for error in row["errors"]:
             print(f"\n{row['replicas']} replicas, failed: {error}")
@@ -268,17 +300,23 @@ def print_hits(results: dict) -> None:
     print(f"\n### Hit latency, {hit['prompts']} prompts (demo embeddings, 48 KiB)\n")
     print("| from | p50 ms | p99 ms | hits counted |")
     print("|---|---|---|---|")
-    print(f"| shared cache (Redis) | {hit['shared_p50_ms']:.2f} | {hit['shared_p99_ms']:.2f} | {hit['shared_hits']:.0f} |")
+    print(
+        f"| shared cache (Redis) | {hit['shared_p50_ms']:.2f} | {hit['shared_p99_ms']:.2f} | {hit['shared_hits']:.0f} |"
+    )
     print(f"| local memory cache | {hit['local_p50_ms']:.2f} | {hit['local_p99_ms']:.2f} | {hit['memory_hits']:.0f} |")
 
 
 def print_recovery(results: dict, args) -> None:
     rec = results["recovery"]
     print(f"\n### Recovery: 2 replica processes, one killed with SIGKILL, {args.clients} client threads\n")
-    print("| requests | failed | in flight at the kill | slowest of those | every client served again after | p50 before |")
+    print(
+        "| requests | failed | in flight at the kill | slowest of those | every client served again after | p50 before |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| {rec['requests']} | {rec['failures']} | {rec['in_flight_at_kill']} | {rec['slowest_across_kill_s']:.3f} s | "
-          f"{rec['recovered_s']:.3f} s | {rec['p50_before_ms']:.1f} ms |")
+    print(
+        f"| {rec['requests']} | {rec['failures']} | {rec['in_flight_at_kill']} | {rec['slowest_across_kill_s']:.3f} s | "
+        f"{rec['recovered_s']:.3f} s | {rec['p50_before_ms']:.1f} ms |"
+    )
 
 
 if __name__ == "__main__":

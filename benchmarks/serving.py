@@ -267,7 +267,8 @@ def section_fairness(model_dir: Path, workdir: Path, samples: int) -> dict:
                 "p99_ms": 1000 * pct(latencies, 99),
                 "max_ms": 1000 * max(latencies),
                 "bulk_prompts_per_s": (len(bulk_window) - 1) / (bulk_window[-1] - bulk_window[0])
-                if len(bulk_window) > 1 else 0.0,
+                if len(bulk_window) > 1
+                else 0.0,
             }
     return out
 
@@ -290,7 +291,9 @@ def section_batch_invariance(model_dir: Path, device: str, dtype: str) -> dict:
                 if not torch.equal(batch[j], ref):
                     differing += 1
                     max_diff = max(max_diff, (batch[j].float() - ref.float()).abs().max().item())
-        rows.append({"batch_size": size, "prompts": len(prompts), "not_bit_identical": differing, "max_abs_diff": max_diff})
+        rows.append(
+            {"batch_size": size, "prompts": len(prompts), "not_bit_identical": differing, "max_abs_diff": max_diff}
+        )
     return {"device": device, "dtype": dtype, "rows": rows}
 
 
@@ -313,35 +316,54 @@ def report(results: dict) -> str:
     lines = [f"machine: {results['machine']}", f"model: {results['model']}", ""]
     if "sweep" in results:
         s = results["sweep"]
-        lines += [f"server: `{s['command']}`", "", "| requests | clients | p50 ms | p99 ms | prompts/s | errors |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"server: `{s['command']}`",
+            "",
+            "| requests | clients | p50 ms | p99 ms | prompts/s | errors |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for kind in ("miss", "hit"):
             for r in s[kind]:
-                lines.append(f"| cache {kind} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                             f"{r['prompts_per_s']:.2f} | {r['errors']} |")
+                lines.append(
+                    f"| cache {kind} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                    f"{r['prompts_per_s']:.2f} | {r['errors']} |"
+                )
         lines.append("")
     if "compute_once" in results:
         c = results["compute_once"]
-        lines += [f"server: `{c['command']}`", "", "| N concurrent requests | wall s | forward passes (prompts computed) |",
-                  "|---|---:|---:|"]
+        lines += [
+            f"server: `{c['command']}`",
+            "",
+            "| N concurrent requests | wall s | forward passes (prompts computed) |",
+            "|---|---:|---:|",
+        ]
         for label in ("identical", "distinct"):
             r = c[label]
             lines.append(f"| {c['n']} x {label} prompt | {r['wall_s']:.2f} | {r['computed']:.0f} |")
         lines.append("")
     if "fairness" in results:
         f = results["fairness"]
-        lines += [f"servers: `{f['command_fair']}` and the same with `--scheduling fifo`", "",
-                  "| scheduling | artist alone p50 ms | artist p50 ms | artist p99 ms | samples | bulk prompts/s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"servers: `{f['command_fair']}` and the same with `--scheduling fifo`",
+            "",
+            "| scheduling | artist alone p50 ms | artist p50 ms | artist p99 ms | samples | bulk prompts/s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for mode in ("fair", "fifo"):
             r = f[mode]
-            lines.append(f"| {mode} | {r['idle_p50_ms']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                         f"{r['samples']} | {r['bulk_prompts_per_s']:.2f} |")
+            lines.append(
+                f"| {mode} | {r['idle_p50_ms']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                f"{r['samples']} | {r['bulk_prompts_per_s']:.2f} |"
+            )
         lines.append("")
     if "batch_invariance" in results:
         b = results["batch_invariance"]
-        lines += [f"device {b['device']}, {b['dtype']}", "", "| batch size | prompts | not bit-identical | max abs diff |",
-                  "|---:|---:|---:|---:|"]
+        lines += [
+            f"device {b['device']}, {b['dtype']}",
+            "",
+            "| batch size | prompts | not bit-identical | max abs diff |",
+            "|---:|---:|---:|---:|",
+        ]
         for r in b["rows"]:
             lines.append(f"| {r['batch_size']} | {r['prompts']} | {r['not_bit_identical']} | {r['max_abs_diff']:.3g} |")
     return "\n".join(lines)
@@ -349,11 +371,14 @@ def report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=("all", "sweep", "compute-once", "fairness", "batch-invariance"),
-                        default="all")
+    parser.add_argument(
+        "--section", choices=("all", "sweep", "compute-once", "fairness", "batch-invariance"), default="all"
+    )
     parser.add_argument("--hidden", type=int, default=16, help="text-encoder width of the random model")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients")
-    parser.add_argument("--miss-total", type=int, default=32, help="cache-miss requests per level (at least 1 per client)")
+    parser.add_argument(
+        "--miss-total", type=int, default=32, help="cache-miss requests per level (at least 1 per client)"
+    )
     parser.add_argument("--hit-total", type=int, default=256, help="cache-hit requests per level")
     parser.add_argument("--compute-once-n", type=int, default=16)
     parser.add_argument("--fair-samples", type=int, default=12, help="interactive requests per scheduling mode")
@@ -369,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             "machine": machine(),
             "model": f"random Mistral-3 text encoder, 40 layers (30 run), hidden {args.hidden}, "
-                     f"embedding [512, {3 * args.hidden}] bfloat16",
+            f"embedding [512, {3 * args.hidden}] bfloat16",
         }
         want = lambda name: args.section in ("all", name)  # noqa: E731
         if want("sweep"):

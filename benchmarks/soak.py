@@ -296,7 +296,8 @@ def soak(server: ServerProcess, args, cache_mb: float) -> dict:
         "cache_counted_end_mb": end["cache_counted_mb"],
         "cache_entries_end": end["cache_entries"],
         "rss_growth_per_counted_mb": (end["rss_mb"] - rss_start / MB) / end["cache_counted_mb"]
-        if end["cache_counted_mb"] else None,
+        if end["cache_counted_mb"]
+        else None,
         "samples": samples,
     }
 
@@ -347,15 +348,22 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(r) for r in runs) + " |")
     for r in runs:
         label = f"{r['memory_cache_mb']:g} MiB" if r["memory_cache_mb"] else "off"
-        lines += ["", f"RSS over time, memory cache {label}:", "",
-                  "| t s | RSS MB | cache counted MB | entries | requests done |", "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"RSS over time, memory cache {label}:",
+            "",
+            "| t s | RSS MB | cache counted MB | entries | requests done |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         step = max(1, len(r["samples"]) // 10)
         shown = r["samples"][::step]
         if shown[-1] is not r["samples"][-1]:
             shown.append(r["samples"][-1])
         for s in shown:
-            lines.append(f"| {s['t_s']:.0f} | {s['rss_mb']:.0f} | {s['cache_counted_mb']:.1f} | "
-                         f"{s['cache_entries']} | {s['requests_done']} |")
+            lines.append(
+                f"| {s['t_s']:.0f} | {s['rss_mb']:.0f} | {s['cache_counted_mb']:.1f} | "
+                f"{s['cache_entries']} | {s['requests_done']} |"
+            )
     return "\n".join(lines)
 
 
@@ -364,20 +372,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of each run")
     parser.add_argument("--max-requests", type=int, default=0, help="stop a run after this many requests (0: no bound)")
-    parser.add_argument("--memory-cache-mb", type=float, nargs="+", default=[64.0],
-                        help="one run per value, one after another; 0 turns the memory cache off")
+    parser.add_argument(
+        "--memory-cache-mb",
+        type=float,
+        nargs="+",
+        default=[64.0],
+        help="one run per value, one after another; 0 turns the memory cache off",
+    )
     parser.add_argument("--hit-ratio", type=float, default=0.5, help="share of requests for a hot-set prompt")
     parser.add_argument("--hot-prompts", type=int, default=64, help="prompts in the hot set")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--warmup-s", type=float, default=60.0, help="'after warm-up' RSS is the sample nearest this")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client deadline per request")
     parser.add_argument("--model", default="demo", help="what the server serves (default: the random demo model)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment variable for the server process only (repeatable)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the server process only (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results (with every sample) here")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="2 clients, a few seconds, small cache: checks the logic, gives no figure worth recording")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="2 clients, a few seconds, small cache: checks the logic, gives no figure worth recording",
+    )
     args = parser.parse_args(argv)
     if args.dry_run:
         args.clients, args.minutes, args.sample_s, args.warmup_s, args.hot_prompts = 2, 0.1, 1.0, 2.0, 4

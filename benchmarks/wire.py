@@ -153,8 +153,12 @@ def hosted_style_call(port: int, prompt: str) -> torch.Tensor:
     """One call as the hosted-endpoint clients make it: fresh connection, JSON POST, torch.load."""
     conn = HTTPConnection("127.0.0.1", port)
     try:
-        conn.request("POST", "/predict", body=json.dumps({"prompt": prompt}),
-                     headers={"Content-Type": "application/json", "Authorization": "Bearer bench"})
+        conn.request(
+            "POST",
+            "/predict",
+            body=json.dumps({"prompt": prompt}),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer bench"},
+        )
         resp = conn.getresponse()
         body = resp.read()
     finally:
@@ -220,8 +224,12 @@ def bench_tensor() -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--server-torch-threads", type=int, default=0,
-                        help="torch intra-op threads in the server process (0: torch's default)")
+    parser.add_argument(
+        "--server-torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads in the server process (0: torch's default)",
+    )
     args = parser.parse_args(argv)
 
     from dit_client.remote import RemoteTextEncoder
@@ -245,26 +253,34 @@ def main(argv: list[str] | None = None) -> int:
             server.kill()
             server.join()
 
-    print(f"# Wire: one [{SEQ}, {3 * HIDDEN}] bf16 tensor ({nbytes / 1e6:.1f} MB) over loopback; "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, grpcio {grpc.__version__}; "
-          f"servers in a second process (torch threads: {args.server_torch_threads or 'default'}); "
-          f"{args.repeats} calls each after warm-up; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"# Wire: one [{SEQ}, {3 * HIDDEN}] bf16 tensor ({nbytes / 1e6:.1f} MB) over loopback; "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, grpcio {grpc.__version__}; "
+        f"servers in a second process (torch threads: {args.server_torch_threads or 'default'}); "
+        f"{args.repeats} calls each after warm-up; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print()
-    print("| path | best ms | median ms | effective GB/s (best / median) "
-          "| time vs gRPC Encode, no window (best / median) |")
+    print(
+        "| path | best ms | median ms | effective GB/s (best / median) "
+        "| time vs gRPC Encode, no window (best / median) |"
+    )
     print("|---|---:|---:|---:|---:|")
     grpc_result, hosted = results["grpc_no_window"], results["hosted"]
     for r in results.values():
-        print(f"| {r.name} | {r.best * 1e3:.1f} | {r.median * 1e3:.1f} | "
-              f"{nbytes / r.best / 1e9:.2f} / {nbytes / r.median / 1e9:.2f} | "
-              f"{r.best / grpc_result.best:.2f}x / {r.median / grpc_result.median:.2f}x |")
+        print(
+            f"| {r.name} | {r.best * 1e3:.1f} | {r.median * 1e3:.1f} | "
+            f"{nbytes / r.best / 1e9:.2f} / {nbytes / r.median / 1e9:.2f} | "
+            f"{r.best / grpc_result.best:.2f}x / {r.median / grpc_result.median:.2f}x |"
+        )
     gbps = nbytes / grpc_result.best / 1e9
     vs_hosted = hosted.best / grpc_result.best
     print()
-    print(f"gRPC Encode, server defaults: goal >= 1.5 GB/s effective: {'met' if gbps >= 1.5 else 'MISSED'} "
-          f"({gbps:.2f} GB/s best); goal >= 5x faster than hosted style: {'met' if vs_hosted >= 5 else 'MISSED'} "
-          f"({vs_hosted:.2f}x best).")
+    print(
+        f"gRPC Encode, server defaults: goal >= 1.5 GB/s effective: {'met' if gbps >= 1.5 else 'MISSED'} "
+        f"({gbps:.2f} GB/s best); goal >= 5x faster than hosted style: {'met' if vs_hosted >= 5 else 'MISSED'} "
+        f"({vs_hosted:.2f}x best)."
+    )
     print()
     print_breakdown(tensor, args.repeats)
     return 0
@@ -276,8 +292,10 @@ def run_all(tensor: torch.Tensor, ports: dict, repeats: int, client_cls) -> dict
     dst = np.empty_like(src)
     results["copy"] = measure("(a) memory copy into a preallocated buffer", lambda i: np.copyto(dst, src), repeats)
 
-    for key, label in [("grpc", "--max-queue-delay-ms 5 (a 5 ms batching window)"),
-                       ("grpc_no_window", "server defaults (--max-queue-delay-ms 0)")]:
+    for key, label in [
+        ("grpc", "--max-queue-delay-ms 5 (a 5 ms batching window)"),
+        ("grpc_no_window", "server defaults (--max-queue-delay-ms 0)"),
+    ]:
         with client_cls(ports[key], timeout=60) as client:
             if not torch.equal(client.encode(["check"])[0], tensor):
                 raise SystemExit("gRPC path returned different bytes")
@@ -289,23 +307,30 @@ def run_all(tensor: torch.Tensor, ports: dict, repeats: int, client_cls) -> dict
                 if i >= 0:  # i < 0: warm-up
                     server_ns.append(meta[0].total_time_ns)
 
-            results[key] = measure(f"gRPC Encode, {label}: RemoteTextEncoder.encode, 1 MiB chunks, CRC-32C",
-                                   call, repeats)
+            results[key] = measure(
+                f"gRPC Encode, {label}: RemoteTextEncoder.encode, 1 MiB chunks, CRC-32C", call, repeats
+            )
             # total_time_ns: request received -> embedding ready, before the first byte is sent.
             results[key + "_wire"] = Result(
                 f"  of which after the server had the embedding (wall - server-reported total_time_ns), {label}",
-                [t - ns / 1e9 for t, ns in zip(results[key].times, server_ns, strict=True)])
+                [t - ns / 1e9 for t, ns in zip(results[key].times, server_ns, strict=True)],
+            )
 
     if not torch.equal(hosted_style_call(ports["http"], "check")[0], tensor):
         raise SystemExit("hosted-style path returned different bytes")
-    results["hosted"] = measure("(b) hosted style: JSON POST, torch.save body, torch.load(weights_only=True)",
-                                lambda i: hosted_style_call(ports["http"], f"prompt {i}"), repeats)
+    results["hosted"] = measure(
+        "(b) hosted style: JSON POST, torch.save body, torch.load(weights_only=True)",
+        lambda i: hosted_style_call(ports["http"], f"prompt {i}"),
+        repeats,
+    )
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['raw']}", options=RAW_OPTIONS)
     stream = channel.unary_stream(RAW_METHOD)
     results["raw"] = measure(
         "for reference: gRPC transport alone (same 1 MiB chunks as raw bytes, no protobuf, no CRC)",
-        lambda i: sum(len(c) for c in stream(b"")), repeats)
+        lambda i: sum(len(c) for c in stream(b"")),
+        repeats,
+    )
     channel.close()
     return results
 
@@ -330,7 +355,8 @@ class RawGrpcServer:
                     yield c
 
             handler = grpc.method_handlers_generic_handler(
-                "bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream)})
+                "bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+            )
             server = grpc.aio.server(options=RAW_OPTIONS)
             server.add_generic_rpc_handlers((handler,))
             box["port"] = server.add_insecure_port("127.0.0.1:0")
@@ -382,9 +408,16 @@ def print_breakdown(tensor: torch.Tensor, repeats: int) -> None:
         return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
     steps = [
-        ("server", "`WireTensor.from_tensor`: view of the tensor's bytes + CRC-32C", lambda: WireTensor.from_tensor(tensor)),
-        ("server", "frame the 1 MiB chunks as serialized `EncodeResponse` messages (one copy)",
-         lambda: list(wire.frames(request_id="", prompt_index=0, metadata=None))),
+        (
+            "server",
+            "`WireTensor.from_tensor`: view of the tensor's bytes + CRC-32C",
+            lambda: WireTensor.from_tensor(tensor),
+        ),
+        (
+            "server",
+            "frame the 1 MiB chunks as serialized `EncodeResponse` messages (one copy)",
+            lambda: list(wire.frames(request_id="", prompt_index=0, metadata=None)),
+        ),
         ("server", "for comparison: the same with protobuf messages (build + serialize)", protobuf_messages),
         ("client", "split frames, copy into the preallocated tensor, CRC-32C", assemble),
         ("(b)", "hosted style, serialization alone: `torch.save` + `torch.load(weights_only=True)`", hosted_codec),

@@ -321,7 +321,11 @@ def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpe
         # Flux2KleinPipeline never passes a guidance value (base models use real CFG), so no guidance embedding.
         transformer, vae, scheduler = _build_dit(spec, joint_dim, guidance_embeds=False)
         pipe = Flux2KleinPipeline(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
             is_distilled=spec.is_distilled,
         )
         pipe.save_pretrained(path)

@@ -10,7 +10,7 @@ rather than inspecting ``grpc.RpcError``.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import grpc
 

@@ -54,7 +54,9 @@ def file_digest(path: Path) -> str:
     return f"sampled-sha256:{h.hexdigest()}"
 
 
-def folder_digest(folder: Path, patterns: tuple[str, ...] = ("*.json", "*.jinja", "*.safetensors", "*.model")) -> dict[str, str]:
+def folder_digest(
+    folder: Path, patterns: tuple[str, ...] = ("*.json", "*.jinja", "*.safetensors", "*.model")
+) -> dict[str, str]:
     """Digests of the files in ``folder`` that define a model component."""
     out: dict[str, str] = {}
     for pattern in patterns:
@@ -96,7 +98,10 @@ def fingerprint(
 def _text_encoder_digest(folder: Path, weight_files: list[Path] | None) -> dict[str, str]:
     if weight_files is None:
         return folder_digest(folder)
-    out = {name: d for name, d in folder_digest(folder, ("*.json", "*.jinja", "*.model")).items()
-           if not name.endswith(".index.json")}
+    out = {
+        name: d
+        for name, d in folder_digest(folder, ("*.json", "*.jinja", "*.model")).items()
+        if not name.endswith(".index.json")
+    }
     out.update({p.name: file_digest(p) for p in weight_files})
     return out

@@ -208,7 +208,7 @@ class WireTensor:
         return len(self.data)
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> "WireTensor":
+    def from_tensor(cls, tensor: torch.Tensor) -> WireTensor:
         data = tensor_bytes(tensor)
         return cls(tensor.dtype, tuple(tensor.shape), data, crc32c(data))
 

@@ -75,11 +75,13 @@ def _parse_address(text: str, target: str) -> tuple[str, int]:
     if not text:
         raise TargetError(f"--encoder {target!r} has an empty address in its list")
     if text.startswith(GRPC_SCHEMES):
-        raise TargetError(f"--encoder {target!r}: a gRPC URI ({text.split(':', 1)[0]}:) cannot be part of a "
-                          f"comma list; write the list as host:port,host:port or as one ipv4:a:p,b:p")
+        raise TargetError(
+            f"--encoder {target!r}: a gRPC URI ({text.split(':', 1)[0]}:) cannot be part of a "
+            f"comma list; write the list as host:port,host:port or as one ipv4:a:p,b:p"
+        )
     url = URL_SCHEME.match(text)
     if url:
-        rest = text[url.end():].split("/", 1)[0]
+        rest = text[url.end() :].split("/", 1)[0]
         hint = f"use {rest}" if rest else "use HOST:PORT"
         raise TargetError(
             f"--encoder {target!r} is a URL, but the encoder speaks gRPC: {hint} (no {url.group(1)}://; "
@@ -91,7 +93,7 @@ def _parse_address(text: str, target: str) -> tuple[str, int]:
         close = text.find("]")
         if close < 0:
             raise TargetError(f"--encoder {target!r}: an IPv6 address needs its closing ']', e.g. [::1]:{DEFAULT_PORT}")
-        host, rest = text[: close + 1], text[close + 1:]
+        host, rest = text[: close + 1], text[close + 1 :]
         if rest and not rest.startswith(":"):
             raise TargetError(f"--encoder {target!r} is not [IPV6]:PORT")
         port_text = rest[1:] if rest else None
@@ -112,7 +114,9 @@ def _parse_address(text: str, target: str) -> tuple[str, int]:
         raise TargetError(f"--encoder {target!r}: the port {port_text!r} is not a number (default {DEFAULT_PORT})")
     port = int(port_text)
     if not 1 <= port <= 65535:
-        raise TargetError(f"--encoder {target!r}: port {port} is outside 1-65535 (the encoder's default is {DEFAULT_PORT})")
+        raise TargetError(
+            f"--encoder {target!r}: port {port} is outside 1-65535 (the encoder's default is {DEFAULT_PORT})"
+        )
     return host, port
 
 
@@ -132,8 +136,10 @@ def _address_list_target(addresses: list[tuple[str, int]], target: str) -> str:
         return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in ips)
     if all(ip.version == 6 for ip, _ in ips):
         return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in ips)
-    raise TargetError(f"--encoder {target!r} mixes IPv4 and IPv6 addresses; gRPC takes a list of one kind only "
-                      f"(ipv4:a:p,b:p or ipv6:[a]:p,[b]:p)")
+    raise TargetError(
+        f"--encoder {target!r} mixes IPv4 and IPv6 addresses; gRPC takes a list of one kind only "
+        f"(ipv4:a:p,b:p or ipv6:[a]:p,[b]:p)"
+    )
 
 
 def _resolve_names(addresses: list[tuple[str, int]], target: str) -> list[tuple[str, int]]:
@@ -198,14 +204,21 @@ def service_config(lb_policy: str) -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return json.dumps({
-        "loadBalancingConfig": [{lb_policy: {}}],
-        "healthCheckConfig": {"serviceName": SERVICE_NAME},
-        "methodConfig": [{
-            "name": [{"service": SERVICE_NAME, "method": "GetInfo"}, {"service": SERVICE_NAME, "method": "Encode"}],
-            "retryPolicy": retry,
-        }],
-    })
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{lb_policy: {}}],
+            "healthCheckConfig": {"serviceName": SERVICE_NAME},
+            "methodConfig": [
+                {
+                    "name": [
+                        {"service": SERVICE_NAME, "method": "GetInfo"},
+                        {"service": SERVICE_NAME, "method": "Encode"},
+                    ],
+                    "retryPolicy": retry,
+                }
+            ],
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -255,8 +268,9 @@ def _hint_for(details: str, tls: bool) -> str:
     """What a person should try for a transport failure, judged from gRPC's own wording."""
     text = details.lower()
     if "http/2" in text or "http1" in text or "http/1" in text:
-        return (f"that port answers HTTP/1.1, not gRPC. Is it the --http-port? "
-                f"Use the gRPC port (default {DEFAULT_PORT})")
+        return (
+            f"that port answers HTTP/1.1, not gRPC. Is it the --http-port? Use the gRPC port (default {DEFAULT_PORT})"
+        )
     if "handshake" in text or "ssl" in text or "tls" in text:
         if "certificate_verify_failed" in text or ("certificate" in text and "verify" in text):
             return "the server's certificate is not trusted: pass --tls-ca with the CA that signed it"
@@ -296,9 +310,16 @@ class Connection:
             chunk bytes are then copied once, into the output tensor (protobuf would copy them twice more).
     """
 
-    def __init__(self, target: str, *, api_key: str | None = None, tls: TLSConfig | bool | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, lb_policy: str | None = None,
-                 channel_options: Sequence[tuple[str, object]] = ()):
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: TLSConfig | bool | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        lb_policy: str | None = None,
+        channel_options: Sequence[tuple[str, object]] = (),
+    ):
         self.target = parse_target(target)
         if not timeout > 0:
             raise TargetError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -342,8 +363,9 @@ class Connection:
     def get_info(self, model: str = "") -> pb2.GetInfoResponse:
         """The raw ``GetInfo`` answer about ``model`` (empty: the server's first) in at most 30 s, or the translated error."""
         try:
-            return self.stub.GetInfo(pb2.GetInfoRequest(model=model), timeout=min(self.timeout, 30.0),
-                                     metadata=self.metadata)
+            return self.stub.GetInfo(
+                pb2.GetInfoRequest(model=model), timeout=min(self.timeout, 30.0), metadata=self.metadata
+            )
         except grpc.RpcError as err:
             raise self.translate(err) from None
 
@@ -354,8 +376,9 @@ class Connection:
             hint = _hint_for(details, self.tls)
             # gRPC's text ends up in the message too, shortened to its last, most specific part.
             cause = details.rsplit(": ", 1)[-1] if hint else details
-            return EncoderUnavailable(f"cannot reach the encoder at {self.target}: {hint or cause}"
-                                      + (f" ({cause})" if hint else ""))
+            return EncoderUnavailable(
+                f"cannot reach the encoder at {self.target}: {hint or cause}" + (f" ({cause})" if hint else "")
+            )
         if code == grpc.StatusCode.UNKNOWN and _hint_for(details, self.tls):
             return EncoderUnavailable(f"cannot reach the encoder at {self.target}: {_hint_for(details, self.tls)}")
         trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None

@@ -58,7 +58,10 @@ def wait_until_serving(target: str, proc: subprocess.Popen, timeout_s: float = 1
             if proc.poll() is not None:
                 raise RuntimeError(f"encoder exited with code {proc.returncode} before serving")
             with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             time.sleep(0.2)
     raise TimeoutError(f"encoder at {target} not serving after {timeout_s:.0f}s")
@@ -70,8 +73,18 @@ def demo_server(extra_args: list[str] = (), models: tuple[str, ...] = ("demo",))
     loopback port; yield its address."""
     port = free_port()
     model_args = [arg for model in models for arg in ("--model", model)]
-    cmd = [sys.executable, "-m", "encoder_server.cli", "serve", *model_args, "--port", str(port),
-           "--device", "cpu", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "encoder_server.cli",
+        "serve",
+        *model_args,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        *extra_args,
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     target = f"127.0.0.1:{port}"
     try:
@@ -87,11 +100,18 @@ def demo_server(extra_args: list[str] = (), models: tuple[str, ...] = ("demo",))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description="encoder + client on the random demo model")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"where to write the picture (default {DEMO_OUT}, with --klein {KLEIN_OUT})")
-    parser.add_argument("--klein", action="store_true",
-                        help="FLUX.2 [klein]: one server with both demo models (dev=demo, klein=demo-klein); "
-                             "the picture comes from the klein one")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"where to write the picture (default {DEMO_OUT}, with --klein {KLEIN_OUT})",
+    )
+    parser.add_argument(
+        "--klein",
+        action="store_true",
+        help="FLUX.2 [klein]: one server with both demo models (dev=demo, klein=demo-klein); "
+        "the picture comes from the klein one",
+    )
     args = parser.parse_args(argv)
     quiet_third_party_logs()
     if args.klein:
@@ -105,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     config = DiTConfig(model="demo", device="cpu", dtype="float32", quantization="none")
     with demo_server() as target, RemoteTextEncoder(target) as enc:
         info = enc.info()
-        print(f"encoder at {target} (background process): fingerprint={info.fingerprint} "
-              f"embeddings {info.max_sequence_length}x{info.embedding_dim} "
-              f"{str(info.dtype).removeprefix('torch.')} demo={info.demo}")
+        print(
+            f"encoder at {target} (background process): fingerprint={info.fingerprint} "
+            f"embeddings {info.max_sequence_length}x{info.embedding_dim} "
+            f"{str(info.dtype).removeprefix('torch.')} demo={info.demo}"
+        )
         with DiTClient(enc, config) as client:
             result = client.generate(PROMPT, height=DEMO_SIZE, width=DEMO_SIZE, steps=DEMO_STEPS, seed=DEMO_SEED)
         paths = result.save(args.out)
     print("encoder stopped")
-    print(f"prompt: {PROMPT!r}  seed {result.seed}, {DEMO_STEPS} steps, {DEMO_SIZE}x{DEMO_SIZE}; "
-          f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s")
+    print(
+        f"prompt: {PROMPT!r}  seed {result.seed}, {DEMO_STEPS} steps, {DEMO_SIZE}x{DEMO_SIZE}; "
+        f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s"
+    )
     print(f"picture: {paths[0].resolve()}")
     print(f"remember: {DEMO_NOTICE}. With a real model: flux2-dit generate --encoder HOST:PORT --prompt ...")
     return 0
@@ -129,26 +153,36 @@ def main_klein(out: Path) -> int:
     config = DiTConfig(model="demo-klein", device="cpu", dtype="float32", quantization="none")
     with demo_server(models=STUDIO_MODELS) as target, RemoteTextEncoder(target) as enc:
         info = enc.info()
-        print(f"encoder at {target} (background process, {' '.join('--model ' + m for m in STUDIO_MODELS)}) "
-              f"serves {len(info.models)} models:")
+        print(
+            f"encoder at {target} (background process, {' '.join('--model ' + m for m in STUDIO_MODELS)}) "
+            f"serves {len(info.models)} models:"
+        )
         for m in info.models:
-            print(f"  {m.name:<6} {m.family:<12} {m.model_id:<11} fingerprint={m.fingerprint} "
-                  f"embeddings {m.max_sequence_length}x{m.embedding_dim} layers {','.join(map(str, m.hidden_states_layers))}"
-                  f" of {m.num_hidden_layers} demo={m.demo}")
+            print(
+                f"  {m.name:<6} {m.family:<12} {m.model_id:<11} fingerprint={m.fingerprint} "
+                f"embeddings {m.max_sequence_length}x{m.embedding_dim} layers {','.join(map(str, m.hidden_states_layers))}"
+                f" of {m.num_hidden_layers} demo={m.demo}"
+            )
         with DiTClient(enc, config) as client:
             result = client.generate(PROMPT, height=DEMO_SIZE, width=DEMO_SIZE, steps=DEMO_STEPS, seed=DEMO_SEED)
         paths = result.save(out)
         # The [dev] model answers on the same port: the client names it per call.
         dev = enc.encode_with_metadata([PROMPT], model="dev")[1][0]
     print("encoder stopped")
-    print(f"[klein] DiT ({result.parameters['pipeline']}) used server model {result.encoder_model!r}; "
-          f"the same server's 'dev' model answered too (fingerprint {dev.model_fingerprint})")
-    print(f"prompt: {PROMPT!r}  seed {result.seed}, {DEMO_STEPS} steps, {DEMO_SIZE}x{DEMO_SIZE}; "
-          f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s")
+    print(
+        f"[klein] DiT ({result.parameters['pipeline']}) used server model {result.encoder_model!r}; "
+        f"the same server's 'dev' model answered too (fingerprint {dev.model_fingerprint})"
+    )
+    print(
+        f"prompt: {PROMPT!r}  seed {result.seed}, {DEMO_STEPS} steps, {DEMO_SIZE}x{DEMO_SIZE}; "
+        f"embedding {result.encode_s * 1e3:.0f} ms, denoise + decode {result.denoise_s:.1f} s"
+    )
     print(f"picture: {paths[0].resolve()}")
-    print(f"remember: {DEMO_NOTICE}. With real models: flux2-encoder serve --model dev=black-forest-labs/FLUX.2-dev "
-          "--model klein=black-forest-labs/FLUX.2-klein-4B, then flux2-dit generate --model "
-          "black-forest-labs/FLUX.2-klein-4B --encoder HOST:PORT --prompt ...")
+    print(
+        f"remember: {DEMO_NOTICE}. With real models: flux2-encoder serve --model dev=black-forest-labs/FLUX.2-dev "
+        "--model klein=black-forest-labs/FLUX.2-klein-4B, then flux2-dit generate --model "
+        "black-forest-labs/FLUX.2-klein-4B --encoder HOST:PORT --prompt ..."
+    )
     return 0
 
 

@@ -52,8 +52,10 @@ def offload_refusal(quantization: str, offload: str) -> str | None:
         return None
     what = {"nf4": "NF4", "int8": "int8", "prequantized": "pre-quantized"}.get(quantization, quantization)
     others = ", ".join(m for m in allowed if m != "none") or "none"
-    return (f"--offload {offload} is not supported with {what} weights here; with {what} use --offload "
-            f"{others}, or --quantization none for --offload {offload}")
+    return (
+        f"--offload {offload} is not supported with {what} weights here; with {what} use --offload "
+        f"{others}, or --quantization none for --offload {offload}"
+    )
 
 
 def check_int(name: str, value: Any, low: int, high: int, *, multiple_of: int = 1) -> None:

@@ -39,7 +39,7 @@ class ModelInfo:
     revision: str = ""
 
     @classmethod
-    def from_proto(cls, m: pb2.ModelInfo) -> "ModelInfo":
+    def from_proto(cls, m: pb2.ModelInfo) -> ModelInfo:
         return cls(
             name=m.name,
             model_id=m.model_id,
@@ -106,7 +106,7 @@ class EncoderInfo:
             )
 
     @classmethod
-    def from_proto(cls, m: pb2.GetInfoResponse) -> "EncoderInfo":
+    def from_proto(cls, m: pb2.GetInfoResponse) -> EncoderInfo:
         return cls(
             model_id=m.model_id,
             revision=m.revision,
@@ -145,7 +145,7 @@ class PromptMetadata:
     batch_size: int
 
     @classmethod
-    def from_proto(cls, m: pb2.PromptMetadata) -> "PromptMetadata":
+    def from_proto(cls, m: pb2.PromptMetadata) -> PromptMetadata:
         # The dataclass's fields, not the message's: a field added to the proto reaches callers when it is added here.
         return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
 

@@ -261,8 +261,9 @@ class DiTClient:
 
     def _encode_retrying(self, prompt: str) -> torch.Tensor:
         """One prompt from the service; a busy or restarting encoder is retried per ``self.retry``."""
-        return call_with_retries(lambda: self.encoder.encode([prompt], model=self.encoder_model), self.retry,
-                                 what="encoder")
+        return call_with_retries(
+            lambda: self.encoder.encode([prompt], model=self.encoder_model), self.retry, what="encoder"
+        )
 
     def generate(
         self,
@@ -323,8 +324,9 @@ class DiTClient:
         if guidance is None:
             guidance = kind.default_guidance()
         elif not kind.takes_guidance():
-            raise ClientConfigError(f"{self.config.model} is a {kind.class_name}, which takes no guidance; "
-                                    "leave out --guidance")
+            raise ClientConfigError(
+                f"{self.config.model} is a {kind.class_name}, which takes no guidance; leave out --guidance"
+            )
         cfg = kind.uses_cfg(guidance)
         if cfg and negative_prompt is None:
             raise ClientConfigError(

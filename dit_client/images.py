@@ -26,9 +26,7 @@ def load_reference_images(paths: Sequence[str | os.PathLike]) -> list:
     from PIL import Image, UnidentifiedImageError
 
     if len(paths) > MAX_REFERENCE_IMAGES:
-        raise ClientConfigError(
-            f"{len(paths)} reference images given; FLUX.2 takes at most {MAX_REFERENCE_IMAGES}"
-        )
+        raise ClientConfigError(f"{len(paths)} reference images given; FLUX.2 takes at most {MAX_REFERENCE_IMAGES}")
     images = []
     for p in paths:
         path = Path(p)

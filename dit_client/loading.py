@@ -36,8 +36,9 @@ def pixel_multiple(vae_config: dict[str, Any]) -> int:
 
     The same figure as ``Flux2Pipeline.vae_scale_factor * 2``, from the config alone.
     """
-    from diffusers import AutoencoderKLFlux2
     import inspect
+
+    from diffusers import AutoencoderKLFlux2
 
     blocks = vae_config.get("block_out_channels")
     if blocks is None:  # config.json leaves out defaults: the class default is FLUX.2's
@@ -85,8 +86,9 @@ def resolve_quantization(config: DiTConfig, transformer_config: dict[str, Any], 
     return "none"
 
 
-def load_pipeline(source: ModelSource, quantization: str, device: torch.device, config: DiTConfig,
-                  *, progress: bool = True, kind=None):
+def load_pipeline(
+    source: ModelSource, quantization: str, device: torch.device, config: DiTConfig, *, progress: bool = True, kind=None
+):
     """``Flux2Pipeline(text_encoder=None, tokenizer=None, ...)`` with the DiT, VAE and scheduler of ``source``.
 
     The DiT is loaded in ``config.dtype``, quantized per ``quantization``; on
@@ -113,7 +115,8 @@ def load_pipeline(source: ModelSource, quantization: str, device: torch.device, 
 
         transformer_kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-            if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
+            if quantization == "nf4"
+            else BitsAndBytesConfig(load_in_8bit=True)
         )
     loaders = [
         ("transformer", lambda p: Flux2Transformer2DModel.from_pretrained(p, **transformer_kwargs)),

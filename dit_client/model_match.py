@@ -157,8 +157,10 @@ def choose_encoder_model(
 
     if not info.models:  # a one-model server from before several models per server
         if wanted:
-            raise EncoderMismatch(f"the encoder at {target} cannot select models by name (it serves only "
-                                  f"{info.model_id}); drop --encoder-model")
+            raise EncoderMismatch(
+                f"the encoder at {target} cannot select models by name (it serves only "
+                f"{info.model_id}); drop --encoder-model"
+            )
         if info.embedding_dim != kind.joint_attention_dim:
             raise EncoderMismatch(
                 f"the encoder at {target} (model {info.model_id or '?'}, fingerprint {info.fingerprint}) makes "
@@ -170,14 +172,18 @@ def choose_encoder_model(
         if m is None:
             raise EncoderMismatch(f"the encoder at {target} has no model named {wanted!r}; it serves: {served}")
         if not fits(m):
-            why = (f"makes {m.embedding_dim}-wide embeddings" if m.embedding_dim != kind.joint_attention_dim
-                   else f"is a {m.family} encoder")
+            why = (
+                f"makes {m.embedding_dim}-wide embeddings"
+                if m.embedding_dim != kind.joint_attention_dim
+                else f"is a {m.family} encoder"
+            )
             raise EncoderMismatch(f"encoder model {_describe(m)} {why}, but {need}. The server serves: {served}")
         return m.name
     candidates = [m for m in info.models if fits(m)]
     if not candidates:
-        raise EncoderMismatch(f"the encoder at {target} serves no model for this DiT: {need}, and it serves: "
-                              f"{served}. {hint}")
+        raise EncoderMismatch(
+            f"the encoder at {target} serves no model for this DiT: {need}, and it serves: {served}. {hint}"
+        )
     if len(candidates) == 1:
         return candidates[0].name
     same_id = [m for m in candidates if m.model_id == dit_model]
@@ -203,5 +209,6 @@ def encoder_model_for(dit_model: str, encoder, *, revision: str | None = None, w
 
     configs = resolve_model(dit_model, components=DIT_COMPONENTS, revision=revision, configs_only=True)
     kind = read_pipeline_kind(configs, read_transformer_config(configs))
-    return choose_encoder_model(encoder.info(model=""), kind, wanted=wanted or encoder.model, target=encoder.target,
-                                dit_model=dit_model)
+    return choose_encoder_model(
+        encoder.info(model=""), kind, wanted=wanted or encoder.model, target=encoder.target, dit_model=dit_model
+    )

@@ -17,7 +17,9 @@ def check_output_file(path: str | os.PathLike, *, suffix: str | None = None, fla
     """
     out = Path(path)
     if out.is_dir():
-        raise ClientConfigError(f"{flag} {out} is a folder; name a file inside it, e.g. {out / ('out' + (suffix or ''))}")
+        raise ClientConfigError(
+            f"{flag} {out} is a folder; name a file inside it, e.g. {out / ('out' + (suffix or ''))}"
+        )
     if suffix is not None and out.suffix.lower() != suffix:
         raise ClientConfigError(f"output file {out} must end in {suffix}")
     # Missing folders are created on writing; the nearest existing one must take new entries.
@@ -27,8 +29,9 @@ def check_output_file(path: str | os.PathLike, *, suffix: str | None = None, fla
     if not parent.is_dir():
         raise ClientConfigError(f"{flag} {out}: {parent} is a file, not a folder; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ClientConfigError(f"{flag} {out}: cannot write to the folder {parent} (permission denied); "
-                                "choose another path")
+        raise ClientConfigError(
+            f"{flag} {out}: cannot write to the folder {parent} (permission denied); choose another path"
+        )
     if out.exists() and not os.access(out, os.W_OK):
         raise ClientConfigError(f"{flag} {out}: the file exists and is read-only; choose another path")
     return out

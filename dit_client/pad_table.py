@@ -25,8 +25,8 @@ import torch
 
 from common.atomic import atomic_write
 from common.errors import IntegrityError
-from common.protocol import pb2
 from common.pad_table import pad_table_id, rebuild  # noqa: F401 - rebuild is part of this module's API
+from common.protocol import pb2
 from common.wire import TensorAssembler, dtype_from_wire
 
 log = logging.getLogger(__name__)

@@ -271,8 +271,15 @@ def measure_footprint(
         guidance = torch.full((1,), 4.0, dtype=torch.float32)
 
         def dit_forward():
-            dit(hidden_states=hidden, encoder_hidden_states=text, timestep=step, guidance=guidance,
-                img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+            dit(
+                hidden_states=hidden,
+                encoder_hidden_states=text,
+                timestep=step,
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )
 
         dit_act = _peak_activation_bytes(dit, dit_forward) + hidden.nbytes + text.nbytes
         latents = torch.empty(1, vae.config.latent_channels, grid_h * 2, grid_w * 2, dtype=dtype)
@@ -320,24 +327,54 @@ def estimate_modes(fp: Footprint) -> list[ModeEstimate]:
     streamed = max(dit_act, vae_act) + 2 * dequant
     modes = [
         ModeEstimate("bf16", "none", "none", dit16 + vae + max(dit_act, vae_act), 0, "fastest"),
-        ModeEstimate("int8", "int8", "none", dit8 + vae + max(dit_act + dequant, vae_act), 0,
-                     "medium (LLM.int8 matmuls); closest to bf16"),
+        ModeEstimate(
+            "int8",
+            "int8",
+            "none",
+            dit8 + vae + max(dit_act + dequant, vae_act),
+            0,
+            "medium (LLM.int8 matmuls); closest to bf16",
+        ),
         ModeEstimate("nf4", "nf4", "none", dit4 + vae + max(dit_act + dequant, vae_act), 0, "fast"),
-        ModeEstimate("nf4 + model offload", "nf4", "model",
-                     max(dit4 + dit_act + dequant, vae + vae_act), dit4 + vae,
-                     "fast steps, + DiT/VAE swap per image"),
-        ModeEstimate("nf4 + group offload", "nf4", "group", streamed, 2 * (dit4 + vae),
-                     "slow: the 4-bit weights cross PCIe every step"),
-        ModeEstimate("group offload (bf16)", "none", "group", streamed, 2 * (dit16 + vae),
-                     "slower: all bf16 weights cross PCIe every step"),
-        ModeEstimate("sequential offload (bf16)", "none", "sequential", max(dit_act, vae_act) + dequant,
-                     dit16 + vae, "slowest: one layer at a time, no prefetch"),
+        ModeEstimate(
+            "nf4 + model offload",
+            "nf4",
+            "model",
+            max(dit4 + dit_act + dequant, vae + vae_act),
+            dit4 + vae,
+            "fast steps, + DiT/VAE swap per image",
+        ),
+        ModeEstimate(
+            "nf4 + group offload",
+            "nf4",
+            "group",
+            streamed,
+            2 * (dit4 + vae),
+            "slow: the 4-bit weights cross PCIe every step",
+        ),
+        ModeEstimate(
+            "group offload (bf16)",
+            "none",
+            "group",
+            streamed,
+            2 * (dit16 + vae),
+            "slower: all bf16 weights cross PCIe every step",
+        ),
+        ModeEstimate(
+            "sequential offload (bf16)",
+            "none",
+            "sequential",
+            max(dit_act, vae_act) + dequant,
+            dit16 + vae,
+            "slowest: one layer at a time, no prefetch",
+        ),
     ]
     return [m for m in modes if offload_refusal(m.quantization, m.offload) is None]
 
 
-def recommend(modes: list[ModeEstimate], vram_gib: float | None, ram_gib: float | None,
-              reserve_gib: float = 1.0) -> ModeEstimate | None:
+def recommend(
+    modes: list[ModeEstimate], vram_gib: float | None, ram_gib: float | None, reserve_gib: float = 1.0
+) -> ModeEstimate | None:
     """The first mode (see :func:`estimate_modes` for the order) known to fit ``vram_gib`` (minus
     ``reserve_gib``) and ``ram_gib``; None if none is."""
     return next((m for m in modes if m.fits(vram_gib, ram_gib, reserve_gib)), None)
@@ -396,7 +433,7 @@ class Machine:
     ram_from: str | None
 
     @classmethod
-    def resolve(cls, vram_gib: float | None, ram_gib: float | None, *, detect: bool = True) -> "Machine":
+    def resolve(cls, vram_gib: float | None, ram_gib: float | None, *, detect: bool = True) -> Machine:
         """Given sizes win; the others are read from this machine when ``detect``."""
         vram_from = "given" if vram_gib is not None else None
         ram_from = "given" if ram_gib is not None else None
@@ -429,8 +466,14 @@ class Plan:
         return all(mode.fit(m.vram_gib, m.ram_gib, self.reserve_gib) == "no" for mode in self.modes)
 
 
-def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, machine: Machine, reserve_gib: float,
-                choice: ModeEstimate | None) -> str:
+def format_plan(
+    fp: Footprint,
+    modes: list[ModeEstimate],
+    source: str,
+    machine: Machine,
+    reserve_gib: float,
+    choice: ModeEstimate | None,
+) -> str:
     """The table ``flux2-dit plan`` prints."""
     vram_gib, ram_gib = machine.vram_gib, machine.ram_gib
     lines = [
@@ -450,11 +493,14 @@ def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, machine: 
     for m in modes:
         fit = m.fit(vram_gib, ram_gib, reserve_gib)
         fit = "?" if fit == "unknown" else fit
-        lines.append(f"{m.name:<26} {m.vram_bytes / GIB:>9.2f} {m.ram_bytes / GIB:>8.2f}  {fit:<7}  "
-                     f"{m.speed:<48} {m.flags}")
+        lines.append(
+            f"{m.name:<26} {m.vram_bytes / GIB:>9.2f} {m.ram_bytes / GIB:>8.2f}  {fit:<7}  {m.speed:<48} {m.flags}"
+        )
     lines.append("")
-    lines.append("VRAM excludes the CUDA context and allocator slack (the reserve); RAM counts weights held on "
-                 "the host only (group offload: with their pinned copies).")
+    lines.append(
+        "VRAM excludes the CUDA context and allocator slack (the reserve); RAM counts weights held on "
+        "the host only (group offload: with their pinned copies)."
+    )
     if choice is not None:
         lines.append(f"recommended: {choice.name}  (flux2-dit generate ... {choice.flags})")
     elif vram_gib is None:
@@ -463,18 +509,30 @@ def format_plan(fp: Footprint, modes: list[ModeEstimate], source: str, machine: 
         # Modes that fit the VRAM but wait on an unknown RAM size: say what RAM they need, never "fits".
         maybe = next((m for m in modes if m.fit(vram_gib, ram_gib, reserve_gib) == "unknown"), None)
         if maybe is not None:
-            lines.append(f"RAM unknown: {maybe.name} fits the VRAM if this machine has at least "
-                         f"{maybe.ram_bytes / GIB:.0f} GiB of RAM (flux2-dit generate ... {maybe.flags}); "
-                         "pass --ram GIB to check")
+            lines.append(
+                f"RAM unknown: {maybe.name} fits the VRAM if this machine has at least "
+                f"{maybe.ram_bytes / GIB:.0f} GiB of RAM (flux2-dit generate ... {maybe.flags}); "
+                "pass --ram GIB to check"
+            )
         else:
             ram = f"{ram_gib:g} GiB" if ram_gib is not None else "unknown"
-            lines.append(f"no mode fits {vram_gib:g} GiB VRAM (less {reserve_gib:g} GiB reserve) and {ram} RAM; "
-                         "try a smaller --height/--width, more RAM, or a bigger GPU")
+            lines.append(
+                f"no mode fits {vram_gib:g} GiB VRAM (less {reserve_gib:g} GiB reserve) and {ram} RAM; "
+                "try a smaller --height/--width, more RAM, or a bigger GPU"
+            )
     return "\n".join(lines)
 
 
-def plan(model: str = DEFAULT_MODEL, *, height: int = 1024, width: int = 1024, vram_gib: float | None = None,
-         ram_gib: float | None = None, reserve_gib: float = 1.0, detect: bool = True) -> Plan:
+def plan(
+    model: str = DEFAULT_MODEL,
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    vram_gib: float | None = None,
+    ram_gib: float | None = None,
+    reserve_gib: float = 1.0,
+    detect: bool = True,
+) -> Plan:
     """Measure, estimate, compare with the machine and format.
 
     Args:

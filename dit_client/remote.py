@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 
 # Names users import from here (``from dit_client.remote import TLSConfig``) keep working.
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "EncoderInfo", "PromptMetadata", "RemoteTextEncoder", "RetryPolicy", "StreamedEmbedding",
+    "DEFAULT_TIMEOUT_S",
+    "EncoderInfo",
+    "PromptMetadata",
+    "RemoteTextEncoder",
+    "RetryPolicy",
+    "StreamedEmbedding",
     "TLSConfig",
 ]
 
@@ -81,8 +86,9 @@ class RemoteTextEncoder:
         retry: RetryPolicy | None = None,
         model: str | None = None,
     ):
-        self.connection = Connection(target, api_key=api_key, tls=tls, timeout=timeout, lb_policy=lb_policy,
-                                     channel_options=channel_options)
+        self.connection = Connection(
+            target, api_key=api_key, tls=tls, timeout=timeout, lb_policy=lb_policy, channel_options=channel_options
+        )
         self.retry = retry or RetryPolicy()
         self.expected_fingerprint = expected_fingerprint
         self.model = model or None
@@ -103,7 +109,7 @@ class RemoteTextEncoder:
     def close(self) -> None:
         self.connection.close()
 
-    def __enter__(self) -> "RemoteTextEncoder":
+    def __enter__(self) -> RemoteTextEncoder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +155,11 @@ class RemoteTextEncoder:
         return info
 
     def encode(
-        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False,
+        self,
+        prompts: str | Sequence[str],
+        *,
+        dtype: torch.dtype | None = None,
+        cache_only: bool = False,
         model: str | None = None,
     ) -> torch.Tensor:
         """Prompt embeddings, ready for ``Flux2Pipeline(prompt_embeds=...)``.
@@ -169,7 +179,11 @@ class RemoteTextEncoder:
         return self.encode_with_metadata(prompts, dtype=dtype, cache_only=cache_only, model=model)[0]
 
     def encode_with_metadata(
-        self, prompts: str | Sequence[str], *, dtype: torch.dtype | None = None, cache_only: bool = False,
+        self,
+        prompts: str | Sequence[str],
+        *,
+        dtype: torch.dtype | None = None,
+        cache_only: bool = False,
         model: str | None = None,
     ) -> tuple[torch.Tensor, list[PromptMetadata]]:
         """Like :meth:`encode`, plus the per-prompt metadata (token counts, timings, cache hits)."""
@@ -187,8 +201,7 @@ class RemoteTextEncoder:
         step = max(1, info.limits.get("max_prompts_per_request", len(prompts)))
         for start in range(0, len(prompts), step):
             part = prompts[start : start + step]
-            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only,
-                                        model=name)
+            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only, model=name)
             metadata.extend(self._encode_part(request, out[start : start + len(part)], info))
         return out, metadata
 
@@ -225,8 +238,13 @@ class RemoteTextEncoder:
                 if attempt >= self.retry.max_attempts:
                     raise type(exc)(f"{exc} (the answer broke off {attempt} times)") from None
                 wait = self.retry.wait_before_retry(attempt, exc)
-                log.warning("%s: the answer broke off after %d messages (%s); sending it again in %.2f s",
-                            self.target, frames, exc, wait)
+                log.warning(
+                    "%s: the answer broke off after %d messages (%s); sending it again in %.2f s",
+                    self.target,
+                    frames,
+                    exc,
+                    wait,
+                )
                 time.sleep(wait)
 
     # -- bulk streaming (EncodeStream) -------------------------------------
@@ -269,6 +287,12 @@ class RemoteTextEncoder:
             size, CRC-32C and fingerprint checks.
         """
         return encode_stream(
-            self, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
-            cache_only=cache_only, retry=retry or self.retry, model=model if model is not None else self.model,
+            self,
+            prompts,
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
+            dtype=dtype,
+            cache_only=cache_only,
+            retry=retry or self.retry,
+            model=model if model is not None else self.model,
         )

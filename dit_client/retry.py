@@ -76,8 +76,9 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def call_with_retries(fn: Callable[[], T], policy: RetryPolicy, *, what: str = "encoder",
-                      sleep: Callable[[float], None] = time.sleep) -> T:
+def call_with_retries(
+    fn: Callable[[], T], policy: RetryPolicy, *, what: str = "encoder", sleep: Callable[[float], None] = time.sleep
+) -> T:
     """``fn()``, tried up to ``policy.max_attempts`` times while it raises one of :data:`RETRYABLE`.
 
     Each retry waits :meth:`RetryPolicy.wait_before_retry` (logged as a warning);
@@ -92,6 +93,7 @@ def call_with_retries(fn: Callable[[], T], policy: RetryPolicy, *, what: str = "
             if attempt >= policy.max_attempts:
                 raise
             wait = policy.wait_before_retry(attempt, exc)
-            log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, exc, wait, attempt + 1,
-                        policy.max_attempts)
+            log.warning(
+                "%s: %s; retrying in %.1f s (attempt %d of %d)", what, exc, wait, attempt + 1, policy.max_attempts
+            )
             sleep(wait)

@@ -127,8 +127,9 @@ _CLOSE = object()
 class _StreamJob:
     """State of one ``encode_stream`` call across stream reopenings."""
 
-    def __init__(self, client: EncoderClient, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry,
-                 model=None):
+    def __init__(
+        self, client: EncoderClient, prompts, *, batch_size, max_in_flight, dtype, cache_only, retry, model=None
+    ):
         self.client = client
         self.retry = retry or RetryPolicy()
         self.cache_only = cache_only
@@ -207,9 +208,7 @@ class _StreamJob:
             except _StreamBroken as broken:
                 self._stream_failures += 1
                 if self._stream_failures >= self.retry.max_attempts:
-                    raise type(broken.exc)(
-                        f"{broken.exc} (gave up after {self._stream_failures} attempts)"
-                    ) from None
+                    raise type(broken.exc)(f"{broken.exc} (gave up after {self._stream_failures} attempts)") from None
                 time.sleep(self.retry.wait_before_retry(self._stream_failures, broken.exc))
                 # The stream broke, not the requests: resend them without spending their attempts.
                 for request in broken.in_flight:
@@ -301,7 +300,9 @@ class _StreamJob:
                 pass
         except grpc.RpcError as err:
             if watchdog.fired:
-                exc = EncoderUnavailable(f"no response from {connection.target} for {connection.timeout:.0f}s; reconnecting")
+                exc = EncoderUnavailable(
+                    f"no response from {connection.target} for {connection.timeout:.0f}s; reconnecting"
+                )
             else:
                 exc = connection.translate(err)
             if not isinstance(exc, RETRYABLE):
@@ -335,7 +336,13 @@ def encode_stream(
 ) -> Iterator[StreamedEmbedding]:
     """See :meth:`dit_client.remote.RemoteTextEncoder.encode_stream`."""
     job = _StreamJob(
-        client, prompts, batch_size=batch_size, max_in_flight=max_in_flight, dtype=dtype,
-        cache_only=cache_only, retry=retry, model=model,
+        client,
+        prompts,
+        batch_size=batch_size,
+        max_in_flight=max_in_flight,
+        dtype=dtype,
+        cache_only=cache_only,
+        retry=retry,
+        model=model,
     )
     return job.run()

@@ -109,8 +109,9 @@ def parse_structured_prompt(text: str, *, source: str = "structured prompt") -> 
     try:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise StructuredPromptError([("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")],
-                                    source) from None
+        raise StructuredPromptError(
+            [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")], source
+        ) from None
     except ValueError as exc:
         raise StructuredPromptError([("$", str(exc))], source) from None
     validate_structured_prompt(obj, source=source)
@@ -124,8 +125,9 @@ def load_structured_prompt(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     size = path.stat().st_size
     if size > MAX_PROMPT_FILE_BYTES:
-        raise StructuredPromptError([("$", f"file is {size} bytes; a prompt file may be at most "
-                                           f"{MAX_PROMPT_FILE_BYTES} bytes")], str(path))
+        raise StructuredPromptError(
+            [("$", f"file is {size} bytes; a prompt file may be at most {MAX_PROMPT_FILE_BYTES} bytes")], str(path)
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -187,12 +189,22 @@ def _check_object(obj: dict, schema: dict[str, str], path: str, errors: list[tup
             _check_palette(value, where, errors)
         elif kind == _NUMBER:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                errors.append((where, f"must be a positive number, not {_json_type(value)}"
-                                      + (f" {value!r}" if isinstance(value, (int, float)) else "")))
+                errors.append(
+                    (
+                        where,
+                        f"must be a positive number, not {_json_type(value)}"
+                        + (f" {value!r}" if isinstance(value, (int, float)) else ""),
+                    )
+                )
         elif kind == _INT:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                errors.append((where, f"must be a positive integer, not {_json_type(value)}"
-                                      + (f" {value!r}" if isinstance(value, (int, float)) else "")))
+                errors.append(
+                    (
+                        where,
+                        f"must be a positive integer, not {_json_type(value)}"
+                        + (f" {value!r}" if isinstance(value, (int, float)) else ""),
+                    )
+                )
         elif kind == "subjects":
             _check_subjects(value, where, errors)
         elif kind == "camera":
@@ -220,8 +232,9 @@ def _check_palette(value: Any, where: str, errors: list[tuple[str, str]]) -> Non
     for i, colour in enumerate(value):
         item = f"{where}[{i}]"
         if not isinstance(colour, str):
-            errors.append((item, f"must be a string (a hex colour like '#367588' or a colour name), "
-                                 f"not {_json_type(colour)}"))
+            errors.append(
+                (item, f"must be a string (a hex colour like '#367588' or a colour name), not {_json_type(colour)}")
+            )
         elif not colour.strip():
             errors.append((item, "is empty"))
         elif colour.lstrip().startswith("#") and not HEX_COLOUR.fullmatch(colour):

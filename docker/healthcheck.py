@@ -25,8 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVICE = "flux2.encoder.v1.TextEncoder"
 
 
-def check(target: str, *, timeout: float = 5.0, tls_ca: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None, server_name: str | None = None) -> str:
+def check(
+    target: str,
+    *,
+    timeout: float = 5.0,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    server_name: str | None = None,
+) -> str:
     """The serving status name of the TextEncoder service at ``target`` (``UNREACHABLE`` on errors)."""
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     if bool(tls_cert) != bool(tls_key):
@@ -61,14 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"))
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--tls-ca", default=env("TLS_CA"), help=f"CA (PEM) of the server certificate (${ENV_PREFIX}TLS_CA)")
-    p.add_argument("--tls-cert", default=env("TLS_CERT"), help=f"client certificate for mutual TLS (${ENV_PREFIX}TLS_CERT)")
+    p.add_argument(
+        "--tls-cert", default=env("TLS_CERT"), help=f"client certificate for mutual TLS (${ENV_PREFIX}TLS_CERT)"
+    )
     p.add_argument("--tls-key", default=env("TLS_KEY"), help=f"client key for mutual TLS (${ENV_PREFIX}TLS_KEY)")
-    p.add_argument("--server-name", default=env("SERVER_NAME"),
-                   help=f"name to check in the server certificate (default: the target host; ${ENV_PREFIX}SERVER_NAME)")
+    p.add_argument(
+        "--server-name",
+        default=env("SERVER_NAME"),
+        help=f"name to check in the server certificate (default: the target host; ${ENV_PREFIX}SERVER_NAME)",
+    )
     args = p.parse_args(argv)
     try:
-        status = check(args.target, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                       tls_key=args.tls_key, server_name=args.server_name)
+        status = check(
+            args.target,
+            timeout=args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            server_name=args.server_name,
+        )
     except (OSError, ValueError) as exc:
         print(f"{args.target}: NOT CHECKED ({exc})")
         return 1

@@ -90,7 +90,7 @@ GRPC_METHODS: dict[str, Method] = {
 class Slot:
     """One concurrency slot; :meth:`release` is idempotent."""
 
-    def __init__(self, admission: "Admission", user: str):
+    def __init__(self, admission: Admission, user: str):
         self._admission = admission
         self.user = user
         self._held = True
@@ -123,7 +123,7 @@ class Ticket:
         model: the name of the served model that encodes it.
     """
 
-    admission: "Admission"
+    admission: Admission
     method: Method
     user: str
     prompts: list[str]
@@ -189,8 +189,14 @@ class Admission:
     """
 
     def __init__(
-        self, authenticator: Authenticator, limiter: UsageLimiter, limits: Limits, metrics: EncoderMetrics,
-        cluster: ClusterLimits | None = None, *, model_names: list[str] | None = None,
+        self,
+        authenticator: Authenticator,
+        limiter: UsageLimiter,
+        limits: Limits,
+        metrics: EncoderMetrics,
+        cluster: ClusterLimits | None = None,
+        *,
+        model_names: list[str] | None = None,
     ):
         self.model_names = list(model_names or [""])
         self.authenticator = authenticator
@@ -218,7 +224,7 @@ class Admission:
         """Refuse new requests on every transport from now on (step 1); running ones go on."""
         self._closing = True
 
-    def track(self) -> "CallTracker":
+    def track(self) -> CallTracker:
         """Count one call (admitted or being refused) until its answer is sent; :meth:`wait_idle` waits for them."""
         self._calls += 1
         self._last_call_at = time.monotonic()
@@ -254,7 +260,7 @@ class Admission:
             return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -286,9 +292,7 @@ class Admission:
                 return
         self.limiter.take_request(user)
 
-    def validate(
-        self, prompts: list[str], *, request_id: str = "", time_remaining_s: float | None = None
-    ) -> list[str]:
+    def validate(self, prompts: list[str], *, request_id: str = "", time_remaining_s: float | None = None) -> list[str]:
         """Step 4 (see :func:`encoder_server.validation.validate_request`)."""
         return validate_request(prompts, self.limits, request_id=request_id, time_remaining_s=time_remaining_s)
 
@@ -418,7 +422,9 @@ class Admission:
         self.metrics.write_timeouts.labels(method=method.name).inc()
         log.warning(
             "%s: user %s did not read the answer within %.0f s (--write-timeout); cancelled, slot freed",
-            method.name, user, self.limits.write_timeout_s,
+            method.name,
+            user,
+            self.limits.write_timeout_s,
         )
 
 
@@ -441,8 +447,9 @@ class ClusterReservation:
         try:
             await self._cluster.refund(self.user, self.day, prompts)
         except ClusterUnavailable:
-            log.warning("could not give %d prompts back to %s's quota: the shared state is unavailable",
-                        prompts, self.user)
+            log.warning(
+                "could not give %d prompts back to %s's quota: the shared state is unavailable", prompts, self.user
+            )
 
 
 # Refund tasks in flight (the loop keeps only weak references to tasks).

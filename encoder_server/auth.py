@@ -105,7 +105,7 @@ class KeyStore:
         self._entries = [(user, hashlib.sha256(key.encode()).digest()) for user, key in keys.items()]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "KeyStore":
+    def from_file(cls, path: str | os.PathLike) -> KeyStore:
         return cls(load_api_keys(path))
 
     def __len__(self) -> int:

@@ -101,7 +101,7 @@ class CachedEmbedding:
     truncated: bool
 
     @classmethod
-    def owning(cls, embedding: torch.Tensor, token_count: int, truncated: bool) -> "CachedEmbedding":
+    def owning(cls, embedding: torch.Tensor, token_count: int, truncated: bool) -> CachedEmbedding:
         """An entry whose embedding owns exactly its storage: ``embedding`` itself when it
         already does, else a copy (:func:`own_copy`)."""
         return cls(embedding if _owns_exactly(embedding) else own_copy(embedding), token_count, truncated)

@@ -86,107 +86,235 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2-encoder", description="FLUX.2 text-encoder service over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
-        "serve", help="load the text encoder and serve embeddings", formatter_class=_ServeHelp,
+        "serve",
+        help="load the text encoder and serve embeddings",
+        formatter_class=_ServeHelp,
         description="Every flag may also be set by the environment variable named in its help "
-                    "(FLUX2_ and the flag in capitals: --max-batch-tokens is FLUX2_MAX_BATCH_TOKENS); "
-                    "a flag on the command line wins.",
+        "(FLUX2_ and the flag in capitals: --max-batch-tokens is FLUX2_MAX_BATCH_TOKENS); "
+        "a flag on the command line wins.",
     )
-    serve.add_argument("--model", action="append", metavar="[NAME=]SOURCE",
-                       help="hub id, local folder (text_encoder/, tokenizer/), 'demo' or 'demo-klein' (random tiny "
-                            "models); repeat to serve several, each under NAME (default: the hub id or folder "
-                            f"name); without it {DEFAULT_MODEL}")
+    serve.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help="hub id, local folder (text_encoder/, tokenizer/), 'demo' or 'demo-klein' (random tiny "
+        "models); repeat to serve several, each under NAME (default: the hub id or folder "
+        f"name); without it {DEFAULT_MODEL}",
+    )
     serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit); none means the latest")
     serve.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds (loopback only by default)")
     serve.add_argument("--port", type=_number(int, 0), default=50051, help="gRPC port; 0 picks a free one")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", action="append", type=_per_model(DTYPES), metavar="[NAME=]DTYPE",
-                       help=f"compute dtype ({', '.join(DTYPES)}); NAME=DTYPE sets one model's (default bfloat16, "
-                            "FLUX.2's own)")
-    serve.add_argument("--quantization", action="append", type=_per_model(QUANTIZATIONS), metavar="[NAME=]Q",
-                       help=f"weight quantization ({', '.join(QUANTIZATIONS)}); fp8 and nf4 need CUDA and change the "
-                            "embeddings (docs/memory.md); NAME=Q sets one model's (default none)")
-    serve.add_argument("--compute", action="append", type=_per_model(COMPUTE_MODES), metavar="[NAME=]MODE",
-                       help="exact: bit-exact with diffusers' reference; packed: only the real tokens run, several "
-                            "prompts in one pass (faster, not bit-exact: its fingerprint ends in +packed; "
-                            "docs/benchmarks.md); NAME=MODE sets one model's (default exact)")
-    serve.add_argument("--grace-period", type=_number(float, 0), default=30.0,
-                       help="seconds SIGTERM waits for in-flight work before exiting")
-    serve.add_argument("--max-prompts-per-request", type=_number(int, 1), default=Limits.max_prompts_per_request,
-                       help="larger requests get INVALID_ARGUMENT")
-    serve.add_argument("--max-prompt-chars", type=_number(int, 1), default=Limits.max_prompt_chars,
-                       help="longer prompts get INVALID_ARGUMENT (only 512 tokens are used anyway)")
-    serve.add_argument("--max-concurrent-calls", type=_number(int, 1), default=Limits.max_concurrent_calls,
-                       help="Encode/EncodeStream calls and HTTP requests served at once, all together; "
-                            "more get RESOURCE_EXHAUSTED / 429")
-    serve.add_argument("--max-concurrent-calls-per-user", type=_number(int, 0),
-                       default=Limits.max_concurrent_calls_per_user, metavar="N",
-                       help="how many of those one user may hold; 0 = automatic: a quarter of "
-                            "--max-concurrent-calls when --api-key-file names several users, all of it "
-                            "otherwise")
-    serve.add_argument("--write-timeout", type=_number(float, 0.1), default=Limits.write_timeout_s, metavar="S",
-                       help="cancel an answer the client does not read within S seconds, freeing its slot "
-                            "")
-    serve.add_argument("--body-timeout", type=_number(float, 0.1), default=Limits.body_timeout_s, metavar="S",
-                       help="an HTTP request body must arrive within S seconds, else 408")
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                       type=str.upper, help="how much the server logs")
+    serve.add_argument(
+        "--dtype",
+        action="append",
+        type=_per_model(DTYPES),
+        metavar="[NAME=]DTYPE",
+        help=f"compute dtype ({', '.join(DTYPES)}); NAME=DTYPE sets one model's (default bfloat16, FLUX.2's own)",
+    )
+    serve.add_argument(
+        "--quantization",
+        action="append",
+        type=_per_model(QUANTIZATIONS),
+        metavar="[NAME=]Q",
+        help=f"weight quantization ({', '.join(QUANTIZATIONS)}); fp8 and nf4 need CUDA and change the "
+        "embeddings (docs/memory.md); NAME=Q sets one model's (default none)",
+    )
+    serve.add_argument(
+        "--compute",
+        action="append",
+        type=_per_model(COMPUTE_MODES),
+        metavar="[NAME=]MODE",
+        help="exact: bit-exact with diffusers' reference; packed: only the real tokens run, several "
+        "prompts in one pass (faster, not bit-exact: its fingerprint ends in +packed; "
+        "docs/benchmarks.md); NAME=MODE sets one model's (default exact)",
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=_number(float, 0),
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight work before exiting",
+    )
+    serve.add_argument(
+        "--max-prompts-per-request",
+        type=_number(int, 1),
+        default=Limits.max_prompts_per_request,
+        help="larger requests get INVALID_ARGUMENT",
+    )
+    serve.add_argument(
+        "--max-prompt-chars",
+        type=_number(int, 1),
+        default=Limits.max_prompt_chars,
+        help="longer prompts get INVALID_ARGUMENT (only 512 tokens are used anyway)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=_number(int, 1),
+        default=Limits.max_concurrent_calls,
+        help="Encode/EncodeStream calls and HTTP requests served at once, all together; "
+        "more get RESOURCE_EXHAUSTED / 429",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls-per-user",
+        type=_number(int, 0),
+        default=Limits.max_concurrent_calls_per_user,
+        metavar="N",
+        help="how many of those one user may hold; 0 = automatic: a quarter of "
+        "--max-concurrent-calls when --api-key-file names several users, all of it "
+        "otherwise",
+    )
+    serve.add_argument(
+        "--write-timeout",
+        type=_number(float, 0.1),
+        default=Limits.write_timeout_s,
+        metavar="S",
+        help="cancel an answer the client does not read within S seconds, freeing its slot ",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_number(float, 0.1),
+        default=Limits.body_timeout_s,
+        metavar="S",
+        help="an HTTP request body must arrive within S seconds, else 408",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="how much the server logs",
+    )
     # Batching, cache and metrics (docs/serving.md).
-    serve.add_argument("--max-batch-tokens", type=_number(int, 1), default=BatchingConfig.max_batch_tokens,
-                       help="padded tokens per forward pass; each prompt is 512 tokens")
-    serve.add_argument("--max-batch-prompts", type=_number(int, 1), default=BatchingConfig.max_batch_prompts,
-                       help="prompts per forward pass")
-    serve.add_argument("--max-queue-delay-ms", type=_number(float, 0), default=BatchingConfig.max_queue_delay_ms,
-                       help="longest a prompt waits for others to fill its batch")
-    serve.add_argument("--max-queue-prompts", type=_number(int, 1), default=BatchingConfig.max_queue_prompts,
-                       help="prompts that may wait; past it calls get RESOURCE_EXHAUSTED")
-    serve.add_argument("--scheduling", choices=("fair", "fifo"), default="fair",
-                       help="fair: batches take prompts round-robin across users; fifo: in arrival order "
-                            "")
-    serve.add_argument("--memory-cache-mb", type=_number(int, 0), default=CacheConfig.memory_mb,
-                       help="in-memory embedding cache in MiB, 0 disables")
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=_number(int, 1),
+        default=BatchingConfig.max_batch_tokens,
+        help="padded tokens per forward pass; each prompt is 512 tokens",
+    )
+    serve.add_argument(
+        "--max-batch-prompts",
+        type=_number(int, 1),
+        default=BatchingConfig.max_batch_prompts,
+        help="prompts per forward pass",
+    )
+    serve.add_argument(
+        "--max-queue-delay-ms",
+        type=_number(float, 0),
+        default=BatchingConfig.max_queue_delay_ms,
+        help="longest a prompt waits for others to fill its batch",
+    )
+    serve.add_argument(
+        "--max-queue-prompts",
+        type=_number(int, 1),
+        default=BatchingConfig.max_queue_prompts,
+        help="prompts that may wait; past it calls get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--scheduling",
+        choices=("fair", "fifo"),
+        default="fair",
+        help="fair: batches take prompts round-robin across users; fifo: in arrival order ",
+    )
+    serve.add_argument(
+        "--memory-cache-mb",
+        type=_number(int, 0),
+        default=CacheConfig.memory_mb,
+        help="in-memory embedding cache in MiB, 0 disables",
+    )
     serve.add_argument("--cache-dir", default=None, help="persistent embedding cache folder")
-    serve.add_argument("--cache-scope", choices=CACHE_SCOPES, default=CacheConfig.scope,
-                       help="who shares cached embeddings: 'shared' (everyone: one user's prompts can be "
-                            "detected by another), 'user' (each their own), 'auto' ('user' when "
-                            "--api-key-file names several users)")
-    serve.add_argument("--shared-cache", default=None, metavar="URL",
-                       help="redis://HOST:PORT/DB of a Redis or Valkey server shared by replicas: embeddings, "
-                            "compute-once and per-user limits span them all (docs/replicas.md)")
-    serve.add_argument("--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb,
-                       help="size bound of --cache-dir in GiB")
-    serve.add_argument("--metrics-port", type=_number(int, 0), default=None,
-                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
-    serve.add_argument("--metrics-host", default=ServerConfig.metrics_host,
-                       help="address the metrics port binds; they are unauthenticated and name users")
+    serve.add_argument(
+        "--cache-scope",
+        choices=CACHE_SCOPES,
+        default=CacheConfig.scope,
+        help="who shares cached embeddings: 'shared' (everyone: one user's prompts can be "
+        "detected by another), 'user' (each their own), 'auto' ('user' when "
+        "--api-key-file names several users)",
+    )
+    serve.add_argument(
+        "--shared-cache",
+        default=None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB of a Redis or Valkey server shared by replicas: embeddings, "
+        "compute-once and per-user limits span them all (docs/replicas.md)",
+    )
+    serve.add_argument(
+        "--cache-max-gb", type=_number(float, 0), default=CacheConfig.max_gb, help="size bound of --cache-dir in GiB"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_number(int, 0),
+        default=None,
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=ServerConfig.metrics_host,
+        help="address the metrics port binds; they are unauthenticated and name users",
+    )
     # Users, TLS and the HTTP endpoint (docs/security.md, docs/hf-compatible-endpoint.md).
-    serve.add_argument("--api-key-file", default=None, metavar="PATH",
-                       help="'user:key' per line ('#' comments); every call then needs "
-                            "'authorization: Bearer KEY' (without it anyone who reaches the port may call)")
-    serve.add_argument("--rate-limit-rpm", type=_number(int, 0), default=0, metavar="N",
-                       help="Encode requests per user per minute, 0 = unlimited")
-    serve.add_argument("--quota-prompts-per-day", type=_number(int, 0), default=0, metavar="N",
-                       help="prompts per user per UTC day, 0 = unlimited")
-    serve.add_argument("--usage-file", default=None, metavar="PATH",
-                       help="JSON file keeping today's prompt counts across restarts "
-                            "(without it a restart resets the daily quota)")
+    serve.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="'user:key' per line ('#' comments); every call then needs "
+        "'authorization: Bearer KEY' (without it anyone who reaches the port may call)",
+    )
+    serve.add_argument(
+        "--rate-limit-rpm",
+        type=_number(int, 0),
+        default=0,
+        metavar="N",
+        help="Encode requests per user per minute, 0 = unlimited",
+    )
+    serve.add_argument(
+        "--quota-prompts-per-day",
+        type=_number(int, 0),
+        default=0,
+        metavar="N",
+        help="prompts per user per UTC day, 0 = unlimited",
+    )
+    serve.add_argument(
+        "--usage-file",
+        default=None,
+        metavar="PATH",
+        help="JSON file keeping today's prompt counts across restarts (without it a restart resets the daily quota)",
+    )
     serve.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain; enables TLS")
     serve.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (unencrypted)")
-    serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
-                       help="CA that signs client certificates; clients without one are refused (mutual TLS)")
-    serve.add_argument("--http-port", type=_number(int, 0), default=None,
-                       help="serve the Hugging Face-compatible POST /predict on this port")
-    serve.add_argument("--http-host", default="127.0.0.1",
-                       help="address the HTTP endpoint binds (loopback only by default)")
+    serve.add_argument(
+        "--tls-client-ca",
+        default=None,
+        metavar="PEM",
+        help="CA that signs client certificates; clients without one are refused (mutual TLS)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=_number(int, 0),
+        default=None,
+        help="serve the Hugging Face-compatible POST /predict on this port",
+    )
+    serve.add_argument(
+        "--http-host", default="127.0.0.1", help="address the HTTP endpoint binds (loopback only by default)"
+    )
     _defaults_from_env(serve)
     memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
-    memory.add_argument("--config", default=None,
-                        help="a text encoder's config.json, Mistral3 ([dev]) or Qwen3 ([klein]) "
-                             "(default: the bundled FLUX.2-dev text-encoder config)")
-    memory.add_argument("--layers", type=int, default=None,
-                        help="decoder layers the server keeps (default: what the config's recipe runs: "
-                             "30 for [dev], 27 for [klein])")
-    memory.add_argument("--all", action="store_true",
-                        help="print the truncation table of every bundled encoder ([dev], [klein] 4B and 9B) instead")
+    memory.add_argument(
+        "--config",
+        default=None,
+        help="a text encoder's config.json, Mistral3 ([dev]) or Qwen3 ([klein]) "
+        "(default: the bundled FLUX.2-dev text-encoder config)",
+    )
+    memory.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers the server keeps (default: what the config's recipe runs: 30 for [dev], 27 for [klein])",
+    )
+    memory.add_argument(
+        "--all",
+        action="store_true",
+        help="print the truncation table of every bundled encoder ([dev], [klein] 4B and 9B) instead",
+    )
     return parser
 
 
@@ -246,7 +374,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             fair=args.scheduling == "fair",
         ),
         cache=CacheConfig(
-            memory_mb=args.memory_cache_mb, dir=args.cache_dir, max_gb=args.cache_max_gb, scope=args.cache_scope,
+            memory_mb=args.memory_cache_mb,
+            dir=args.cache_dir,
+            max_gb=args.cache_max_gb,
+            scope=args.cache_scope,
             shared_url=args.shared_cache,
         ),
         metrics_port=args.metrics_port,

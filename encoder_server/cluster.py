@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -119,11 +119,15 @@ class RedisLink:
         metrics: counts failures in ``flux2_encoder_shared_cache_errors_total``.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 0.25, down_for_s: float = 5.0,
-                 metrics: EncoderMetrics | None = None):
+    def __init__(
+        self, url: str, *, timeout_s: float = 0.25, down_for_s: float = 5.0, metrics: EncoderMetrics | None = None
+    ):
         self.url = url
         self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
         )
         self._down_for_s = down_for_s
         self._down_until = 0.0
@@ -131,8 +135,13 @@ class RedisLink:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._scripts = {
             name: self.client.register_script(body)
-            for name, body in (("take", _TAKE_TOKEN), ("reserve", _RESERVE), ("refund", _REFUND),
-                               ("release", _RELEASE), ("renew", _RENEW))
+            for name, body in (
+                ("take", _TAKE_TOKEN),
+                ("reserve", _RESERVE),
+                ("refund", _REFUND),
+                ("release", _RELEASE),
+                ("renew", _RENEW),
+            )
         }
 
     @property
@@ -145,14 +154,18 @@ class RedisLink:
             raise ClusterUnavailable("marked down")
         try:
             return await make(self.client)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             was_up = self.up
             self._down_until = time.monotonic() + self._down_for_s
             if self._metrics is not None:
                 self._metrics.shared_cache_errors.inc()
             if was_up:
-                log.warning("shared state at %s unavailable (%s); serving from local caches and limits for %.0f s",
-                            _redact(self.url), exc, self._down_for_s)
+                log.warning(
+                    "shared state at %s unavailable (%s); serving from local caches and limits for %.0f s",
+                    _redact(self.url),
+                    exc,
+                    self._down_for_s,
+                )
             raise ClusterUnavailable(str(exc)) from None
 
     async def script(self, name: str, keys: list[str], args: list) -> int:
@@ -215,9 +228,9 @@ class SharedCache:
     async def try_lease(self, key: str) -> bool:
         """True when this replica should compute ``key`` (it took the lease, or Redis is unavailable)."""
         try:
-            return bool(await self.link.call(
-                lambda c: c.set(_LEASE + key, self.link.replica_id, nx=True, px=self.lease_ms)
-            ))
+            return bool(
+                await self.link.call(lambda c: c.set(_LEASE + key, self.link.replica_id, nx=True, px=self.lease_ms))
+            )
         except ClusterUnavailable:
             return True
 
@@ -279,4 +292,4 @@ class ClusterLimits:
 
 
 def utc_day(wall_clock: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if wall_clock is None else wall_clock, timezone.utc).date().isoformat()
+    return datetime.fromtimestamp(time.time() if wall_clock is None else wall_clock, UTC).date().isoformat()

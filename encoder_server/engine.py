@@ -138,17 +138,27 @@ class EncodeEngine:
 
     @classmethod
     def from_config(
-        cls, config, backend: EmbeddingBackend, *, metrics: EncoderMetrics | None = None, cache_scope: str = "shared",
+        cls,
+        config,
+        backend: EmbeddingBackend,
+        *,
+        metrics: EncoderMetrics | None = None,
+        cache_scope: str = "shared",
         shared_cache: SharedCache | None = None,
-    ) -> "EncodeEngine":
+    ) -> EncodeEngine:
         """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches).
 
         ``cache_scope`` is the resolved scope (``config.cache.scope`` may say ``auto``).
         """
         memory, disk = cls.caches_from_config(config)
         return cls(
-            backend, batching=config.batching, memory_cache=memory, disk_cache=disk, metrics=metrics,
-            cache_scope=cache_scope, shared_cache=shared_cache,
+            backend,
+            batching=config.batching,
+            memory_cache=memory,
+            disk_cache=disk,
+            metrics=metrics,
+            cache_scope=cache_scope,
+            shared_cache=shared_cache,
         )
 
     @staticmethod
@@ -275,8 +285,14 @@ class EncodeEngine:
                 c = computed[key]
                 out.append(
                     EncodedPrompt(
-                        c.entry.embedding, c.entry.token_count, c.entry.truncated,
-                        c.queue_ns, c.tokenization_ns, c.inference_ns, c.batch_size, False,
+                        c.entry.embedding,
+                        c.entry.token_count,
+                        c.entry.truncated,
+                        c.queue_ns,
+                        c.tokenization_ns,
+                        c.inference_ns,
+                        c.batch_size,
+                        False,
                     )
                 )
         return out
@@ -460,8 +476,12 @@ class EncodeEngine:
         # states). Each entry owns exactly its bytes: the row itself when it is the whole
         # storage (one prompt, exact size), else a copy made here, on the model thread.
         return [
-            (CachedEmbedding.owning(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
-             batch.tokenization_ns, batch.inference_ns, len(prompts))
+            (
+                CachedEmbedding.owning(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
+                batch.tokenization_ns,
+                batch.inference_ns,
+                len(prompts),
+            )
             for i, row in enumerate(batch.embeddings.unbind(0))
         ]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 """Explicit mantissa bits per dtype: one ulp of ``x`` is ``2 ** (floor(log2 |x|) - bits)``."""
 
@@ -42,8 +41,10 @@ class Fidelity:
 
     def cells(self) -> str:
         """Markdown table cells: max abs | mean abs | max row ulp | min cosine | identical rows."""
-        return (f"{self.max_abs:.3g} | {self.mean_abs:.3g} | {self.max_row_ulp:.3g} | {self.cos_min:.9f} | "
-                f"{100 * self.identical_rows:.1f}% of {self.rows}")
+        return (
+            f"{self.max_abs:.3g} | {self.mean_abs:.3g} | {self.max_row_ulp:.3g} | {self.cos_min:.9f} | "
+            f"{100 * self.identical_rows:.1f}% of {self.rows}"
+        )
 
 
 def row_ulp(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -42,8 +42,8 @@ from common.errors import (
     status_of,
 )
 from encoder_server.admission import HTTP_PREDICT, Admission
-from encoder_server.models import DEV_FAMILY, ModelRegistry
 from encoder_server.identity import ANONYMOUS, current_user
+from encoder_server.models import DEV_FAMILY, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def parse_prompts(body: object, limits: Limits) -> list[str]:
         raise InvalidRequest('the body must be a JSON object {"prompt": str | list[str]}')
     unknown = sorted(set(body) - {"prompt"})
     if unknown:
-        raise InvalidRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; the body takes only \"prompt\"")
+        raise InvalidRequest(f'unknown field(s) {", ".join(map(repr, unknown))}; the body takes only "prompt"')
     if "prompt" not in body:
         raise InvalidRequest('missing "prompt": send {"prompt": "text"} or {"prompt": ["text", ...]}')
     prompt = body["prompt"]
@@ -129,9 +129,7 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request, without the query string: a key pasted into a URL must never reach a log."""
 
     def log(self, request, response, time):
-        self.logger.info(
-            "%s %s %s %d %.3fs", request.remote, request.method, request.path, response.status, time
-        )
+        self.logger.info("%s %s %s %d %.3fs", request.remote, request.method, request.path, response.status, time)
 
 
 class HTTPEndpoint:
@@ -192,8 +190,10 @@ class HTTPEndpoint:
 
     async def _wrong_method(self, request: web.Request) -> web.Response:
         return _error(
-            405, f'{request.method} /predict is not served; send POST /predict with {{"prompt": "text"}}',
-            grpc.StatusCode.INVALID_ARGUMENT.name, {"Allow": "POST"},
+            405,
+            f'{request.method} /predict is not served; send POST /predict with {{"prompt": "text"}}',
+            grpc.StatusCode.INVALID_ARGUMENT.name,
+            {"Allow": "POST"},
         )
 
     async def _predict(self, request: web.Request) -> web.StreamResponse:
@@ -273,7 +273,7 @@ class HTTPEndpoint:
         except ConnectionError:
             # The client hung up mid-body: nothing to answer, and no server error to log.
             raise Cancelled("the client closed the connection before sending the whole body") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self._limits.body_timeout_s:.0f} s; send it at once"
             ) from None
@@ -284,10 +284,12 @@ class HTTPEndpoint:
 
     async def _send(self, request: web.Request, payload: bytes, cache_hits: list[bool], user: str, fingerprint: str):
         """Write the answer while the request still holds its slot, each piece within the write timeout."""
-        response = web.StreamResponse(headers={
-            "X-Flux2-Fingerprint": fingerprint,
-            "X-Flux2-Cache-Hits": ",".join("1" if hit else "0" for hit in cache_hits),
-        })
+        response = web.StreamResponse(
+            headers={
+                "X-Flux2-Fingerprint": fingerprint,
+                "X-Flux2-Cache-Hits": ",".join("1" if hit else "0" for hit in cache_hits),
+            }
+        )
         response.content_type = "application/octet-stream"
         response.content_length = len(payload)
         self._admission.metrics.response_bytes.labels(transport="http").inc(len(payload))
@@ -296,9 +298,9 @@ class HTTPEndpoint:
         try:
             await asyncio.wait_for(response.prepare(request), timeout)
             for offset in range(0, len(payload), _WRITE_CHUNK_BYTES):
-                await asyncio.wait_for(response.write(view[offset:offset + _WRITE_CHUNK_BYTES]), timeout)
+                await asyncio.wait_for(response.write(view[offset : offset + _WRITE_CHUNK_BYTES]), timeout)
             await asyncio.wait_for(response.write_eof(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._admission.write_timed_out(HTTP_PREDICT, user)
             if request.transport is not None:
                 request.transport.abort()  # drop what is buffered for a client that does not read

@@ -126,8 +126,13 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                     admission.refused(method, user, exc)
                     raise exc
                 ticket = await admission.admit_request(
-                    method, user, list(request.prompts), request_id=request.request_id, request=request,
-                    model=request.model, time_remaining_s=context.time_remaining(),
+                    method,
+                    user,
+                    list(request.prompts),
+                    request_id=request.request_id,
+                    request=request,
+                    model=request.model,
+                    time_remaining_s=context.time_remaining(),
                 )
             except Flux2RemoteError as exc:
                 await _abort(context, exc)
@@ -163,8 +168,14 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     async def _admitted(
-        self, requests: AsyncIterator, context, method: Method, user: str, slot: Slot,
-        stopped: list[Flux2RemoteError], open_tickets: dict[int, Ticket],
+        self,
+        requests: AsyncIterator,
+        context,
+        method: Method,
+        user: str,
+        slot: Slot,
+        stopped: list[Flux2RemoteError],
+        open_tickets: dict[int, Ticket],
     ) -> AsyncIterator[Ticket | Refused]:
         admission = self._admission
         async for request in requests:
@@ -183,8 +194,15 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                     await asyncio.sleep(exc.retry_after_s)
             try:
                 ticket = await admission.admit_request(
-                    method, user, list(request.prompts), request_id=request.request_id, request=request,
-                    model=request.model, time_remaining_s=context.time_remaining(), rate_checked=True, slot=slot,
+                    method,
+                    user,
+                    list(request.prompts),
+                    request_id=request.request_id,
+                    request=request,
+                    model=request.model,
+                    time_remaining_s=context.time_remaining(),
+                    rate_checked=True,
+                    slot=slot,
                 )
             except QuotaExhausted as exc:
                 # Stop reading; what was admitted is still answered, then the
@@ -212,7 +230,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         async for message in messages:
             try:
                 await asyncio.wait_for(context.write(message), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._admission.write_timed_out(method, user)
                 raise asyncio.CancelledError() from None
 

@@ -130,7 +130,7 @@ class Part:
     def params(self) -> int:
         return self.linear + self.other
 
-    def __add__(self, o: "Part") -> "Part":
+    def __add__(self, o: Part) -> Part:
         return Part(
             self.linear + o.linear, self.other + o.other, self.fp8_scales + o.fp8_scales, self.nf4_blocks + o.nf4_blocks
         )
@@ -267,17 +267,37 @@ def weight_rows(counts: ParameterCounts) -> list[WeightRow]:
     vision = counts.vision.params > 0
     head = "lm_head" if counts.lm_head.params else "lm_head tied to the embeddings"
     return [
-        WeightRow("full model, bf16", counts.full.params, bf16_bytes(counts.full),
-                  f"all {counts.num_hidden_layers} layers, {head}{', vision tower' if vision else ''} "
-                  "(what the reference pipeline loads)"),
-        WeightRow(f"truncated ({k} layers), bf16", t.params, bf16_bytes(t),
-                  f"embeddings + layers 1-{k}; no lm_head, {'no vision tower, ' if vision else ''}no final norm"),
-        WeightRow(f"truncated ({k} layers), fp8", t.params, fp8_bytes(t),
-                  "linear weights float8_e4m3fn + fp32 scale per 128x128 block; embeddings, norms bf16"),
-        WeightRow(f"truncated ({k} layers), nf4", t.params, nf4_bytes(t),
-                  "linear weights 4-bit + fp32 absmax per 64; embeddings (not quantized by bitsandbytes), norms bf16"),
-        WeightRow(f"truncated ({k} layers), nf4 + double quant", t.params, nf4_bytes(t, double_quant=True),
-                  "as nf4, absmax stored 8-bit (bnb_4bit_use_double_quant=True; not the server's default)"),
+        WeightRow(
+            "full model, bf16",
+            counts.full.params,
+            bf16_bytes(counts.full),
+            f"all {counts.num_hidden_layers} layers, {head}{', vision tower' if vision else ''} "
+            "(what the reference pipeline loads)",
+        ),
+        WeightRow(
+            f"truncated ({k} layers), bf16",
+            t.params,
+            bf16_bytes(t),
+            f"embeddings + layers 1-{k}; no lm_head, {'no vision tower, ' if vision else ''}no final norm",
+        ),
+        WeightRow(
+            f"truncated ({k} layers), fp8",
+            t.params,
+            fp8_bytes(t),
+            "linear weights float8_e4m3fn + fp32 scale per 128x128 block; embeddings, norms bf16",
+        ),
+        WeightRow(
+            f"truncated ({k} layers), nf4",
+            t.params,
+            nf4_bytes(t),
+            "linear weights 4-bit + fp32 absmax per 64; embeddings (not quantized by bitsandbytes), norms bf16",
+        ),
+        WeightRow(
+            f"truncated ({k} layers), nf4 + double quant",
+            t.params,
+            nf4_bytes(t, double_quant=True),
+            "as nf4, absmax stored 8-bit (bnb_4bit_use_double_quant=True; not the server's default)",
+        ),
     ]
 
 
@@ -338,8 +358,9 @@ class ActivationEstimate:
     reference: int
 
 
-def activation_estimate(config=None, batch: int = 1, seq_len: int = FLUX2_DEV.max_sequence_length,
-                        *, bytes_per_el: int = 2) -> ActivationEstimate:
+def activation_estimate(
+    config=None, batch: int = 1, seq_len: int = FLUX2_DEV.max_sequence_length, *, bytes_per_el: int = 2
+) -> ActivationEstimate:
     """Peak activation bytes at ``batch`` prompts of ``seq_len`` tokens, in a 2-byte dtype.
 
     With ``state = B*S*hidden`` elements:
@@ -367,8 +388,9 @@ def activation_estimate(config=None, batch: int = 1, seq_len: int = FLUX2_DEV.ma
 # -- report --------------------------------------------------------------
 
 
-def memory_table(config_path: str | Path | None = None, layers: int | None = None,
-                 batches: tuple[int, ...] = (1, 4, 8)) -> str:
+def memory_table(
+    config_path: str | Path | None = None, layers: int | None = None, batches: tuple[int, ...] = (1, 4, 8)
+) -> str:
     """The full memory report as markdown: parameter counts, weight bytes, FLOPs, activations.
 
     ``layers``: decoder layers kept; default: what the config's recipe runs (30 for [dev], 27 for [klein]).
@@ -389,7 +411,8 @@ def memory_table(config_path: str | Path | None = None, layers: int | None = Non
         f"| decoder layers (all {counts.num_hidden_layers}) | {b(counts.decoder_layers.params)} |",
         f"| decoder layers kept (1-{layers}) | {b(counts.kept_layers.params)} |",
         f"| language model (embeddings + layers + norm) | {b(counts.language_model)} |",
-        f"| lm_head | {b(counts.lm_head.params)} |" if counts.lm_head.params
+        f"| lm_head | {b(counts.lm_head.params)} |"
+        if counts.lm_head.params
         else "| lm_head | tied to the embeddings |",
         *([f"| vision tower + projector | {b(counts.vision.params)} |"] if counts.vision.params else []),
         f"| **total** | **{b(counts.full.params)}** |",
@@ -404,8 +427,7 @@ def memory_table(config_path: str | Path | None = None, layers: int | None = Non
         f"Forward FLOPs per prompt at {flops.seq_len} tokens: reference {flops.reference / 1e12:.2f} TFLOP, "
         f"truncated {flops.truncated / 1e12:.2f} TFLOP, ratio {flops.speedup:.3f}x",
         "",
-        f"| batch (x{flops.seq_len} tokens, bf16) "
-        "| truncated activations GB | reference activations GB |",
+        f"| batch (x{flops.seq_len} tokens, bf16) | truncated activations GB | reference activations GB |",
         "|---:|---:|---:|",
     ]
     for batch in batches:
@@ -459,8 +481,11 @@ def truncation_table(configs: dict[str, str] = BUNDLED_CONFIGS) -> str:
             f"| {c.truncated.params / 1e9:.2f}B | {c.truncated.params / c.full.params:.3f}x "
             f"| {f.reference / 1e12:.2f} | {f.truncated / 1e12:.2f} | {f.speedup:.3f}x |"
         )
-    lines += ["", "Full: the reference pipeline's text encoder (lm_head computed, vision tower loaded for [dev]); "
-              "truncated: embeddings + the layers run, as flux2-encoder serve loads them."]
+    lines += [
+        "",
+        "Full: the reference pipeline's text encoder (lm_head computed, vision tower loaded for [dev]); "
+        "truncated: embeddings + the layers run, as flux2-encoder serve loads them.",
+    ]
     return "\n".join(lines)
 
 

@@ -46,18 +46,22 @@ class EncoderMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "flux2_encoder_requests", "Encode requests by RPC method, gRPC status and user.",
-            ["method", "status", "user"], registry=r,
+            "flux2_encoder_requests",
+            "Encode requests by RPC method, gRPC status and user.",
+            ["method", "status", "user"],
+            registry=r,
         )
         self.write_timeouts = Counter(
             "flux2_encoder_write_timeouts",
             "Answers cancelled because the client did not read them within --write-timeout.",
-            ["method"], registry=r,
+            ["method"],
+            registry=r,
         )
         self.prompts_served = Counter(
             "flux2_encoder_prompts_served",
             "Prompts answered, by user and source (computed, shared, cache_memory, cache_disk).",
-            ["user", "source"], registry=r,
+            ["user", "source"],
+            registry=r,
         )
         self.prompts_computed = Counter(
             "flux2_encoder_prompts_computed", "Prompts that actually ran through the model.", registry=r
@@ -65,37 +69,45 @@ class EncoderMetrics:
         self.prompts_dropped = Counter(
             "flux2_encoder_prompts_dropped",
             "Queued prompts dropped before reaching the model (reason: cancelled, deadline).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.queue_size = Gauge("flux2_encoder_queue_size", "Prompts waiting for a forward pass.", registry=r)
         self.batch_size = Histogram(
             "flux2_encoder_batch_size", "Prompts per forward pass.", buckets=_BATCH_SIZE_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            "flux2_encoder_batch_tokens", "Padded tokens per forward pass (prompts x max_sequence_length).",
-            buckets=_BATCH_TOKEN_BUCKETS, registry=r,
+            "flux2_encoder_batch_tokens",
+            "Padded tokens per forward pass (prompts x max_sequence_length).",
+            buckets=_BATCH_TOKEN_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "flux2_encoder_queue_duration_seconds", "Time a computed prompt waited in the queue.",
-            buckets=_DURATION_BUCKETS, registry=r,
+            "flux2_encoder_queue_duration_seconds",
+            "Time a computed prompt waited in the queue.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.tokenize_seconds = Histogram(
-            "flux2_encoder_tokenize_duration_seconds", "Tokenization time per forward pass.",
-            buckets=_DURATION_BUCKETS, registry=r,
+            "flux2_encoder_tokenize_duration_seconds",
+            "Tokenization time per forward pass.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
-            "flux2_encoder_inference_duration_seconds", "Forward pass time (copy to CPU included).",
-            buckets=_DURATION_BUCKETS, registry=r,
+            "flux2_encoder_inference_duration_seconds",
+            "Forward pass time (copy to CPU included).",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.cache_hits = Counter(
-            "flux2_encoder_cache_hits", "Prompts found in a cache, by tier (memory, disk, shared).", ["tier"], registry=r
+            "flux2_encoder_cache_hits",
+            "Prompts found in a cache, by tier (memory, disk, shared).",
+            ["tier"],
+            registry=r,
         )
-        self.cache_misses = Counter(
-            "flux2_encoder_cache_misses", "Prompts found in no cache.", registry=r
-        )
-        self.cache_bytes = Gauge(
-            "flux2_encoder_cache_bytes", "Bytes held by each cache tier.", ["tier"], registry=r
-        )
+        self.cache_misses = Counter("flux2_encoder_cache_misses", "Prompts found in no cache.", registry=r)
+        self.cache_bytes = Gauge("flux2_encoder_cache_bytes", "Bytes held by each cache tier.", ["tier"], registry=r)
         self.cache_entries = Gauge(
             "flux2_encoder_cache_entries", "Entries held by each cache tier.", ["tier"], registry=r
         )
@@ -108,7 +120,8 @@ class EncoderMetrics:
         self.response_bytes = Counter(
             "flux2_encoder_response_bytes",
             "Embedding bytes put on the wire (pad rows a client holds are not sent), by transport.",
-            ["transport"], registry=r,
+            ["transport"],
+            registry=r,
         )
         self.shared_cache_errors = Counter(
             "flux2_encoder_shared_cache_errors",
@@ -116,7 +129,8 @@ class EncoderMetrics:
             registry=r,
         )
         self.shared_cache_up = Gauge(
-            "flux2_encoder_shared_cache_up", "1 while the shared Redis answers, 0 while it is marked down.",
+            "flux2_encoder_shared_cache_up",
+            "1 while the shared Redis answers, 0 while it is marked down.",
             registry=r,
         )
         self.cache_write_errors = Counter(

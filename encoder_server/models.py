@@ -19,8 +19,8 @@ import torch
 
 from common.config import ModelConfig, ServerConfig
 from common.errors import InvalidRequest
-from common.protocol import pb2
 from common.pad_table import pad_table_id
+from common.protocol import pb2
 from common.wire import dtype_to_wire
 from encoder_server.engine import EncodeEngine
 from encoder_server.text_encoder import ConfigError, EmbeddingBackend
@@ -138,9 +138,7 @@ def resolve_model_name(name: str, names: list[str]) -> str:
     if not name:
         if len(names) == 1:
             return names[0]
-        raise InvalidRequest(
-            f"this server serves {len(names)} models; name one in the request: {', '.join(names)}"
-        )
+        raise InvalidRequest(f"this server serves {len(names)} models; name one in the request: {', '.join(names)}")
     if name not in names:
         raise InvalidRequest(f"this server does not serve a model named {name!r}; it serves: {', '.join(names)}")
     return name
@@ -189,7 +187,10 @@ def model_configs(config: ServerConfig) -> tuple[ModelConfig, ...]:
 def config_for(config: ServerConfig, model: ModelConfig) -> ServerConfig:
     """The one-model config that loads ``model`` (its own dtype and quantization, or the server's)."""
     return replace(
-        config, model=model.source, models=(),
-        dtype=model.dtype or config.dtype, quantization=model.quantization or config.quantization,
+        config,
+        model=model.source,
+        models=(),
+        dtype=model.dtype or config.dtype,
+        quantization=model.quantization or config.quantization,
         compute=model.compute or config.compute,
     )

@@ -274,9 +274,9 @@ def load_models(config: ServerConfig) -> list[LoadedModel]:
     loaded = []
     for model in model_configs(config):
         backend, source = load_backend(config_for(config, model))
-        loaded.append(LoadedModel(
-            model.name, backend, source.model_id, source.revision, source.demo, served_pad_table(backend)
-        ))
+        loaded.append(
+            LoadedModel(model.name, backend, source.model_id, source.revision, source.demo, served_pad_table(backend))
+        )
     return loaded
 
 
@@ -303,17 +303,28 @@ async def start_server(
     cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
     shared_cache = SharedCache(listeners.link) if listeners.link is not None else None
     memory_cache, disk_cache = EncodeEngine.caches_from_config(config)  # one bound for every model
-    registry = ModelRegistry([
-        ServedModel(
-            m.name, m.backend,
-            EncodeEngine(
-                m.backend, batching=config.batching, memory_cache=memory_cache, disk_cache=disk_cache,
-                metrics=metrics, cache_scope=cache_scope, shared_cache=shared_cache,
-            ),
-            m.model_id, m.revision, m.demo, m.pad_table,
-        )
-        for m in models
-    ])
+    registry = ModelRegistry(
+        [
+            ServedModel(
+                m.name,
+                m.backend,
+                EncodeEngine(
+                    m.backend,
+                    batching=config.batching,
+                    memory_cache=memory_cache,
+                    disk_cache=disk_cache,
+                    metrics=metrics,
+                    cache_scope=cache_scope,
+                    shared_cache=shared_cache,
+                ),
+                m.model_id,
+                m.revision,
+                m.demo,
+                m.pad_table,
+            )
+            for m in models
+        ]
+    )
     info = build_info(config, registry, admission, cache_scope=cache_scope)
     pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(registry, info, config.limits, metrics), server)
 
@@ -346,8 +357,9 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
     if config.auth.quota_prompts_per_day and config.auth.usage_file is None:
         log.warning("daily quota counts are kept in memory only: a restart resets them (see --usage-file)")
     if config.http.port is not None and config.http.host not in _LOOPBACK and not security.authenticator.required:
-        log.warning("HTTP /predict on %s without --api-key-file: anyone who can reach the port may use it",
-                    config.http.host)
+        log.warning(
+            "HTTP /predict on %s without --api-key-file: anyone who can reach the port may use it", config.http.host
+        )
     listeners = await bind_listeners(config, security)  # a port clash fails now, not after loading the weights
     try:
         models = load_models(config)
@@ -358,7 +370,13 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
     for m in running.models:
         log.info(
             "serving %s as %r (%s, fingerprint %s) on %s:%d, %s %s%s",
-            m.model_id, m.name, m.family, m.backend.fingerprint, config.host, running.port, m.backend.device,
+            m.model_id,
+            m.name,
+            m.family,
+            m.backend.fingerprint,
+            config.host,
+            running.port,
+            m.backend.device,
             next(k for k, v in DTYPES.items() if v == m.backend.dtype),
             " [DEMO MODEL: random weights]" if m.demo else "",
         )
@@ -373,12 +391,17 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
         log.warning(
             "cache scope 'shared': the %d users share cached embeddings and running computations, so any of "
             "them can learn whether a prompt was sent by another (a cache hit, or a faster answer); "
-            "--cache-scope user keeps each user's apart (docs/security.md)", security.authenticator.users,
+            "--cache-scope user keeps each user's apart (docs/security.md)",
+            security.authenticator.users,
         )
     else:
-        log.info("cache scope '%s'; up to %d calls at once, %d per user; answers not read within %.0f s are cancelled",
-                 running.engine.cache_scope, admission.max_calls, admission.max_calls_per_user,
-                 config.limits.write_timeout_s)
+        log.info(
+            "cache scope '%s'; up to %d calls at once, %d per user; answers not read within %.0f s are cancelled",
+            running.engine.cache_scope,
+            admission.max_calls,
+            admission.max_calls_per_user,
+            config.limits.write_timeout_s,
+        )
     if on_ready is not None:
         on_ready(running)
 
@@ -390,8 +413,11 @@ async def serve(config: ServerConfig, *, on_ready=None) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("%s: draining in-flight work (up to %.0fs); send again to exit now",
-                     signal.Signals(signum).name, config.grace_period_s)
+            log.info(
+                "%s: draining in-flight work (up to %.0fs); send again to exit now",
+                signal.Signals(signum).name,
+                config.grace_period_s,
+            )
             stop_requested.set()
         else:
             log.warning("second signal: exiting without waiting")

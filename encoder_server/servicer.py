@@ -42,9 +42,22 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         reply = pb2.GetInfoResponse()
         reply.CopyFrom(self._info)
         # The top-level fields describe one model, as they did before servers had several.
-        for field in ("model_id", "revision", "fingerprint", "num_hidden_layers", "computed_layers", "hidden_size",
-                      "embedding_dim", "max_sequence_length", "dtype", "quantization", "device", "demo",
-                      "padding_side", "family"):
+        for field in (
+            "model_id",
+            "revision",
+            "fingerprint",
+            "num_hidden_layers",
+            "computed_layers",
+            "hidden_size",
+            "embedding_dim",
+            "max_sequence_length",
+            "dtype",
+            "quantization",
+            "device",
+            "demo",
+            "padding_side",
+            "family",
+        ):
             setattr(reply, field, getattr(described, field))
         reply.hidden_states_layers[:] = described.hidden_states_layers
         reply.model_name = described.name
@@ -62,7 +75,10 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
             await context.abort(*status_of(exc))
         metadata = pb2.PromptMetadata(model_fingerprint=model.backend.fingerprint)
         for msg in WireTensor.from_tensor(model.pad_table).frames(
-            request_id="", prompt_index=0, metadata=metadata, chunk_bytes=self._limits.max_chunk_bytes,
+            request_id="",
+            prompt_index=0,
+            metadata=metadata,
+            chunk_bytes=self._limits.max_chunk_bytes,
             request_done=True,
         ):
             yield msg
@@ -93,15 +109,17 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 msgs = await self._encode(item, deadline=_deadline_of(context), wait_for_capacity=True)
             except Flux2RemoteError as exc:
                 code, message = status_of(exc)
-                msgs = iter([
-                    pb2.EncodeResponse(
-                        request_id=item.request_id,
-                        error=pb2.EncodeError(
-                            code=code.value[0], message=message, retry_after_ms=retry_after_ms(exc) or 0
-                        ),
-                        request_done=True,
-                    ).SerializeToString()
-                ])
+                msgs = iter(
+                    [
+                        pb2.EncodeResponse(
+                            request_id=item.request_id,
+                            error=pb2.EncodeError(
+                                code=code.value[0], message=message, retry_after_ms=retry_after_ms(exc) or 0
+                            ),
+                            request_done=True,
+                        ).SerializeToString()
+                    ]
+                )
             except Exception as exc:  # a bug: end the call with it rather than hold a slot forever
                 msgs = exc
             finally:
@@ -162,7 +180,12 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         return self._messages(ticket.request_id, results, dtype, total_ns, model, request.pad_table)
 
     def _messages(
-        self, request_id: str, results: list[EncodedPrompt], dtype, total_ns: int, model: ServedModel,
+        self,
+        request_id: str,
+        results: list[EncodedPrompt],
+        dtype,
+        total_ns: int,
+        model: ServedModel,
         client_table: str,
     ) -> Iterator[bytes]:
         """Serialized EncodeResponse messages, framed straight from the embeddings' memory
@@ -194,5 +217,3 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
 def _deadline_of(context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-

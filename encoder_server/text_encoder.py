@@ -129,7 +129,7 @@ class TextEncoderRecipe:
         prefix = re.match("|".join(self.backbone_prefixes), name)
         if prefix is None:
             return False
-        rest = name[prefix.end():]
+        rest = name[prefix.end() :]
         layer = _LAYER.match(rest)
         return int(layer.group(1)) < self.spec.computed_layers if layer else rest not in _UNUSED_BACKBONE_WEIGHTS
 
@@ -462,7 +462,9 @@ def load_tokenizer(folder):
                 tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
                 break
         else:
-            raise ConfigError(f"{folder} has no chat template; FLUX.2 embeddings are made from the chat-templated prompt")
+            raise ConfigError(
+                f"{folder} has no chat template; FLUX.2 embeddings are made from the chat-templated prompt"
+            )
     return tok
 
 
@@ -564,8 +566,12 @@ class TruncatedTextEncoder:
         lm.norm = torch.nn.Identity()
         self._lm = lm.eval().requires_grad_(False)
         log.info(
-            "loaded %s (%s): %d of %d layers in %.1fs", te_dir, spec.family, spec.computed_layers,
-            self.num_hidden_layers, time.perf_counter() - t0,
+            "loaded %s (%s): %d of %d layers in %.1fs",
+            te_dir,
+            spec.family,
+            spec.computed_layers,
+            self.num_hidden_layers,
+            time.perf_counter() - t0,
         )
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
         self.fingerprint = fingerprint(
@@ -632,8 +638,12 @@ class TruncatedTextEncoder:
         """The empty prompt's pad rows (batch 1), checked against the empty prompt and
         :attr:`_PAD_PROBE` together (batch 2): three exact forward passes' worth of rows."""
         if self.padding_side != "left":
-            return PadTable(None, False, f"the tokenizer pads on the {self.padding_side}, so pad tokens attend to the "
-                                         "prompt and their rows differ per prompt")
+            return PadTable(
+                None,
+                False,
+                f"the tokenizer pads on the {self.padding_side}, so pad tokens attend to the "
+                "prompt and their rows differ per prompt",
+            )
         length = self.spec.max_sequence_length
         alone = self._encode_exact([""])
         pads = length - alone.token_counts[0]
@@ -801,8 +811,14 @@ class TruncatedMistral3Encoder(TruncatedTextEncoder):
         spec: EncoderSpec = FLUX2_DEV,
         compute: str = "exact",
     ):
-        super().__init__(source, device=device, dtype=dtype, quantization=quantization,
-                         recipe=replace(MISTRAL3, spec=spec), compute=compute)
+        super().__init__(
+            source,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            recipe=replace(MISTRAL3, spec=spec),
+            compute=compute,
+        )
 
 
 def keep_weight_for(folder: Path):
@@ -829,10 +845,16 @@ def load_backend(config) -> tuple[TruncatedTextEncoder, ModelSource]:
     device = resolve_device(config.device)
     # A hub download skips the shards that hold only weights the server never reads.
     source = resolve_model(
-        config.model, components=("text_encoder", "tokenizer"), revision=config.revision, keep_weight_for=keep_weight_for
+        config.model,
+        components=("text_encoder", "tokenizer"),
+        revision=config.revision,
+        keep_weight_for=keep_weight_for,
     )
     backend = TruncatedTextEncoder(
-        source, device=device, dtype=DTYPES[config.dtype], quantization=config.quantization,
+        source,
+        device=device,
+        dtype=DTYPES[config.dtype],
+        quantization=config.quantization,
         compute=getattr(config, "compute", "exact"),
     )
     # Before health says SERVING: a model that cannot run a forward pass fails here, at start.

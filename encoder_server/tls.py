@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -119,7 +119,7 @@ def load_server_tls(config: ServerTLSConfig, *, now: datetime | None = None) -> 
     if _public_der(key.public_key()) != _public_der(certs[0].public_key()):
         raise TLSConfigError(f"--tls-key {config.key} does not belong to the certificate in --tls-cert {config.cert}")
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     expires = certs[0].not_valid_after_utc
     if expires <= now:
         raise TLSConfigError(f"--tls-cert {config.cert} expired on {expires:%Y-%m-%d %H:%M} UTC")

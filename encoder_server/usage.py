@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common.atomic import atomic_write
@@ -88,11 +88,11 @@ class UsageLimiter:
             self._load()
 
     @classmethod
-    def from_config(cls, config: AuthConfig) -> "UsageLimiter":
+    def from_config(cls, config: AuthConfig) -> UsageLimiter:
         return cls(config.rate_limit_rpm, config.quota_prompts_per_day, state_file=config.usage_file)
 
     def _utc_now(self) -> datetime:
-        return datetime.fromtimestamp(self._wall_clock(), timezone.utc)
+        return datetime.fromtimestamp(self._wall_clock(), UTC)
 
     def _load(self) -> None:
         try:
@@ -164,7 +164,7 @@ class UsageLimiter:
                 raise self.rate_limited(user, (1.0 - usage.tokens) * 60.0 / self.rpm)
             usage.tokens -= 1.0
 
-    def rate_limited(self, user: str, wait_s: float) -> "RateLimited":
+    def rate_limited(self, user: str, wait_s: float) -> RateLimited:
         """The refusal for ``user`` over the rate, ``wait_s`` seconds before a request is free."""
         return RateLimited(
             f"user {user!r} is over the limit of {self.rpm} requests per minute; retry in {wait_s:.1f} s", wait_s
@@ -174,10 +174,10 @@ class UsageLimiter:
         """Today's UTC date, ``YYYY-MM-DD``: the day quotas count for."""
         return self._utc_now().date().isoformat()
 
-    def quota_exhausted(self, user: str, used: int, asked: int) -> "QuotaExhausted":
+    def quota_exhausted(self, user: str, used: int, asked: int) -> QuotaExhausted:
         """The refusal for ``user``, who has used ``used`` prompts today, asking for ``asked`` more."""
         wall = self._utc_now()
-        midnight = datetime.combine(wall.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
+        midnight = datetime.combine(wall.date() + timedelta(days=1), datetime.min.time(), UTC)
         wait = (midnight - wall).total_seconds()
         if asked > self.prompts_per_day:
             hint = f"one request may hold at most {self.prompts_per_day} prompts"
@@ -189,7 +189,7 @@ class UsageLimiter:
             wait,
         )
 
-    def reserve(self, user: str, prompts: int) -> "Reservation":
+    def reserve(self, user: str, prompts: int) -> Reservation:
         """Count ``prompts`` against ``user``'s quota for today; raise :class:`QuotaExhausted` without counting.
 
         The returned reservation stays counted unless :meth:`Reservation.refund` gives it back.
@@ -207,7 +207,7 @@ class UsageLimiter:
             self._unsaved = True
             return Reservation(self, user, today, prompts)
 
-    def _refund(self, reservation: "Reservation") -> None:
+    def _refund(self, reservation: Reservation) -> None:
         with self._lock:
             usage = self._usage.get(reservation.user)
             # Yesterday's reservation: today's count never held it.

@@ -26,7 +26,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         self.running = self.call(start_server(self.config, self.backend, **self.start_kwargs))
         return self

@@ -62,8 +62,9 @@ class RedisServer:
     the process; ``restart()`` starts a new, empty one on the same port.
     """
 
-    def __init__(self, workdir: Path, *, executable: str | None = None, port: int | None = None,
-                 start_timeout_s: float = 10.0):
+    def __init__(
+        self, workdir: Path, *, executable: str | None = None, port: int | None = None, start_timeout_s: float = 10.0
+    ):
         executable = executable or redis_executable()
         if executable is None:
             raise FileNotFoundError(MISSING)
@@ -90,10 +91,25 @@ class RedisServer:
         return self.workdir / f"redis-{self.port}.log"
 
     def command(self) -> list[str]:
-        return [self.executable, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir), "--daemonize", "no", "--logfile", ""]
+        return [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start it on ``self.port`` and wait until it answers PING (a port taken by now is retried briefly)."""
         if self.running:
             return self
@@ -116,8 +132,9 @@ class RedisServer:
         if self._log is not None:
             self._log.close()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def _wait_for_ping(self, deadline: float) -> str | None:
         """None once the server answers PING; else why it did not (its exit and log, or a timeout)."""
@@ -157,7 +174,7 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(10)
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         """Kill it (SIGKILL) if it runs and start a new one on the same port: same URL, no data."""
         self.kill()
         return self.start()
@@ -195,7 +212,7 @@ class RedisServer:
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         return redis.Redis(host=self.host, port=self.port, db=0, **kwargs)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

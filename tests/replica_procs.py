@@ -47,24 +47,40 @@ class ReplicaProcess:
     def log_path(self) -> Path:
         return self.workdir / f"replica-{self.port}.log"
 
-    def spawn(self) -> "ReplicaProcess":
+    def spawn(self) -> ReplicaProcess:
         """Start the process; :meth:`wait` for it to serve (several replicas load their models in parallel)."""
-        cmd = [sys.executable, "-m", "encoder_server.cli", "serve", "--model", "demo", "--device", "cpu",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace-period", "1",
-               *(("--shared-cache", self.shared_cache) if self.shared_cache else ()), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "encoder_server.cli",
+            "serve",
+            "--model",
+            "demo",
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--grace-period",
+            "1",
+            *(("--shared-cache", self.shared_cache) if self.shared_cache else ()),
+            *self.extra_args,
+        ]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         return self
 
-    def wait(self, timeout_s: float = 300.0) -> "ReplicaProcess":
+    def wait(self, timeout_s: float = 300.0) -> ReplicaProcess:
         try:
             wait_until_serving(self.target, self.proc, timeout_s)
         except BaseException as exc:
             raise RuntimeError(f"replica {self.target} did not start ({exc}); log:\n{self.log()}") from None
         return self
 
-    def start(self) -> "ReplicaProcess":
+    def start(self) -> ReplicaProcess:
         return self.spawn().wait()
 
     def kill(self) -> None:
@@ -79,7 +95,7 @@ class ReplicaProcess:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "ReplicaProcess":
+    def __enter__(self) -> ReplicaProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

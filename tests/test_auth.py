@@ -20,10 +20,10 @@ from dit_client.remote import RemoteTextEncoder
 from encoder_server import auth
 from encoder_server.admission import ENCODE_STREAM, Admission, Ticket
 from encoder_server.auth import Authenticator, KeyFileError, KeyStore, load_api_keys, parse_bearer
+from encoder_server.identity import ANONYMOUS, current_user
 from encoder_server.interceptor import PolicyInterceptor
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.usage import QuotaExhausted, RateLimited, UsageLimiter
-from encoder_server.identity import ANONYMOUS, current_user
 from tests.helpers import ServerThread
 
 ALICE_KEY = "alice-key-0123456789abcdef"
@@ -115,8 +115,14 @@ def test_parse_bearer_accepts_the_scheme_in_any_case(header):
 
 @pytest.mark.parametrize(
     "header, message",
-    [(None, "needs an API key"), ("", "needs an API key"), ("k1", "malformed"), ("Basic k1", "malformed"),
-     ("Bearer", "malformed"), ("Bearer a b", "malformed")],
+    [
+        (None, "needs an API key"),
+        ("", "needs an API key"),
+        ("k1", "malformed"),
+        ("Basic k1", "malformed"),
+        ("Bearer", "malformed"),
+        ("Bearer a b", "malformed"),
+    ],
 )
 def test_parse_bearer_refuses_missing_or_malformed(header, message):
     with pytest.raises(Unauthenticated, match=message):
@@ -204,9 +210,9 @@ def test_a_usage_file_the_server_did_not_write_is_refused_with_a_clear_error(tmp
 
 
 def test_server_keeps_the_quota_across_a_restart(tiny_backend, keys_file, tmp_path):
-    config = ServerConfig(auth=AuthConfig(
-        api_key_file=str(keys_file), quota_prompts_per_day=3, usage_file=str(tmp_path / "usage.json")
-    ))
+    config = ServerConfig(
+        auth=AuthConfig(api_key_file=str(keys_file), quota_prompts_per_day=3, usage_file=str(tmp_path / "usage.json"))
+    )
     with ServerThread(tiny_backend, config) as s, RemoteTextEncoder(s.target, api_key=ALICE_KEY) as enc:
         enc.encode(["a", "b"])
     # stop() wrote the counts; a new server reads them back.
@@ -359,8 +365,11 @@ def test_user_name_reaches_the_engine_on_streams(keyed_server):
     requests = [pb2.EncodeRequest(request_id=str(i), prompts=[f"p{i}"]) for i in range(3)]
     with grpc.insecure_channel(keyed_server.target) as channel:
         stub = pb2_grpc.TextEncoderStub(channel)
-        done = [m.request_id for m in stub.EncodeStream(
-            iter(requests), metadata=(("authorization", f"Bearer {BOB_KEY}"),), timeout=30) if m.request_done]
+        done = [
+            m.request_id
+            for m in stub.EncodeStream(iter(requests), metadata=(("authorization", f"Bearer {BOB_KEY}"),), timeout=30)
+            if m.request_done
+        ]
     assert sorted(done) == ["0", "1", "2"]
     assert seen == [("bob", "bob")] * 3
 
@@ -373,8 +382,9 @@ def test_health_and_reflection_stay_open_without_a_key(keyed_server):
         reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                 timeout=10))
+        replies = list(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        )
         names = {s.name for s in replies[0].list_services_response.service}
         assert SERVICE_NAME in names
 
@@ -387,8 +397,10 @@ def test_rate_limit_over_grpc_is_resource_exhausted_with_retry_hint(tiny_backend
             enc.info(refresh=True)  # GetInfo is not metered
             enc.encode("one")
             enc.encode("two")
-            with caplog.at_level(logging.INFO, logger="encoder_server.admission"), \
-                    pytest.raises(EncoderOverloaded, match="2 requests per minute") as refused:
+            with (
+                caplog.at_level(logging.INFO, logger="encoder_server.admission"),
+                pytest.raises(EncoderOverloaded, match="2 requests per minute") as refused,
+            ):
                 enc.encode("three")
             assert 0 < refused.value.retry_after_s <= 30  # the client read the server's hint
         assert "Encode refused for user alice" in caplog.text
@@ -463,12 +475,23 @@ def test_user_log_filter_names_the_caller():
     assert record.user == "-"  # outside a request nobody is the caller
 
 
-
 def test_cli_flags_fill_the_auth_config():
     from encoder_server.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args(["serve", "--api-key-file", "k.txt", "--rate-limit-rpm", "60",
-                                      "--quota-prompts-per-day", "10000", "--usage-file", "/var/lib/u.json"])
-    assert config_from_args(args).auth == AuthConfig(api_key_file="k.txt", rate_limit_rpm=60,
-                                                     quota_prompts_per_day=10000, usage_file="/var/lib/u.json")
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--api-key-file",
+            "k.txt",
+            "--rate-limit-rpm",
+            "60",
+            "--quota-prompts-per-day",
+            "10000",
+            "--usage-file",
+            "/var/lib/u.json",
+        ]
+    )
+    assert config_from_args(args).auth == AuthConfig(
+        api_key_file="k.txt", rate_limit_rpm=60, quota_prompts_per_day=10000, usage_file="/var/lib/u.json"
+    )
     assert config_from_args(build_parser().parse_args(["serve"])).auth == AuthConfig()

@@ -75,18 +75,42 @@ def _raw_prompt(data: bytes) -> bytes:
 
 
 GRPC_CASES = [
-    GrpcCase("no key", metadata=(), request=_req(), code=grpc.StatusCode.UNAUTHENTICATED,
-             message="needs an API key"),
-    GrpcCase("unknown key", metadata=bearer("x" * 30), request=_req(), code=grpc.StatusCode.UNAUTHENTICATED,
-             message="not recognised"),
-    GrpcCase("no scheme", metadata=(("authorization", ALICE),), request=_req(),
-             code=grpc.StatusCode.UNAUTHENTICATED, message="malformed"),
-    GrpcCase("basic scheme", metadata=(("authorization", f"Basic {ALICE}"),), request=_req(),
-             code=grpc.StatusCode.UNAUTHENTICATED, message="malformed"),
-    GrpcCase("two keys, good then bad", metadata=bearer(ALICE) + bearer("y" * 30), request=_req(),
-             code=grpc.StatusCode.UNAUTHENTICATED, message="exactly one"),
-    GrpcCase("key with a space", metadata=(("authorization", "Bearer a b"),), request=_req(),
-             code=grpc.StatusCode.UNAUTHENTICATED, message="malformed"),
+    GrpcCase("no key", metadata=(), request=_req(), code=grpc.StatusCode.UNAUTHENTICATED, message="needs an API key"),
+    GrpcCase(
+        "unknown key",
+        metadata=bearer("x" * 30),
+        request=_req(),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="not recognised",
+    ),
+    GrpcCase(
+        "no scheme",
+        metadata=(("authorization", ALICE),),
+        request=_req(),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="malformed",
+    ),
+    GrpcCase(
+        "basic scheme",
+        metadata=(("authorization", f"Basic {ALICE}"),),
+        request=_req(),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="malformed",
+    ),
+    GrpcCase(
+        "two keys, good then bad",
+        metadata=bearer(ALICE) + bearer("y" * 30),
+        request=_req(),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="exactly one",
+    ),
+    GrpcCase(
+        "key with a space",
+        metadata=(("authorization", "Bearer a b"),),
+        request=_req(),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="malformed",
+    ),
     GrpcCase("no prompts", request=pb2.EncodeRequest(), message="no prompts"),
     GrpcCase("too many prompts", request=_req(prompts=["p"] * 5), message="5 prompts in one request; the limit is 4"),
     GrpcCase("prompt too long", request=_req(prompts=["x" * 65]), message="65 characters; the limit is 64"),
@@ -96,10 +120,17 @@ GRPC_CASES = [
     GrpcCase("3 MiB request_id", request=_req(request_id="r" * (3 << 20)), message="the limit is 16"),
     GrpcCase("unknown dtype", request=_req(dtype=42), message="unknown dtype enum value 42"),
     GrpcCase("deadline too short", request=_req(), timeout=0.002, code=grpc.StatusCode.DEADLINE_EXCEEDED),
-    GrpcCase("cache_only miss", request=_req(prompts=["never sent before"], cache_only=True),
-             code=grpc.StatusCode.NOT_FOUND, message="not cached"),
-    GrpcCase("message over the receive limit", request=_raw_prompt(b"") + b"\x22\x80\x80\x80\x03" + b"r" * (6 << 20),
-             code=grpc.StatusCode.RESOURCE_EXHAUSTED),
+    GrpcCase(
+        "cache_only miss",
+        request=_req(prompts=["never sent before"], cache_only=True),
+        code=grpc.StatusCode.NOT_FOUND,
+        message="not cached",
+    ),
+    GrpcCase(
+        "message over the receive limit",
+        request=_raw_prompt(b"") + b"\x22\x80\x80\x80\x03" + b"r" * (6 << 20),
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
     GrpcCase("garbage bytes", request=b"\xff\xff\xff\xff", message="not a valid protobuf"),
 ]
 
@@ -180,9 +211,12 @@ HTTP_CASES = [
     HttpCase("no key", headers=(), status=401, message="needs an API key"),
     HttpCase("unknown key", headers=(("Authorization", "Bearer " + "z" * 30),), status=401, message="not recognised"),
     HttpCase("no scheme", headers=(("Authorization", ALICE),), status=401, message="malformed"),
-    HttpCase("two keys, good then bad",
-             headers=(("Authorization", f"Bearer {ALICE}"), ("Authorization", "Bearer " + "z" * 30)),
-             status=401, message="exactly one"),
+    HttpCase(
+        "two keys, good then bad",
+        headers=(("Authorization", f"Bearer {ALICE}"), ("Authorization", "Bearer " + "z" * 30)),
+        status=401,
+        message="exactly one",
+    ),
     HttpCase("key in the query string", headers=(), query=f"api_key={ALICE}", status=400, message="never in the URL"),
     HttpCase("any query string", query="x=1", status=400, message="no query parameters"),
     HttpCase("not JSON", body=b"prompt=a fox", message="not valid JSON"),
@@ -197,15 +231,19 @@ HTTP_CASES = [
     HttpCase("prompt is null", body=b'{"prompt": null}', message="string or a list of strings"),
     HttpCase("empty list", body=b'{"prompt": []}', message="no prompts"),
     HttpCase("too many prompts", body=json.dumps({"prompt": ["p"] * 5}).encode(), status=413, message="limit is 4"),
-    HttpCase("prompt too long", body=json.dumps({"prompt": "x" * 65}).encode(), status=413,
-             message="65 characters; the limit is 64"),
+    HttpCase(
+        "prompt too long",
+        body=json.dumps({"prompt": "x" * 65}).encode(),
+        status=413,
+        message="65 characters; the limit is 64",
+    ),
     HttpCase("NUL", body=b'{"prompt": "a\\u0000b"}', message="NUL"),
     HttpCase("lone surrogate", body=b'{"prompt": "a\\ud800b"}', message="lone surrogate"),
     HttpCase("deeply nested", body=b"[" * 100_000 + b"]" * 100_000, status=413, message="limit"),
-    HttpCase("nested within the size limit", body=b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-             message="not valid JSON"),
-    HttpCase("body over the size limit", body=b'{"prompt": "' + b"x" * (2 << 20) + b'"}', status=413,
-             message="limit"),
+    HttpCase(
+        "nested within the size limit", body=b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", message="not valid JSON"
+    ),
+    HttpCase("body over the size limit", body=b'{"prompt": "' + b"x" * (2 << 20) + b'"}', status=413, message="limit"),
     HttpCase("GET /predict", method="GET", body=None, status=405, message="send POST /predict"),
     HttpCase("PUT /predict", method="PUT", status=405, message="send POST /predict"),
 ]
@@ -229,8 +267,13 @@ class _RawResponse:
 
 
 def _send_raw(port: int, case: HttpCase) -> _RawResponse:
-    head = [f"{case.method} /predict HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close",
-            "Content-Type: application/json", f"Content-Length: {len(case.body)}"]
+    head = [
+        f"{case.method} /predict HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Connection: close",
+        "Content-Type: application/json",
+        f"Content-Length: {len(case.body)}",
+    ]
     head += [f"{k}: {v}" for k, v in case.headers]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + case.body)
@@ -244,8 +287,9 @@ def _send_raw(port: int, case: HttpCase) -> _RawResponse:
 
 def http_still_serves(server: ServerThread) -> None:
     url = f"http://127.0.0.1:{server.running.http.port}/predict"
-    reply = requests.post(url, json={"prompt": "a normal prompt"}, headers={"Authorization": f"Bearer {BOB}"},
-                          timeout=30)
+    reply = requests.post(
+        url, json={"prompt": "a normal prompt"}, headers={"Authorization": f"Bearer {BOB}"}, timeout=30
+    )
     assert reply.status_code == 200, reply.text
 
 

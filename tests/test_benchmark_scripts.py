@@ -32,8 +32,9 @@ def test_gpu_encoder_dry_run_is_bit_exact_in_bf16_and_nf4():
 
 def test_gpu_encoder_dry_run_klein_is_bit_exact_in_bf16_and_nf4():
     # FLUX.2 [klein]'s Qwen3 encoder, against Flux2KleinPipeline._get_qwen3_prompt_embeds, the same way.
-    out = run_script("benchmarks/gpu_encoder.py", "--dry-run", "--batches", "1", "--repeats", "1",
-                     "--models", "klein-4b")
+    out = run_script(
+        "benchmarks/gpu_encoder.py", "--dry-run", "--batches", "1", "--repeats", "1", "--models", "klein-4b"
+    )
     klein = [line for line in out.splitlines() if line.startswith("| ") and "klein-4b truncated (27 layers)" in line]
     assert [row.split("|")[1].strip() for row in klein] == ["bf16", "nf4"]
     assert all(row.rstrip(" |").endswith("yes") for row in klein), klein

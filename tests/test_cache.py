@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def entry(seed: int, shape=(512, 48)) -> CachedEmbedding:
     g = torch.Generator().manual_seed(seed)
-    return CachedEmbedding(torch.randn(shape, generator=g).to(torch.bfloat16), token_count=seed + 3, truncated=seed % 2 == 1)
+    return CachedEmbedding(
+        torch.randn(shape, generator=g).to(torch.bfloat16), token_count=seed + 3, truncated=seed % 2 == 1
+    )
 
 
 def same(a: CachedEmbedding, b: CachedEmbedding) -> bool:
@@ -156,7 +158,9 @@ def test_damaged_disk_entries_are_dropped_not_served(tmp_path, damage):
     elif damage == "flip_header":
         data[8 + header_len // 2] ^= 0x20
     elif damage in ("token_count", "shape"):  # still valid safetensors, but not what was written
-        old, new = (b'"token_count":"5"', b'"token_count":"4"') if damage == "token_count" else (b"[512,48]", b"[48,512]")
+        old, new = (
+            (b'"token_count":"5"', b'"token_count":"4"') if damage == "token_count" else (b"[512,48]", b"[48,512]")
+        )
         assert data.count(old) == 1
         data = data.replace(old, new)
     elif damage == "truncate":

@@ -63,7 +63,18 @@ def test_serve_bad_flag_value_is_a_usage_error(tmp_path):
 def test_encode_writes_safetensors_equal_to_the_service(server, tiny_backend, tmp_path):
     out = tmp_path / "embeds.safetensors"
     proc = run(
-        ["dit_client.cli", "encode", "--encoder", server.target, "--prompt", "a cat", "--prompt", "", "--out", str(out)],
+        [
+            "dit_client.cli",
+            "encode",
+            "--encoder",
+            server.target,
+            "--prompt",
+            "a cat",
+            "--prompt",
+            "",
+            "--out",
+            str(out),
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -76,8 +87,18 @@ def test_encode_writes_safetensors_equal_to_the_service(server, tiny_backend, tm
 
 def test_encode_against_a_dead_server_exits_1_with_a_message(tmp_path):
     proc = run(
-        ["dit_client.cli", "encode", "--encoder", "127.0.0.1:1", "--prompt", "a", "--out", str(tmp_path / "x.st"),
-         "--timeout", "5"],
+        [
+            "dit_client.cli",
+            "encode",
+            "--encoder",
+            "127.0.0.1:1",
+            "--prompt",
+            "a",
+            "--out",
+            str(tmp_path / "x.st"),
+            "--timeout",
+            "5",
+        ],
         tmp_path,
     )
     assert proc.returncode == 1
@@ -112,8 +133,10 @@ def test_encode_says_token_counts_include_the_template(server, tmp_path, capsys)
     from dit_client import cli
     from dit_client.remote import RemoteTextEncoder
 
-    assert cli.main(["encode", "--encoder", server.target, "--prompt", "a cat", "--out",
-                     str(tmp_path / "e.safetensors")]) == 0
+    assert (
+        cli.main(["encode", "--encoder", server.target, "--prompt", "a cat", "--out", str(tmp_path / "e.safetensors")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "token counts include the chat template and system message the encoder adds" in out
     with RemoteTextEncoder(server.target) as enc:

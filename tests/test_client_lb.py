@@ -48,34 +48,47 @@ def three(tiny_backend):
 # -- targets ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given,dialled", [
-    ("10.0.0.1:50051,10.0.0.2:50052", "ipv4:10.0.0.1:50051,10.0.0.2:50052"),
-    ("10.0.0.1, 10.0.0.2", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),  # default port each, spaces allowed
-    ("[::1]:7000,[::2]", "ipv6:[::1]:7000,[::2]:50051"),
-    ("localhost:7000,localhost:7001", "ipv4:127.0.0.1:7000,127.0.0.1:7001"),  # names looked up once
-    ("127.0.0.1:7000,", "ipv4:127.0.0.1:7000"),
-])
+@pytest.mark.parametrize(
+    "given,dialled",
+    [
+        ("10.0.0.1:50051,10.0.0.2:50052", "ipv4:10.0.0.1:50051,10.0.0.2:50052"),
+        ("10.0.0.1, 10.0.0.2", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),  # default port each, spaces allowed
+        ("[::1]:7000,[::2]", "ipv6:[::1]:7000,[::2]:50051"),
+        ("localhost:7000,localhost:7001", "ipv4:127.0.0.1:7000,127.0.0.1:7001"),  # names looked up once
+        ("127.0.0.1:7000,", "ipv4:127.0.0.1:7000"),
+    ],
+)
 def test_comma_lists_become_one_grpc_target(given, dialled):
     assert parse_target(given) == dialled
 
 
-@pytest.mark.parametrize("given,says", [
-    ("10.0.0.1:50051,[::1]:50051", "mixes IPv4 and IPv6"),
-    ("10.0.0.1:50051,http://b:1", "is a URL"),
-    ("10.0.0.1:50051,b:99999", "outside 1-65535"),
-    ("10.0.0.1:1,dns:///b:1", "cannot be part of a comma list"),
-    ("a.invalid:1,b.invalid:2", "cannot look up"),
-    (",", "names no address"),
-])
+@pytest.mark.parametrize(
+    "given,says",
+    [
+        ("10.0.0.1:50051,[::1]:50051", "mixes IPv4 and IPv6"),
+        ("10.0.0.1:50051,http://b:1", "is a URL"),
+        ("10.0.0.1:50051,b:99999", "outside 1-65535"),
+        ("10.0.0.1:1,dns:///b:1", "cannot be part of a comma list"),
+        ("a.invalid:1,b.invalid:2", "cannot look up"),
+        (",", "names no address"),
+    ],
+)
 def test_bad_comma_lists_are_refused_with_the_fix(given, says):
     with pytest.raises(TargetError, match=says):
         parse_target(given)
 
 
-@pytest.mark.parametrize("target,several", [
-    ("gpu:50051", False), ("unix:/run/x.sock", False), ("ipv4:1.2.3.4:5", False),
-    ("ipv4:1.2.3.4:5,1.2.3.4:6", True), ("dns:///gpu:50051", True), ("ipv6:[::1]:1,[::1]:2", True),
-])
+@pytest.mark.parametrize(
+    "target,several",
+    [
+        ("gpu:50051", False),
+        ("unix:/run/x.sock", False),
+        ("ipv4:1.2.3.4:5", False),
+        ("ipv4:1.2.3.4:5,1.2.3.4:6", True),
+        ("dns:///gpu:50051", True),
+        ("ipv6:[::1]:1,[::1]:2", True),
+    ],
+)
 def test_round_robin_is_the_default_where_a_target_can_name_several(target, several):
     assert can_name_several(target) is several
     conn = Connection(target)  # no call is made: the channel connects lazily
@@ -88,7 +101,9 @@ def test_round_robin_is_the_default_where_a_target_can_name_several(target, seve
 def test_lb_policy_is_checked_and_channel_options_reach_the_channel():
     with pytest.raises(TargetError, match="lb_policy"):
         Connection("127.0.0.1:1", lb_policy="random")
-    conn = Connection("127.0.0.1:1,127.0.0.1:2", lb_policy="pick_first", channel_options=[("grpc.primary_user_agent", "x")])
+    conn = Connection(
+        "127.0.0.1:1,127.0.0.1:2", lb_policy="pick_first", channel_options=[("grpc.primary_user_agent", "x")]
+    )
     assert conn.lb_policy == "pick_first"
     conn.close()
 
@@ -268,10 +283,10 @@ def test_an_answer_broken_off_part_way_is_sent_again(server):
 def test_a_broken_answer_is_raised_once_the_policy_gives_up(server):
     front = BreaksOff(server.target, breaks=10**6)
     try:
-        with RemoteTextEncoder(f"127.0.0.1:{front.port}",
-                               retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)) as enc:
-            with pytest.raises(EncoderUnavailable, match="broke off 3 times"):
-                enc.encode(["a red fox", "a blue owl"])
+        with RemoteTextEncoder(
+            f"127.0.0.1:{front.port}", retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+        ) as enc, pytest.raises(EncoderUnavailable, match="broke off 3 times"):
+            enc.encode(["a red fox", "a blue owl"])
         assert front.calls == 3
     finally:
         front.close()

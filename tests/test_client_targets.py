@@ -30,38 +30,44 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- parse_target: the one place an --encoder value is read ---------------------
 
 
-@pytest.mark.parametrize("given,dialled", [
-    ("gpu-box:50051", "gpu-box:50051"),
-    ("gpu-box", f"gpu-box:{DEFAULT_PORT}"),  # gRPC alone would dial 443
-    ("10.0.0.7", f"10.0.0.7:{DEFAULT_PORT}"),
-    ("  gpu-box:7000 ", "gpu-box:7000"),
-    ("[::1]:7000", "[::1]:7000"),
-    ("[::1]", f"[::1]:{DEFAULT_PORT}"),
-    ("::1", f"[::1]:{DEFAULT_PORT}"),
-    # gRPC URI schemes pass through untouched (load balancing and unix sockets use them).
-    ("dns:///gpu-box:50051", "dns:///gpu-box:50051"),
-    ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
-    ("unix:/run/flux2.sock", "unix:/run/flux2.sock"),
-])
+@pytest.mark.parametrize(
+    "given,dialled",
+    [
+        ("gpu-box:50051", "gpu-box:50051"),
+        ("gpu-box", f"gpu-box:{DEFAULT_PORT}"),  # gRPC alone would dial 443
+        ("10.0.0.7", f"10.0.0.7:{DEFAULT_PORT}"),
+        ("  gpu-box:7000 ", "gpu-box:7000"),
+        ("[::1]:7000", "[::1]:7000"),
+        ("[::1]", f"[::1]:{DEFAULT_PORT}"),
+        ("::1", f"[::1]:{DEFAULT_PORT}"),
+        # gRPC URI schemes pass through untouched (load balancing and unix sockets use them).
+        ("dns:///gpu-box:50051", "dns:///gpu-box:50051"),
+        ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+        ("unix:/run/flux2.sock", "unix:/run/flux2.sock"),
+    ],
+)
 def test_targets_that_are_dialled(given, dialled):
     assert parse_target(given) == dialled
 
 
-@pytest.mark.parametrize("given,says", [
-    ("", "empty"),
-    ("   ", "empty"),
-    ("gpu-box:99999", "outside 1-65535"),
-    ("gpu-box:0", "outside 1-65535"),
-    ("gpu-box:http", "not a number"),
-    ("gpu-box:", "not a number"),
-    (":50051", "no host"),
-    ("http://gpu-box:8080", "use gpu-box:8080"),
-    ("https://gpu-box:8080/predict", "use gpu-box:8080"),
-    ("grpc://gpu-box:50051", "use gpu-box:50051"),
-    ("gpu-box:50051/predict", "not HOST:PORT"),
-    ("[::1:50051", "closing ']'"),
-    ("1:2:3:zz", "[ADDR]:PORT"),
-])
+@pytest.mark.parametrize(
+    "given,says",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("gpu-box:99999", "outside 1-65535"),
+        ("gpu-box:0", "outside 1-65535"),
+        ("gpu-box:http", "not a number"),
+        ("gpu-box:", "not a number"),
+        (":50051", "no host"),
+        ("http://gpu-box:8080", "use gpu-box:8080"),
+        ("https://gpu-box:8080/predict", "use gpu-box:8080"),
+        ("grpc://gpu-box:50051", "use gpu-box:50051"),
+        ("gpu-box:50051/predict", "not HOST:PORT"),
+        ("[::1:50051", "closing ']'"),
+        ("1:2:3:zz", "[ADDR]:PORT"),
+    ],
+)
 def test_targets_that_are_refused(given, says):
     with pytest.raises(TargetError, match=says.replace("[", r"\[").replace("]", r"\]")):
         parse_target(given)
@@ -128,8 +134,9 @@ def closed_port():
 def _run_cli(argv: list[str]) -> subprocess.CompletedProcess:
     """``flux2-dit`` in a fresh process, so what gRPC's C core writes to stderr is seen too."""
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
-    return subprocess.run([sys.executable, "-m", "dit_client.cli", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dit_client.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _one_line(stderr: str) -> str:
@@ -142,13 +149,16 @@ def _one_line(stderr: str) -> str:
 # -- the table of mistakes, through the command line ------------------------------
 
 
-@pytest.mark.parametrize("args,rc,says", [
-    (["--encoder", ""], 2, "empty; give HOST:PORT of the gRPC port (default 50051)"),
-    (["--encoder", "gpu-box:99999"], 2, "port 99999 is outside 1-65535"),
-    (["--encoder", "http://gpu-box:50051"], 2, "use gpu-box:50051"),
-    (["--encoder", "127.0.0.1:1", "--tls-cert", "c.pem"], 2, "--tls-cert was given without --tls-key"),
-    (["--encoder", "127.0.0.1:1", "--tls-key", "k.pem"], 2, "--tls-key was given without --tls-cert"),
-])
+@pytest.mark.parametrize(
+    "args,rc,says",
+    [
+        (["--encoder", ""], 2, "empty; give HOST:PORT of the gRPC port (default 50051)"),
+        (["--encoder", "gpu-box:99999"], 2, "port 99999 is outside 1-65535"),
+        (["--encoder", "http://gpu-box:50051"], 2, "use gpu-box:50051"),
+        (["--encoder", "127.0.0.1:1", "--tls-cert", "c.pem"], 2, "--tls-cert was given without --tls-key"),
+        (["--encoder", "127.0.0.1:1", "--tls-key", "k.pem"], 2, "--tls-key was given without --tls-cert"),
+    ],
+)
 def test_usage_mistakes_exit_2_before_dialling(args, rc, says, capfd):
     assert cli.main(["info", "--timeout", "5", *args]) == rc
     err = capfd.readouterr().err  # file-descriptor level: gRPC core log lines would show here
@@ -187,8 +197,9 @@ def test_tls_client_that_does_not_trust_the_certificate(tls_grpc_port):
 def test_tls_cert_without_key_is_a_usage_error_not_an_abort(cert_pair, tls_grpc_port):
     # Before the pair check, gRPC aborted the process (SIGABRT, rc 134) on a chain without a key.
     cert_path, _ = cert_pair
-    proc = _run_cli(["info", "--encoder", f"127.0.0.1:{tls_grpc_port}", "--tls-ca", str(cert_path),
-                     "--tls-cert", str(cert_path)])
+    proc = _run_cli(
+        ["info", "--encoder", f"127.0.0.1:{tls_grpc_port}", "--tls-ca", str(cert_path), "--tls-cert", str(cert_path)]
+    )
     assert proc.returncode == 2
     assert "--tls-cert was given without --tls-key" in _one_line(proc.stderr)
 
@@ -198,16 +209,24 @@ def test_tls_cert_without_key_is_a_usage_error_not_an_abort(cert_pair, tls_grpc_
 
 def test_encode_out_naming_a_folder_is_refused_before_the_encoder_is_called(tmp_path, closed_port, capfd):
     # The encoder address is dead: an error about it would mean the call came first.
-    rc = cli.main(["encode", "--encoder", f"127.0.0.1:{closed_port}", "--prompt", "a red fox",
-                   "--out", str(tmp_path)])
+    rc = cli.main(["encode", "--encoder", f"127.0.0.1:{closed_port}", "--prompt", "a red fox", "--out", str(tmp_path)])
     assert rc == 2
     assert "is a folder; name a file inside it" in _one_line(capfd.readouterr().err)
 
 
 def test_encode_out_under_a_file_is_refused(tmp_path, closed_port, capfd):
     (tmp_path / "plain.txt").write_text("x")
-    rc = cli.main(["encode", "--encoder", f"127.0.0.1:{closed_port}", "--prompt", "a red fox",
-                   "--out", str(tmp_path / "plain.txt" / "e.safetensors")])
+    rc = cli.main(
+        [
+            "encode",
+            "--encoder",
+            f"127.0.0.1:{closed_port}",
+            "--prompt",
+            "a red fox",
+            "--out",
+            str(tmp_path / "plain.txt" / "e.safetensors"),
+        ]
+    )
     assert rc == 2
     assert "is a file, not a folder" in _one_line(capfd.readouterr().err)
 
@@ -216,15 +235,35 @@ def test_encode_out_in_an_unwritable_folder_is_refused(tmp_path, closed_port, ca
     # Tests may run as root, who can write anywhere: the permission answer is what is faked here.
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
-    rc = cli.main(["encode", "--encoder", f"127.0.0.1:{closed_port}", "--prompt", "a red fox",
-                   "--out", str(tmp_path / "e.safetensors")])
+    rc = cli.main(
+        [
+            "encode",
+            "--encoder",
+            f"127.0.0.1:{closed_port}",
+            "--prompt",
+            "a red fox",
+            "--out",
+            str(tmp_path / "e.safetensors"),
+        ]
+    )
     assert rc == 2
     assert "cannot write to the folder" in _one_line(capfd.readouterr().err)
 
 
 def test_generate_out_naming_a_folder_is_refused(tmp_path, closed_port, capfd):
-    rc = cli.main(["generate", "--encoder", f"127.0.0.1:{closed_port}", "--prompt", "a red fox",
-                   "--model", "demo", "--out", str(tmp_path)])
+    rc = cli.main(
+        [
+            "generate",
+            "--encoder",
+            f"127.0.0.1:{closed_port}",
+            "--prompt",
+            "a red fox",
+            "--model",
+            "demo",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2
     assert "is a folder" in _one_line(capfd.readouterr().err)
 
@@ -238,8 +277,18 @@ def test_precompute_on_a_full_disk_is_one_line(server, tmp_path, capfd, monkeypa
     monkeypatch.setattr(store, "save_file", disk_full)
     captions = tmp_path / "captions.txt"
     captions.write_text("a red fox\na blue bird\n")
-    rc = cli.main(["precompute", "--encoder", server.target, "--captions", str(captions),
-                   "--out", str(tmp_path / "store"), "--no-progress"])
+    rc = cli.main(
+        [
+            "precompute",
+            "--encoder",
+            server.target,
+            "--captions",
+            str(captions),
+            "--out",
+            str(tmp_path / "store"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("flux2-dit")]
     assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0]

@@ -68,8 +68,11 @@ REPLICAS = ("encoder-1", "encoder-2")
 
 
 def test_compose_has_the_three_services(compose):
-    plain = {name for name, service in compose["services"].items()
-             if not set(service.get("profiles", ())) & {"replicas", "replicas-client"}}
+    plain = {
+        name
+        for name, service in compose["services"].items()
+        if not set(service.get("profiles", ())) & {"replicas", "replicas-client"}
+    }
     assert plain == {"encoder", "client", "prometheus"}
     assert {"valkey", *REPLICAS, "client-replicas"} <= set(compose["services"])
 
@@ -138,7 +141,9 @@ def test_the_replicas_client_names_both_replicas_in_one_target(compose):
     addresses = [a.rsplit(":", 1) for a in args.encoder.split(",")]
     assert [host for host, _ in addresses] == list(REPLICAS)
     assert all(int(port) == encoder_config(compose, host).port for host, port in addresses)
-    assert {name for name, dep in service["depends_on"].items() if dep["condition"] == "service_healthy"} == set(REPLICAS)
+    assert {name for name, dep in service["depends_on"].items() if dep["condition"] == "service_healthy"} == set(
+        REPLICAS
+    )
     # Run explicitly, never by `up`: its own profile.
     assert service["profiles"] == ["replicas-client"]
 
@@ -186,8 +191,15 @@ def test_each_gpu_service_reserves_its_own_gpu_chosen_by_env(compose):
 
 def test_the_header_says_every_step_a_fresh_host_needs():
     header = "\n".join(line for line in COMPOSE.read_text().splitlines() if line.startswith("#"))
-    for step in ("chmod 600 deploy/api-keys.txt", "chown 1000 deploy/api-keys.txt", "mkdir -p out",
-                 "FLUX2_UID=$(id -u)", "FLUX2_HEALTHCHECK_TLS_CA", "ENCODER_GPU", "CLIENT_GPU"):
+    for step in (
+        "chmod 600 deploy/api-keys.txt",
+        "chown 1000 deploy/api-keys.txt",
+        "mkdir -p out",
+        "FLUX2_UID=$(id -u)",
+        "FLUX2_HEALTHCHECK_TLS_CA",
+        "ENCODER_GPU",
+        "CLIENT_GPU",
+    ):
         assert step in header, step
 
 
@@ -214,8 +226,13 @@ def test_huggingface_hub_reads_the_token_from_the_secret_file(tmp_path):
     token_file.write_text("hf_test_token_0123456789\n")
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env["HF_TOKEN_PATH"] = str(token_file)
-    out = subprocess.run([sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.get_token())"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.get_token())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == "hf_test_token_0123456789", out.stderr
 
 
@@ -297,8 +314,12 @@ def test_health_check_script_reports_serving_and_unreachable(compose, server):
     assert "SERVING" in ok.stdout
     from dit_client.demo import free_port
 
-    down = subprocess.run([sys.executable, str(script), "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"],
-                          capture_output=True, text=True, timeout=60)
+    down = subprocess.run(
+        [sys.executable, str(script), "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout
 
 
@@ -332,14 +353,21 @@ def test_health_check_follows_the_tls_setting_from_the_environment(compose, tls_
     args = test[3:]
     args[args.index("--target") + 1] = target
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_HEALTHCHECK_")}
-    plain = subprocess.run([sys.executable, str(script), *args, "--timeout", "3"], env=env,
-                           capture_output=True, text=True, timeout=60)
+    plain = subprocess.run(
+        [sys.executable, str(script), *args, "--timeout", "3"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert plain.returncode == 1 and "set FLUX2_HEALTHCHECK_TLS_CA" in plain.stdout
     # The compose file passes these through to the container; the same command then speaks TLS.
     assert {"FLUX2_HEALTHCHECK_TLS_CA", "FLUX2_HEALTHCHECK_TLS_CERT", "FLUX2_HEALTHCHECK_TLS_KEY"} <= set(
-        compose["services"]["encoder"]["environment"])
-    tls = subprocess.run([sys.executable, str(script), *args], env={**env, "FLUX2_HEALTHCHECK_TLS_CA": str(ca)},
-                         capture_output=True, text=True, timeout=60)
+        compose["services"]["encoder"]["environment"]
+    )
+    tls = subprocess.run(
+        [sys.executable, str(script), *args],
+        env={**env, "FLUX2_HEALTHCHECK_TLS_CA": str(ca)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert tls.returncode == 0 and "SERVING" in tls.stdout, tls.stdout + tls.stderr
 
 

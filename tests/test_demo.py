@@ -20,8 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_make_demo_writes_a_picture_and_stops_the_encoder(tmp_path):
     out = tmp_path / "demo.png"
     env = {**os.environ, "FLUX2_REMOTE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dit_client.demo", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dit_client.demo", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     stdout = proc.stdout
     assert "Traceback" not in proc.stderr
@@ -45,8 +51,14 @@ def test_make_demo_writes_a_picture_and_stops_the_encoder(tmp_path):
 def test_make_demo_klein_serves_two_models_from_one_server(tmp_path):
     out = tmp_path / "demo-klein.png"
     env = {**os.environ, "FLUX2_REMOTE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dit_client.demo", "--klein", "--out", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dit_client.demo", "--klein", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     stdout = proc.stdout
     assert "Traceback" not in proc.stderr and "RANDOM" in stdout

@@ -15,12 +15,15 @@ def test_auto_follows_what_torch_sees(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda")
 
 
-@pytest.mark.parametrize("name,says", [
-    ("warp", "unknown device 'warp'"),
-    ("meta", "not supported"),
-    ("cuda", "torch sees no CUDA device"),
-    ("cuda:1", "torch sees no CUDA device"),
-])
+@pytest.mark.parametrize(
+    "name,says",
+    [
+        ("warp", "unknown device 'warp'"),
+        ("meta", "not supported"),
+        ("cuda", "torch sees no CUDA device"),
+        ("cuda:1", "torch sees no CUDA device"),
+    ],
+)
 def test_refusals_without_cuda(name, says, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceUnavailable, match=says):

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save
 
 from common.dtypes import DTYPES, UnknownDtype, dtype_name, row_of, torch_dtype, wire_row
+from common.errors import InvalidRequest
 from common.protocol import pb2
 from common.wire import dtype_from_wire, dtype_to_wire
-from common.errors import InvalidRequest
 
 
 @pytest.mark.parametrize("row", DTYPES, ids=lambda r: r.name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -23,7 +22,9 @@ from encoder_server.text_encoder import EncodedBatch
 from tests.helpers import ServerThread
 
 # Named as a [dev] recipe so /predict (FLUX.2-dev's endpoint) serves it.
-FAKE_SPEC = EncoderSpec(name="flux2-dev/fake-recipe", hidden_states_layers=(1,), max_sequence_length=8, system_message="")
+FAKE_SPEC = EncoderSpec(
+    name="flux2-dev/fake-recipe", hidden_states_layers=(1,), max_sequence_length=8, system_message=""
+)
 
 
 class FakeBackend:
@@ -147,7 +148,9 @@ def test_prompts_from_different_requests_share_a_forward_pass():
             backend.hold()
             first = asyncio.create_task(engine.encode(["first"]))
             await wait_started(backend)
-            rest = [asyncio.create_task(engine.encode([p], user=u)) for p, u in (("a", "ann"), ("b", "bob"), ("c", "ann"))]
+            rest = [
+                asyncio.create_task(engine.encode([p], user=u)) for p, u in (("a", "ann"), ("b", "bob"), ("c", "ann"))
+            ]
             await settle()
             backend.release()
             await first
@@ -225,8 +228,13 @@ def test_identical_concurrent_prompts_are_computed_once():
     results, metrics = run(main())
     assert sorted(backend.computed) == ["other", "same prompt"]
     assert metrics.sample("flux2_encoder_prompts_computed_total") == 2
-    assert sum(metrics.sample("flux2_encoder_prompts_served_total", {"user": f"u{i}", "source": "shared"})
-               for i in range(3)) == 9
+    assert (
+        sum(
+            metrics.sample("flux2_encoder_prompts_served_total", {"user": f"u{i}", "source": "shared"})
+            for i in range(3)
+        )
+        == 9
+    )
     for res in results:
         assert all(torch.equal(r.embedding, embedding_of("same prompt")) for r in res if r.token_count == 11)
     assert torch.equal(results[-1][1].embedding, embedding_of("other"))
@@ -513,8 +521,10 @@ class WideFakeBackend(FakeBackend):
         self.batches.append(list(prompts))
         return EncodedBatch(
             embeddings=torch.zeros(len(prompts), 512, 4096, dtype=torch.bfloat16),
-            token_counts=[1] * len(prompts), truncated=[False] * len(prompts),
-            tokenization_ns=1, inference_ns=1,
+            token_counts=[1] * len(prompts),
+            truncated=[False] * len(prompts),
+            tokenization_ns=1,
+            inference_ns=1,
         )
 
 
@@ -594,7 +604,11 @@ def test_cli_flags_reach_the_config():
     ])  # fmt: skip
     config = config_from_args(args)
     assert config.batching == replace(
-        BatchingConfig(), max_batch_tokens=4096, max_batch_prompts=6, max_queue_delay_ms=2.5, max_queue_prompts=99,
+        BatchingConfig(),
+        max_batch_tokens=4096,
+        max_batch_prompts=6,
+        max_queue_delay_ms=2.5,
+        max_queue_prompts=99,
         fair=False,
     )
     assert config.cache == CacheConfig(memory_mb=0, dir="/tmp/x", max_gb=1.5)

@@ -131,8 +131,12 @@ def test_slow_http_bodies_hold_no_slot_and_time_out(tiny_backend, keys_file, cap
             wait_until(lambda: len(opened) == 12, what="the slow connections")
             # Three times as many slow senders as slots, and bob is served at once.
             for i in range(5):
-                reply = requests.post(f"http://127.0.0.1:{port}/predict", json={"prompt": f"bob {i}"},
-                                      headers={"Authorization": f"Bearer {BOB}"}, timeout=10)
+                reply = requests.post(
+                    f"http://127.0.0.1:{port}/predict",
+                    json={"prompt": f"bob {i}"},
+                    headers={"Authorization": f"Bearer {BOB}"},
+                    timeout=10,
+                )
                 assert reply.status_code == 200, reply.text
             # The slow senders never held a slot (bob's answers release theirs just after the reply).
             assert not s.running.admission._slots_by_user.get("alice")
@@ -171,8 +175,12 @@ def test_cache_scope_user_hides_other_users_prompts(tiny_backend, keys_file, sco
                     bob.encode([secret], cache_only=True)
             # Alice's own repeat is still a hit.
             assert alice.encode([secret], cache_only=True).shape[0] == 1
-        reply = requests.post(f"http://127.0.0.1:{s.running.http.port}/predict", json={"prompt": secret},
-                              headers={"Authorization": f"Bearer {CAROL}"}, timeout=30)
+        reply = requests.post(
+            f"http://127.0.0.1:{s.running.http.port}/predict",
+            json={"prompt": secret},
+            headers={"Authorization": f"Bearer {CAROL}"},
+            timeout=30,
+        )
         assert reply.headers["X-Flux2-Cache-Hits"] == ("1" if leaks else "0")
 
 

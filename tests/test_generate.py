@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from common.encoder_spec import FLUX2_DEV
-from common.errors import EncoderOverloaded, EncoderUnavailable, IntegrityError, Unauthenticated
+from common.errors import EncoderOverloaded, EncoderUnavailable, Unauthenticated
 from common.model_source import resolve_model
 from dit_client import cli
 from dit_client.generate import (
@@ -91,8 +91,14 @@ class SpyEncoder(RemoteTextEncoder):
 
 def reference_images(pipe, prompt, *, seed, num_images=1, image=None):
     return pipe(
-        prompt=prompt, image=image, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=4.0,
-        num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed),
+        prompt=prompt,
+        image=image,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(seed),
     ).images
 
 
@@ -109,10 +115,33 @@ def run_cli(*args: str) -> int:
 
 def test_cli_png_equals_local_pipeline_pixel_for_pixel(f32_server, tiny_model_dir, reference_pipe, tmp_path):
     out = tmp_path / "fox.png"
-    rc = run_cli("--encoder", f32_server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(out), "--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS),
-                 "--guidance", "4", "--seed", "7", "--quantization", "none", "--dtype", "float32",
-                 "--device", "cpu", "--quiet")
+    rc = run_cli(
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(out),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--steps",
+        str(STEPS),
+        "--guidance",
+        "4",
+        "--seed",
+        "7",
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert rc == 0
     expected = reference_images(reference_pipe, PROMPT, seed=7)[0]
     got = pixels(out)
@@ -125,10 +154,31 @@ def test_cli_png_equals_local_pipeline_pixel_for_pixel(f32_server, tiny_model_di
 
 
 def test_num_images_match_num_images_per_prompt(f32_server, tiny_model_dir, reference_pipe, tmp_path):
-    rc = run_cli("--encoder", f32_server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "many.png"), "--height", str(SIZE), "--width", str(SIZE),
-                 "--steps", str(STEPS), "--seed", "3", "--num-images", "2",  # default --quantization auto
-                 "--dtype", "float32", "--device", "cpu", "--quiet")
+    rc = run_cli(
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "many.png"),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "3",
+        "--num-images",
+        "2",  # default --quantization auto
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert rc == 0
     expected = reference_images(reference_pipe, PROMPT, seed=3, num_images=2)
     for i in range(2):
@@ -140,8 +190,10 @@ def test_reference_image_is_encoded_locally_and_matches(f32_server, tiny_model_d
     ref_path = tmp_path / "ref.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 72, 3), dtype=np.uint8)).save(ref_path)
-    with SpyEncoder(f32_server.target) as enc, DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32),
-                                                          progress=False) as client:
+    with (
+        SpyEncoder(f32_server.target) as enc,
+        DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client,
+    ):
         result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=5, images=[ref_path])
         assert enc.sent == [[PROMPT]]  # only the text went to the service
     expected = reference_images(reference_pipe, PROMPT, seed=5, image=[Image.open(ref_path).convert("RGB")])[0]
@@ -198,8 +250,10 @@ def test_hub_download_asks_for_dit_components_only(f32_server, dit_only_dir, mon
 
 
 def test_same_prompt_other_seeds_fetches_embedding_once(f32_server, tiny_model_dir):
-    with SpyEncoder(f32_server.target) as enc, DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32),
-                                                          progress=False) as client:
+    with (
+        SpyEncoder(f32_server.target) as enc,
+        DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client,
+    ):
         a = client.generate(PROMPT, height=SIZE, width=SIZE, steps=1, seed=1)
         b = client.generate(PROMPT, height=SIZE, width=SIZE, steps=1, seed=2, num_images=2)
         assert enc.sent == [[PROMPT]]
@@ -224,24 +278,46 @@ def test_embedding_cache_is_lru_and_keyed_by_fingerprint():
 
 
 def test_structured_prompt_sends_one_canonical_text(f32_server, tiny_model_dir, tmp_path):
-    doc = {"scene": "a snowy forest at dawn",
-           "subjects": [{"description": "a red fox", "position": "center", "color_palette": ["#C1440E"]}],
-           "camera": {"angle": "low", "lens-mm": 85, "f-number": 2.8, "ISO": 200}}
+    doc = {
+        "scene": "a snowy forest at dawn",
+        "subjects": [{"description": "a red fox", "position": "center", "color_palette": ["#C1440E"]}],
+        "camera": {"angle": "low", "lens-mm": 85, "f-number": 2.8, "ISO": 200},
+    }
     pretty, compact = tmp_path / "pretty.json", tmp_path / "compact.json"
     pretty.write_text(json.dumps(doc, indent=4))
     compact.write_text(json.dumps(doc, separators=(",", ":")))
     canonical = render_structured_prompt(doc)
-    common = ["--encoder", f32_server.target, "--model", str(tiny_model_dir), "--height", str(SIZE),
-              "--width", str(SIZE), "--steps", "1", "--seed", "1", "--quantization", "none", "--dtype", "float32",
-              "--device", "cpu", "--quiet"]
+    common = [
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert run_cli(*common, "--prompt-file", str(pretty), "--out", str(tmp_path / "a.png")) == 0
     assert run_cli(*common, "--prompt", compact.read_text(), "--out", str(tmp_path / "b.png")) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     meta = json.loads(Image.open(tmp_path / "a.png").info["flux2-remote"])
     assert meta["prompt"] == canonical and meta["seed"] == 1
     # The library sends exactly that text, and hits its cache for the second spelling.
-    with SpyEncoder(f32_server.target) as enc, DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32),
-                                                          progress=False) as client:
+    with (
+        SpyEncoder(f32_server.target) as enc,
+        DiTClient(enc, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client,
+    ):
         client.generate(json.loads(pretty.read_text()), height=SIZE, width=SIZE, steps=1, seed=1)
         client.generate(json.loads(compact.read_text()), height=SIZE, width=SIZE, steps=1, seed=2)
         assert enc.sent == [[canonical]]
@@ -281,8 +357,9 @@ def test_lora_scale_zero_is_base_model_and_one_changes_it(f32_server, tiny_model
     Flux2Pipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(transformer))
 
     def image(**lora):
-        with DiTClient(f32_server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32, **lora),
-                       progress=False) as client:
+        with DiTClient(
+            f32_server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32, **lora), progress=False
+        ) as client:
             return pixels(client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=4).images[0])
 
     base = image()
@@ -291,8 +368,9 @@ def test_lora_scale_zero_is_base_model_and_one_changes_it(f32_server, tiny_model
 
 
 def test_missing_lora_is_a_clear_error(f32_server, tiny_model_dir, tmp_path):
-    client = DiTClient(f32_server.target, DiTConfig(model=str(tiny_model_dir), lora=str(tmp_path / "nope"),
-                                                    **CPU_F32), progress=False)
+    client = DiTClient(
+        f32_server.target, DiTConfig(model=str(tiny_model_dir), lora=str(tmp_path / "nope"), **CPU_F32), progress=False
+    )
     with client, pytest.raises(ClientConfigError, match="cannot load LoRA"):
         client.load()
 
@@ -302,8 +380,20 @@ def test_missing_lora_is_a_clear_error(f32_server, tiny_model_dir, tmp_path):
 
 def test_nf4_on_cpu_is_refused_before_anything_loads(tiny_model_dir, tmp_path, capsys):
     # Port 1 is closed: a refusal that came from the encoder would say so instead.
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--quantization", "nf4", "--device", "cpu")
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quantization",
+        "nf4",
+        "--device",
+        "cpu",
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "needs a CUDA GPU" in err and "Traceback" not in err
@@ -326,28 +416,67 @@ def test_prequantized_bnb_model_on_cpu_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_int8_on_cpu_is_refused_before_anything_loads(tiny_model_dir, tmp_path, capsys):
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--quantization", "int8", "--device", "cpu")
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quantization",
+        "int8",
+        "--device",
+        "cpu",
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "--quantization int8 uses bitsandbytes, which needs a CUDA GPU" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("quantization,offload", [("nf4", "sequential"), ("int8", "model"), ("int8", "group"),
-                                                  ("int8", "sequential")])
+@pytest.mark.parametrize(
+    "quantization,offload", [("nf4", "sequential"), ("int8", "model"), ("int8", "group"), ("int8", "sequential")]
+)
 def test_an_offload_the_weights_do_not_support_is_refused_at_once(quantization, offload, tmp_path, capsys):
     # The same table `flux2-dit plan` reads: no row of it recommends these pairs.
     with pytest.raises(ClientConfigError, match=f"--offload {offload} is not supported with"):
         DiTConfig(quantization=quantization, offload=offload).check()
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", "demo", "--prompt", PROMPT, "--out", str(tmp_path / "x.png"),
-                 "--quantization", quantization, "--offload", offload)
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        "demo",
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quantization",
+        quantization,
+        "--offload",
+        offload,
+    )
     assert rc == 2 and "is not supported with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["model", "group", "sequential"])
 def test_offload_on_cpu_is_refused(mode, tiny_model_dir, tmp_path, capsys):
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--offload", mode, "--device", "cpu", "--quantization", "none")
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--offload",
+        mode,
+        "--device",
+        "cpu",
+        "--quantization",
+        "none",
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert f"--offload {mode}" in err and "CUDA GPU" in err and "Traceback" not in err
@@ -371,8 +500,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandby
 @needs_cuda
 @pytest.mark.parametrize("offload", ["none", "model", "group"])
 def test_nf4_on_cuda_generates(offload, server, tiny_model_dir):
-    with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="nf4",
-                                            offload=offload), progress=False) as client:
+    with DiTClient(
+        server.target,
+        DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="nf4", offload=offload),
+        progress=False,
+    ) as client:
         result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
         assert client.quantization == "nf4"
         assert type(client.pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "Linear4bit"
@@ -381,8 +513,9 @@ def test_nf4_on_cuda_generates(offload, server, tiny_model_dir):
 
 @needs_cuda
 def test_int8_on_cuda_generates(server, tiny_model_dir):
-    with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="int8"),
-                   progress=False) as client:
+    with DiTClient(
+        server.target, DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="int8"), progress=False
+    ) as client:
         result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
         assert client.quantization == "int8"
         assert type(client.pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "Linear8bitLt"
@@ -393,8 +526,11 @@ def test_int8_on_cuda_generates(server, tiny_model_dir):
 @pytest.mark.parametrize("offload", ["model", "group", "sequential"])
 def test_bf16_offload_on_cuda_matches_resident(offload, server, tiny_model_dir):
     def image(mode):
-        with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="none",
-                                                offload=mode), progress=False) as client:
+        with DiTClient(
+            server.target,
+            DiTConfig(model=str(tiny_model_dir), device="cuda", quantization="none", offload=mode),
+            progress=False,
+        ) as client:
             return pixels(client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1).images[0])
 
     assert np.abs(image(offload).astype(int) - image("none").astype(int)).max() <= 1
@@ -404,8 +540,22 @@ def test_bf16_offload_on_cuda_matches_resident(offload, server, tiny_model_dir):
 
 
 def test_encoder_down_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--quantization", "none", "--device", "cpu", "--timeout", "5")
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quantization",
+        "none",
+        "--device",
+        "cpu",
+        "--timeout",
+        "5",
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "cannot reach the encoder at 127.0.0.1:1" in err and "Traceback" not in err
@@ -416,8 +566,10 @@ def test_encoder_down_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
 
 def test_a_busy_encoder_is_retried_then_generation_goes_on(f32_server, tiny_model_dir, caplog):
     backend = OverloadedFirst(f32_server.backend, failures=2, retry_after_s=0.2)
-    with ServerThread(backend, model_id="tiny-f32") as s, \
-            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
+    with (
+        ServerThread(backend, model_id="tiny-f32") as s,
+        DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client,
+    ):
         with caplog.at_level("WARNING", logger="dit_client.retry"):
             result = client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
     assert len(result.images) == 1 and backend.calls == 3
@@ -430,26 +582,36 @@ def test_a_refused_prompt_fails_before_any_weight_is_loaded(f32_server, tiny_mod
     loaded = []
     monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
     backend = OverloadedFirst(f32_server.backend, failures=100)
-    with ServerThread(backend, model_id="tiny-f32") as s, \
-            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False,
-                      retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01)) as client:
-        with pytest.raises(EncoderOverloaded, match="busy"):
-            client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
+    with (
+        ServerThread(backend, model_id="tiny-f32") as s,
+        DiTClient(
+            s.target,
+            DiTConfig(model=str(tiny_model_dir), **CPU_F32),
+            progress=False,
+            retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01),
+        ) as client,pytest.raises(EncoderOverloaded, match="busy")
+    ):
+        client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
     assert loaded == []
 
 
-@pytest.mark.parametrize("size,says", [
-    (dict(height=SIZE + 1), "height 33 must be a multiple of"),
-    (dict(width=100_000), "width 100000 must be an integer in"),
-])
+@pytest.mark.parametrize(
+    "size,says",
+    [
+        (dict(height=SIZE + 1), "height 33 must be a multiple of"),
+        (dict(width=100_000), "width 100000 must be an integer in"),
+    ],
+)
 def test_a_bad_size_fails_before_the_encode_and_the_load(f32_server, tiny_model_dir, monkeypatch, size, says):
     from diffusers import Flux2Transformer2DModel
 
     loaded = []
     monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
     backend = OverloadedFirst(f32_server.backend, failures=0)
-    with ServerThread(backend, model_id="tiny-f32") as s, \
-            DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client:
+    with (
+        ServerThread(backend, model_id="tiny-f32") as s,
+        DiTClient(s.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32), progress=False) as client,
+    ):
         with pytest.raises(ClientConfigError, match=says):
             client.generate(PROMPT, **{"height": SIZE, "width": SIZE, **size}, steps=STEPS, seed=1)
     assert backend.calls == 0 and loaded == []
@@ -468,9 +630,22 @@ def test_refused_key_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        rc = run_cli("--encoder", f"127.0.0.1:{port}", "--api-key", "wrong", "--model", str(tiny_model_dir),
-                     "--prompt", PROMPT, "--out", str(tmp_path / "x.png"), "--quantization", "none",
-                     "--device", "cpu")
+        rc = run_cli(
+            "--encoder",
+            f"127.0.0.1:{port}",
+            "--api-key",
+            "wrong",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(tmp_path / "x.png"),
+            "--quantization",
+            "none",
+            "--device",
+            "cpu",
+        )
         err = capsys.readouterr().err
         with DiTClient(f"127.0.0.1:{port}", DiTConfig(model=str(tiny_model_dir), **CPU_F32)) as client:
             with pytest.raises(Unauthenticated):
@@ -507,8 +682,20 @@ def test_embedding_width_mismatch_is_refused_before_loading(tiny_model_dir, tmp_
 
     monkeypatch.setattr(Flux2Transformer2DModel, "from_pretrained", refuse)
     with ServerThread(_NarrowBackend(), model_id="narrow") as server:
-        rc = run_cli("--encoder", server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                     "--out", str(tmp_path / "x.png"), "--quantization", "none", "--device", "cpu")
+        rc = run_cli(
+            "--encoder",
+            server.target,
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(tmp_path / "x.png"),
+            "--quantization",
+            "none",
+            "--device",
+            "cpu",
+        )
         err = capsys.readouterr().err
         with DiTClient(server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32)) as client:
             with pytest.raises(EncoderMismatch, match="joint_attention_dim 48"):
@@ -518,28 +705,58 @@ def test_embedding_width_mismatch_is_refused_before_loading(tiny_model_dir, tmp_
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--height", "30", "multiple of 4"),
-    ("--width", "0", "must be an integer in"),
-    ("--steps", "0", "steps 0"),
-    ("--num-images", "99", "num_images 99"),
-    ("--guidance", "-1", "guidance"),
-    ("--seed", "-5", "seed -5"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--height", "30", "multiple of 4"),
+        ("--width", "0", "must be an integer in"),
+        ("--steps", "0", "steps 0"),
+        ("--num-images", "99", "num_images 99"),
+        ("--guidance", "-1", "guidance"),
+        ("--seed", "-5", "seed -5"),
+    ],
+)
 def test_bad_generation_arguments_exit_2(flag, value, message, f32_server, tiny_model_dir, tmp_path, capsys):
     args = {"--height": str(SIZE), "--width": str(SIZE), "--steps": "1", flag: value}
     flat = [x for kv in args.items() for x in kv]
-    rc = run_cli("--encoder", f32_server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--quantization", "none", "--dtype", "float32",
-                 "--device", "cpu", "--quiet", *flat)
+    rc = run_cli(
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+        *flat,
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and "Traceback" not in err
 
 
 def test_unknown_model_folder_exits_2(tmp_path, capsys):
-    rc = run_cli("--encoder", "127.0.0.1:1", "--model", str(tmp_path / "missing"), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--device", "cpu", "--quantization", "none")
+    rc = run_cli(
+        "--encoder",
+        "127.0.0.1:1",
+        "--model",
+        str(tmp_path / "missing"),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--device",
+        "cpu",
+        "--quantization",
+        "none",
+    )
     assert rc == 2
     assert "no such folder" in capsys.readouterr().err
 
@@ -575,24 +792,47 @@ def test_eleven_reference_images_exit_2(f32_server, tiny_model_dir, tmp_path, ca
     ref = tmp_path / "r.png"
     Image.new("RGB", (64, 64)).save(ref)
     refs = [x for _ in range(MAX_REFERENCE_IMAGES + 1) for x in ("--image", str(ref))]
-    rc = run_cli("--encoder", f32_server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.png"), "--height", str(SIZE), "--width", str(SIZE),
-                 "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--quiet", *refs)
+    rc = run_cli(
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.png"),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+        *refs,
+    )
     assert rc == 2
     assert "at most 10" in capsys.readouterr().err
 
 
 def test_unknown_attention_backend_is_a_clear_error(f32_server, tiny_model_dir):
-    client = DiTClient(f32_server.target, DiTConfig(model=str(tiny_model_dir), attention_backend="warp-drive",
-                                                    **CPU_F32), progress=False)
+    client = DiTClient(
+        f32_server.target,
+        DiTConfig(model=str(tiny_model_dir), attention_backend="warp-drive", **CPU_F32),
+        progress=False,
+    )
     with client, pytest.raises(ClientConfigError, match="unknown attention backend 'warp-drive'"):
         client.load()
 
 
 def test_attention_backend_native_keeps_pixels(f32_server, tiny_model_dir):
     def image(**extra):
-        with DiTClient(f32_server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32, **extra),
-                       progress=False) as client:
+        with DiTClient(
+            f32_server.target, DiTConfig(model=str(tiny_model_dir), **CPU_F32, **extra), progress=False
+        ) as client:
             return pixels(client.generate(PROMPT, height=SIZE, width=SIZE, steps=1, seed=2).images[0])
 
     # "native" is PyTorch SDPA through diffusers' dispatcher: the same numbers as the default path.
@@ -600,9 +840,29 @@ def test_attention_backend_native_keeps_pixels(f32_server, tiny_model_dir):
 
 
 def test_output_must_be_png(f32_server, tiny_model_dir, tmp_path, capsys):
-    rc = run_cli("--encoder", f32_server.target, "--model", str(tiny_model_dir), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "x.jpg"), "--height", str(SIZE), "--width", str(SIZE), "--steps", "1",
-                 "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--quiet")
+    rc = run_cli(
+        "--encoder",
+        f32_server.target,
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "x.jpg"),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--steps",
+        "1",
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert rc == 2
     assert "must end in .png" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -620,4 +880,3 @@ def test_bad_config_values_are_refused():
     for kwargs in ({"dtype": "int8"}, {"quantization": "fp8"}, {"offload": "disk"}, {"embedding_cache_size": -1}):
         with pytest.raises(ClientConfigError):
             DiTConfig(**kwargs).check()
-

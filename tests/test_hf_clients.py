@@ -98,8 +98,9 @@ def test_modular_step_against_a_keyless_server(open_server, monkeypatch):
 
 def test_modular_step_with_a_key_in_hf_token(keyed_server, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", KEY)
-    assert torch.equal(_run_step(keyed_server.url, "a red fox", monkeypatch),
-                       grpc_embeddings(keyed_server, ["a red fox"], api_key=KEY))
+    assert torch.equal(
+        _run_step(keyed_server.url, "a red fox", monkeypatch), grpc_embeddings(keyed_server, ["a red fox"], api_key=KEY)
+    )
 
 
 def test_modular_step_without_a_key_raises_the_servers_401(keyed_server, monkeypatch):
@@ -128,8 +129,11 @@ def dreambooth_encode(url: str, prompts: str | list[str], hub_token: str | None 
         raise ValueError("no Hugging Face token: log in or pass --hub_token")
 
     def one(prompt: str) -> torch.Tensor:
-        reply = requests.post(url, json={"prompt": prompt},
-                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        reply = requests.post(
+            url,
+            json={"prompt": prompt},
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         if reply.status_code != 200:
             raise AssertionError(f"status {reply.status_code}")
         return torch.load(io.BytesIO(reply.content))
@@ -155,8 +159,10 @@ def test_dreambooth_with_any_hub_token_against_a_keyless_server(open_server):
 
 
 def test_dreambooth_with_the_flux2_key_as_hub_token(keyed_server):
-    assert torch.equal(dreambooth_encode(keyed_server.url, "a red fox", hub_token=KEY),
-                       grpc_embeddings(keyed_server, ["a red fox"], api_key=KEY))
+    assert torch.equal(
+        dreambooth_encode(keyed_server.url, "a red fox", hub_token=KEY),
+        grpc_embeddings(keyed_server, ["a red fox"], api_key=KEY),
+    )
 
 
 def test_dreambooth_error_path_shows_only_the_status(keyed_server):
@@ -173,8 +179,11 @@ def model_card_encode(url: str, prompts: str | list[str]) -> torch.Tensor:
     Bearer get_token(), and the body straight into torch.load, whatever the status."""
     from huggingface_hub import get_token
 
-    reply = requests.post(url, json={"prompt": prompts},
-                          headers={"Authorization": f"Bearer {get_token()}", "Content-Type": "application/json"})
+    reply = requests.post(
+        url,
+        json={"prompt": prompts},
+        headers={"Authorization": f"Bearer {get_token()}", "Content-Type": "application/json"},
+    )
     return torch.load(io.BytesIO(reply.content))
 
 
@@ -182,8 +191,11 @@ def model_card_encode_checked(url: str, prompts: str | list[str]) -> torch.Tenso
     """The same with the one line docs/hf-compatible-endpoint.md adds: raise_for_status() before torch.load."""
     from huggingface_hub import get_token
 
-    reply = requests.post(url, json={"prompt": prompts},
-                          headers={"Authorization": f"Bearer {get_token()}", "Content-Type": "application/json"})
+    reply = requests.post(
+        url,
+        json={"prompt": prompts},
+        headers={"Authorization": f"Bearer {get_token()}", "Content-Type": "application/json"},
+    )
     reply.raise_for_status()
     return torch.load(io.BytesIO(reply.content))
 
@@ -213,8 +225,9 @@ def comfy_node_encode(prompt: str, endpoint_url: str = "", api_token: str = "") 
     raise_for_status(), then torch.load onto the CPU."""
     from huggingface_hub import get_token
 
-    url = endpoint_url or os.environ.get("HF_FLUX2_REMOTE_ENCODER_URL",
-                                         "https://remote-text-encoder-flux-2.huggingface.co/predict")
+    url = endpoint_url or os.environ.get(
+        "HF_FLUX2_REMOTE_ENCODER_URL", "https://remote-text-encoder-flux-2.huggingface.co/predict"
+    )
     token = api_token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACEHUB_API_TOKEN") or get_token()
     headers = {"Content-Type": "application/json"}
     if token:

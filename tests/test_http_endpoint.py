@@ -48,7 +48,7 @@ def inspect_torch_save(body: bytes) -> tuple[tuple[int, ...], bytes]:
     assert not {op.name for op, _, _ in ops} & FORBIDDEN_OPS
     # _rebuild_tensor_v2(storage, offset, size, stride, ...): after the
     # persistent storage id come the offset, then the size tuple.
-    after = [(op.name, arg) for op, arg, _ in ops[[op.name for op, _, _ in ops].index("BINPERSID") + 1:]]
+    after = [(op.name, arg) for op, arg, _ in ops[[op.name for op, _, _ in ops].index("BINPERSID") + 1 :]]
     ints = []
     for name, arg in after:
         if isinstance(arg, int) and name.startswith(("BININT", "INT", "LONG")):
@@ -107,7 +107,7 @@ def spy_on_users(server) -> list[tuple[str, str]]:
 
 
 def test_body_is_the_same_embedding_as_grpc_in_the_hosted_format(http_server):
-    prompts = ["a red fox in the snow", "", "a poster that says \"FLUX.2\""]
+    prompts = ["a red fox in the snow", "", 'a poster that says "FLUX.2"']
     with RemoteTextEncoder(http_server.target) as enc:
         expected = enc.encode(prompts)
         info = enc.info()

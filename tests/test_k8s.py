@@ -89,6 +89,7 @@ def pod_labels(workload: dict) -> dict:
 
 # --- schema -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("item", OBJECTS, ids=[_id(o) for o in OBJECTS])
 def test_every_object_validates_against_the_kubernetes_schema(item, version):
@@ -130,6 +131,7 @@ def test_the_validator_rejects_what_a_cluster_would_and_needs_no_network(monkeyp
 
 # --- kustomize ----------------------------------------------------------------------------------------
 
+
 def test_every_manifest_is_in_exactly_one_kustomization_and_every_entry_exists():
     listed = []
     for kustomization in KUSTOMIZATIONS:
@@ -161,6 +163,7 @@ def test_names_are_unique_per_kind_and_no_object_sets_its_own_namespace():
 
 # --- the encoder's command line, against the real CLI -------------------------------------------------
 
+
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return sub.choices[name]
@@ -188,8 +191,9 @@ def encoder_config(monkeypatch):
     parser = build_parser()  # reads the FLUX2_* defaults now
     args = container(ENCODER)["args"]
     assert args[0] == "serve"
-    return config_from_args(parser.parse_args(["serve", *_without_pending("serve", _subparser(parser, "serve"),
-                                                                           args[1:])]))
+    return config_from_args(
+        parser.parse_args(["serve", *_without_pending("serve", _subparser(parser, "serve"), args[1:])])
+    )
 
 
 def test_every_flux2_variable_is_a_serve_flag():
@@ -218,8 +222,11 @@ def test_encoder_command_and_environment_parse_with_the_real_cli(encoder_config)
 def test_encoder_ports_probes_and_args_agree(encoder_config):
     c = container(ENCODER)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": encoder_config.port, "http": encoder_config.http.port,
-                     "metrics": encoder_config.metrics_port}
+    assert ports == {
+        "grpc": encoder_config.port,
+        "http": encoder_config.http.port,
+        "metrics": encoder_config.metrics_port,
+    }
     from common.protocol import SERVICE_NAME
 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -342,6 +349,7 @@ def test_the_images_are_the_ones_docker_compose_builds():
 
 # --- the precompute Job -------------------------------------------------------------------------------
 
+
 def test_the_job_is_indexed_and_each_index_takes_its_shard():
     spec = JOB["spec"]
     assert spec["completionMode"] == "Indexed"
@@ -375,8 +383,9 @@ def test_the_job_command_parses_with_the_real_cli():
     assert args[0] == "precompute"
     # The Job's own shell-less expansion, done here: index 3 of N.
     expanded = [a.replace("$(JOB_COMPLETION_INDEX)", "3") for a in args]
-    parsed = parser.parse_args(["precompute", *_without_pending("precompute", _subparser(parser, "precompute"),
-                                                                 expanded[1:])])
+    parsed = parser.parse_args(
+        ["precompute", *_without_pending("precompute", _subparser(parser, "precompute"), expanded[1:])]
+    )
     assert parsed.command == "precompute" and parsed.out.endswith("part-3")
     shard = _subparser(parser, "precompute")._option_string_actions.get("--shard")
     if shard is not None:  # PENDING_FLAGS: parsed above once the flag exists
@@ -393,6 +402,7 @@ def test_docs_show_the_kubernetes_path():
 
 
 # --- kubectl's own kustomize, where kubectl is installed (it is not a dependency) -----------------------
+
 
 def _kubectl() -> str | None:
     import shutil

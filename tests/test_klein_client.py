@@ -62,10 +62,12 @@ def klein_base_dir(klein_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backends(tiny_model_dir, klein_dir):
     """Both encoders in float32, the client pipeline's dtype (exactness on the CPU)."""
-    dev = TruncatedMistral3Encoder(resolve_model(str(tiny_model_dir), components=TEXT),
-                                   device=torch.device("cpu"), dtype=torch.float32)
-    klein = TruncatedTextEncoder(resolve_model(str(klein_dir), components=TEXT),
-                                 device=torch.device("cpu"), dtype=torch.float32)
+    dev = TruncatedMistral3Encoder(
+        resolve_model(str(tiny_model_dir), components=TEXT), device=torch.device("cpu"), dtype=torch.float32
+    )
+    klein = TruncatedTextEncoder(
+        resolve_model(str(klein_dir), components=TEXT), device=torch.device("cpu"), dtype=torch.float32
+    )
     return {"dev": dev, "klein": klein}
 
 
@@ -90,9 +92,32 @@ def run_cli(*args: str) -> int:
 
 
 def generate_args(server, model, out, *extra):
-    return ("--encoder", server.target, "--model", str(model), "--prompt", PROMPT, "--out", str(out),
-            "--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS), "--seed", "7",
-            "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--quiet", *extra)
+    return (
+        "--encoder",
+        server.target,
+        "--model",
+        str(model),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(out),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "7",
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    )
 
 
 def local_klein(folder):
@@ -168,46 +193,90 @@ def test_one_model_server_needs_no_name(backends):
 
 
 def model_info(name, family, width, fingerprint=None, model_id=""):
-    return ModelInfo(name=name, model_id=model_id, fingerprint=fingerprint or f"{family}:{name}", family=family,
-                     hidden_states_layers=(), num_hidden_layers=0, computed_layers=0, hidden_size=width // 3,
-                     embedding_dim=width, max_sequence_length=512, dtype=torch.bfloat16, quantization="none",
-                     device="cpu", demo=False, padding_side="left")
+    return ModelInfo(
+        name=name,
+        model_id=model_id,
+        fingerprint=fingerprint or f"{family}:{name}",
+        family=family,
+        hidden_states_layers=(),
+        num_hidden_layers=0,
+        computed_layers=0,
+        hidden_size=width // 3,
+        embedding_dim=width,
+        max_sequence_length=512,
+        dtype=torch.bfloat16,
+        quantization="none",
+        device="cpu",
+        demo=False,
+        padding_side="left",
+    )
 
 
 def server_info(*models):
     first = models[0]
-    return EncoderInfo(model_id=first.model_id, revision="", fingerprint=first.fingerprint, hidden_states_layers=(),
-                       num_hidden_layers=0, computed_layers=0, hidden_size=0, embedding_dim=first.embedding_dim,
-                       max_sequence_length=512, dtype=torch.bfloat16, quantization="none", device="cpu",
-                       server_version="", demo=False, padding_side="left", models=tuple(models))
+    return EncoderInfo(
+        model_id=first.model_id,
+        revision="",
+        fingerprint=first.fingerprint,
+        hidden_states_layers=(),
+        num_hidden_layers=0,
+        computed_layers=0,
+        hidden_size=0,
+        embedding_dim=first.embedding_dim,
+        max_sequence_length=512,
+        dtype=torch.bfloat16,
+        quantization="none",
+        device="cpu",
+        server_version="",
+        demo=False,
+        padding_side="left",
+        models=tuple(models),
+    )
 
 
 DEV_DIT = PipelineKind("Flux2Pipeline", FLUX2_DEV, False, 15360)
 KLEIN_4B = PipelineKind("Flux2KleinPipeline", FLUX2_KLEIN, True, 7680)
-STUDIO = server_info(model_info("dev", "flux2-dev", 15360), model_info("klein-4b", "flux2-klein", 7680),
-                     model_info("klein-9b", "flux2-klein", 12288))
+STUDIO = server_info(
+    model_info("dev", "flux2-dev", 15360),
+    model_info("klein-4b", "flux2-klein", 7680),
+    model_info("klein-9b", "flux2-klein", 12288),
+)
 
 
-@pytest.mark.parametrize("kind, wanted, expected", [
-    (DEV_DIT, None, "dev"),
-    (KLEIN_4B, None, "klein-4b"),
-    (PipelineKind("Flux2KleinPipeline", FLUX2_KLEIN, False, 12288), None, "klein-9b"),
-    (KLEIN_4B, "klein-4b", "klein-4b"),
-])
+@pytest.mark.parametrize(
+    "kind, wanted, expected",
+    [
+        (DEV_DIT, None, "dev"),
+        (KLEIN_4B, None, "klein-4b"),
+        (PipelineKind("Flux2KleinPipeline", FLUX2_KLEIN, False, 12288), None, "klein-9b"),
+        (KLEIN_4B, "klein-4b", "klein-4b"),
+    ],
+)
 def test_the_model_is_chosen_by_family_and_width(kind, wanted, expected):
     assert choose_encoder_model(STUDIO, kind, wanted=wanted, target="box", dit_model="m") == expected
 
 
-@pytest.mark.parametrize("info, kind, wanted, message", [
-    (server_info(model_info("klein", "flux2-klein", 7680)), DEV_DIT, None,
-     "serves no model for this DiT: m is a Flux2Pipeline (flux2-dev, joint_attention_dim 15360), and it serves: "
-     "klein (flux2-klein, 7680 wide"),
-    (STUDIO, DEV_DIT, "klein-4b", "makes 7680-wide embeddings, but m is a Flux2Pipeline"),
-    (server_info(model_info("k", "flux2-klein", 15360)), DEV_DIT, "k", "is a flux2-klein encoder"),
-    (STUDIO, KLEIN_4B, "schnell", "has no model named 'schnell'; it serves: dev (flux2-dev"),
-    (server_info(model_info("a", "flux2-klein", 7680), model_info("b", "flux2-klein", 7680)), KLEIN_4B, None,
-     "choose one with --encoder-model NAME"),
-])
+@pytest.mark.parametrize(
+    "info, kind, wanted, message",
+    [
+        (
+            server_info(model_info("klein", "flux2-klein", 7680)),
+            DEV_DIT,
+            None,
+            "serves no model for this DiT: m is a Flux2Pipeline (flux2-dev, joint_attention_dim 15360), and it serves: "
+            "klein (flux2-klein, 7680 wide",
+        ),
+        (STUDIO, DEV_DIT, "klein-4b", "makes 7680-wide embeddings, but m is a Flux2Pipeline"),
+        (server_info(model_info("k", "flux2-klein", 15360)), DEV_DIT, "k", "is a flux2-klein encoder"),
+        (STUDIO, KLEIN_4B, "schnell", "has no model named 'schnell'; it serves: dev (flux2-dev"),
+        (
+            server_info(model_info("a", "flux2-klein", 7680), model_info("b", "flux2-klein", 7680)),
+            KLEIN_4B,
+            None,
+            "choose one with --encoder-model NAME",
+        ),
+    ],
+)
 def test_mismatches_say_what_the_server_serves(info, kind, wanted, message):
     with pytest.raises(EncoderMismatch, match=None) as err:
         choose_encoder_model(info, kind, wanted=wanted, target="box", dit_model="m")
@@ -229,7 +298,10 @@ def test_klein_png_equals_local_klein_pipeline(studio, klein_dir, tmp_path, caps
     assert run_cli(*generate_args(studio, klein_dir, out)) == 0
     assert "(klein)" in capsys.readouterr().out  # the server model it picked
     expected = local_klein(klein_dir)(
-        prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+        prompt=PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
         generator=torch.Generator("cpu").manual_seed(7),
     ).images[0]
     got = pixels(out)
@@ -246,8 +318,7 @@ def test_dev_dit_picks_dev_on_the_same_server(studio, tiny_model_dir):
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"])
 def test_base_klein_uses_cfg_with_the_negative_prompt_and_equals_local(studio, klein_base_dir, negative, tmp_path):
     out = tmp_path / "fox.png"
-    assert run_cli(*generate_args(studio, klein_base_dir, out, "--guidance", "3.5",
-                                  "--negative-prompt", negative)) == 0
+    assert run_cli(*generate_args(studio, klein_base_dir, out, "--guidance", "3.5", "--negative-prompt", negative)) == 0
     pipe = local_klein(klein_base_dir)
     assert not pipe.config.is_distilled
     # Flux2KleinPipeline's own negative prompt is the empty string; another goes in as its embedding,
@@ -378,8 +449,13 @@ def test_klein_kv_pipeline_png_equals_local(studio, klein_dir, tmp_path, capsys)
     assert run_cli(*generate_args(studio, folder, out)) == 0
     pipe = Flux2KleinKVPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                    generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    expected = pipe(
+        prompt=PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(7),
+    ).images[0]
     np.testing.assert_array_equal(pixels(out), pixels(expected))
     # It takes no guidance: asking for one is refused before any weight loads.
     assert run_cli(*generate_args(studio, folder, tmp_path / "x.png", "--guidance", "3")) == 2
@@ -393,8 +469,23 @@ def test_training_helper_names_the_model_and_checks_the_store(studio, backends, 
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a blue bird\n")
-    assert cli.main(["precompute", "--encoder", studio.target, "--captions", str(captions), "--no-progress",
-                     "--out", str(tmp_path / "klein"), "--encoder-model", "klein"]) == 0
+    assert (
+        cli.main(
+            [
+                "precompute",
+                "--encoder",
+                studio.target,
+                "--captions",
+                str(captions),
+                "--no-progress",
+                "--out",
+                str(tmp_path / "klein"),
+                "--encoder-model",
+                "klein",
+            ]
+        )
+        == 0
+    )
     store = EmbeddingStore(tmp_path / "klein", expected_model="klein")
     with RemoteTextEncoder(studio.target) as enc:
         embeds, text_ids = remote_text_encoder(["a blue bird", "a new one"], encoder=enc, model="klein", store=store)
@@ -408,11 +499,29 @@ def test_encode_command_takes_the_encoder_model(studio, backends, tmp_path, caps
     from safetensors.torch import load_file
 
     out = tmp_path / "klein.safetensors"
-    assert cli.main(["encode", "--encoder", studio.target, "--encoder-model", "klein", "--prompt", "a red fox",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "encode",
+                "--encoder",
+                studio.target,
+                "--encoder-model",
+                "klein",
+                "--prompt",
+                "a red fox",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert backends["klein"].fingerprint in capsys.readouterr().out
     assert torch.equal(load_file(out)["prompt_embeds"], backends["klein"].encode(["a red fox"]).embeddings)
     # Without a name, a two-model server says which names it has.
-    assert cli.main(["encode", "--encoder", studio.target, "--prompt", "x", "--out", str(tmp_path / "x.safetensors")]) == 1
-    assert "serves 2 models (dev, klein); name one: model=NAME (flux2-dit: --encoder-model NAME)" in \
-        capsys.readouterr().err
+    assert (
+        cli.main(["encode", "--encoder", studio.target, "--prompt", "x", "--out", str(tmp_path / "x.safetensors")]) == 1
+    )
+    assert (
+        "serves 2 models (dev, klein); name one: model=NAME (flux2-dit: --encoder-model NAME)"
+        in capsys.readouterr().err
+    )

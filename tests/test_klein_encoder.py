@@ -97,7 +97,9 @@ def test_prompt_becomes_one_user_turn_and_an_empty_think_block(klein_dir):
     enc = load(klein_dir)
     inputs, truncated = enc.tokenize(["a cat"])
     ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
-    assert enc.tokenizer.decode(ids) == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert (
+        enc.tokenizer.decode(ids) == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     for token in ("<|im_start|>", "<|im_end|>", "<think>", "</think>"):
         assert enc.tokenizer.convert_tokens_to_ids(token) in ids  # one id each, not spelled out in bytes
     assert truncated == [False]
@@ -171,8 +173,9 @@ def test_lm_head_final_norm_and_layers_past_27_are_never_read(klein_dir_left, tm
         Qwen3ForCausalLM.from_pretrained(folder / "text_encoder")
     # ...the server never looks at those weights (it refuses any mismatched weight it does read).
     assert torch.equal(load(folder).encode(PROMPTS[:3]).embeddings, load(klein_dir_left).encode(PROMPTS[:3]).embeddings)
-    assert [QWEN3.is_needed_weight(k + "weight") for k in ("lm_head.", "model.norm.", "model.layers.27.mlp.up_proj.")] \
-        == [False, False, False]
+    assert [
+        QWEN3.is_needed_weight(k + "weight") for k in ("lm_head.", "model.norm.", "model.layers.27.mlp.up_proj.")
+    ] == [False, False, False]
     assert QWEN3.is_needed_weight("model.layers.26.mlp.up_proj.weight")
     assert QWEN3.is_needed_weight("model.embed_tokens.weight")
 
@@ -265,8 +268,11 @@ def test_hub_download_skips_shards_the_klein_server_never_reads(klein_dir_left, 
         snapshot = tmp_path / "hf-cache" / "snapshots" / "4567cdef"
         for f in repo.rglob("*"):
             rel = f.relative_to(repo).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"]) \
-                    and not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns or []):
+            if (
+                f.is_file()
+                and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"])
+                and not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns or [])
+            ):
                 (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(f, snapshot / rel)
                 fetched.add(rel)
@@ -309,7 +315,11 @@ def test_specs_name_the_pipelines_and_text_encoders_they_serve():
     assert spec_for_pipeline("StableDiffusionPipeline") is None
     assert spec_for_text_encoder("qwen3") is FLUX2_KLEIN and spec_for_text_encoder("mistral3") is FLUX2_DEV
     assert [r.spec for r in (MISTRAL3, QWEN3)] == list(SPECS)  # every spec has a recipe on the server
-    assert (FLUX2_KLEIN.computed_layers, FLUX2_KLEIN.family, FLUX2_KLEIN.embedding_dim(2560)) == (27, "flux2-klein", 7680)
+    assert (FLUX2_KLEIN.computed_layers, FLUX2_KLEIN.family, FLUX2_KLEIN.embedding_dim(2560)) == (
+        27,
+        "flux2-klein",
+        7680,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

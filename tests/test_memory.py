@@ -85,8 +85,9 @@ def test_nf4_bytes_match_bitsandbytes_storage(double_quant):
     lin = torch.nn.Linear(192, 320, bias=False)
     norm = torch.nn.RMSNorm(192)
     model = torch.nn.Sequential(norm, lin)
-    q, state = bnbf.quantize_4bit(lin.weight.data.bfloat16(), blocksize=64, quant_type="nf4",
-                                  compress_statistics=double_quant)
+    q, state = bnbf.quantize_4bit(
+        lin.weight.data.bfloat16(), blocksize=64, quant_type="nf4", compress_statistics=double_quant
+    )
     stored = q.numel() * q.element_size() + state.absmax.numel() * state.absmax.element_size()
     if double_quant:
         stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
@@ -127,10 +128,13 @@ def test_cli_memory_prints_table(capsys):
     assert "truncated (30 layers), nf4" in out and "0.722x" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["memory", "--layers", "0"], "between 1 and 40"),
-    (["memory", "--config", "/no/such/config.json"], "no such config file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["memory", "--layers", "0"], "between 1 and 40"),
+        (["memory", "--config", "/no/such/config.json"], "no such config file"),
+    ],
+)
 def test_cli_memory_bad_input_exits_2(capsys, argv, message):
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
@@ -151,8 +155,12 @@ def test_bundled_qwen3_configs_are_the_published_ones(size, hidden, intermediate
     cfg = json.loads(memory.default_config_path(QWEN3[size]).read_text())
     assert cfg["model_type"] == "qwen3" and cfg["architectures"] == ["Qwen3ForCausalLM"]
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["tie_word_embeddings"]) == (hidden, intermediate, tied)
-    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) \
-        == (36, 32, 8, 128)
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
+        36,
+        32,
+        8,
+        128,
+    )
     assert (cfg["vocab_size"], cfg["rope_theta"], cfg["rms_norm_eps"]) == (151936, 1000000, 1e-6)
 
 
@@ -214,10 +222,13 @@ def test_cli_memory_reads_a_qwen3_config(capsys):
     assert "vision" not in out
 
 
-@pytest.mark.parametrize("model_type, message", [
-    ("qwen3", "between 1 and 36"),  # --layers 37
-    ("llama", "has model_type 'llama'; this server knows mistral3"),  # a family without a recipe
-])
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("qwen3", "between 1 and 36"),  # --layers 37
+        ("llama", "has model_type 'llama'; this server knows mistral3"),  # a family without a recipe
+    ],
+)
 def test_cli_memory_refuses_what_it_cannot_count(capsys, tmp_path, model_type, message):
     cfg = json.loads(memory.default_config_path(QWEN3["4b"]).read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))

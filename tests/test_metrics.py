@@ -55,9 +55,10 @@ def test_metrics_endpoint_reports_what_happened(tiny_backend):
     assert value(samples, "flux2_encoder_prompts_computed_total") == 2
     assert value(samples, "flux2_encoder_requests_total", method="Encode", status="OK", user="anonymous") == 2
     assert value(samples, "flux2_encoder_requests_total", method="Encode", status="NOT_FOUND", user="anonymous") == 1
-    assert value(
-        samples, "flux2_encoder_requests_total", method="Encode", status="INVALID_ARGUMENT", user="anonymous"
-    ) == 1
+    assert (
+        value(samples, "flux2_encoder_requests_total", method="Encode", status="INVALID_ARGUMENT", user="anonymous")
+        == 1
+    )
     assert value(samples, "flux2_encoder_prompts_served_total", user="anonymous", source="computed") == 2
     assert value(samples, "flux2_encoder_prompts_served_total", user="anonymous", source="cache_memory") == 2
     assert value(samples, "flux2_encoder_cache_hits_total", tier="memory") == 2
@@ -87,7 +88,9 @@ def test_identical_concurrent_prompts_count_one_computation():
             assert backend.started.wait(10)
             replies: list[list] = []
             threads = [
-                threading.Thread(target=lambda: replies.append(list(stub.Encode(pb2.EncodeRequest(prompts=["same"]), timeout=30))))
+                threading.Thread(
+                    target=lambda: replies.append(list(stub.Encode(pb2.EncodeRequest(prompts=["same"]), timeout=30)))
+                )
                 for _ in range(8)
             ]
             for t in threads:

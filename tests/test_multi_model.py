@@ -59,9 +59,9 @@ def two_models(tiny_backend, klein_backend):
 
 def grpc_encode(target: str, prompts: list[str], model: str) -> list[pb2.EncodeResponse]:
     with grpc.insecure_channel(target) as channel:
-        return list(pb2_grpc.TextEncoderStub(channel).Encode(
-            pb2.EncodeRequest(prompts=prompts, model=model), timeout=60
-        ))
+        return list(
+            pb2_grpc.TextEncoderStub(channel).Encode(pb2.EncodeRequest(prompts=prompts, model=model), timeout=60)
+        )
 
 
 def test_get_info_lists_every_model(two_models, tiny_backend, klein_backend):
@@ -81,7 +81,9 @@ def test_get_info_lists_every_model(two_models, tiny_backend, klein_backend):
     assert by_name["klein"].embedding_dim == 3 * klein_backend.hidden_size
     # The top-level fields describe the first model, or the one asked for.
     assert info.model_name == "dev" and info.fingerprint == tiny_backend.fingerprint
-    assert klein.model_name == "klein" and klein.family == "flux2-klein" and klein.fingerprint == klein_backend.fingerprint
+    assert (
+        klein.model_name == "klein" and klein.family == "flux2-klein" and klein.fingerprint == klein_backend.fingerprint
+    )
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dev, klein" in unknown.value.details()
 
 
@@ -102,8 +104,13 @@ def test_each_model_answers_with_its_own_embedding(two_models, tiny_backend, kle
     assert header.header.metadata.model_fingerprint == backend.fingerprint
 
 
-@pytest.mark.parametrize("model, message", [("", "serves 2 models; name one in the request: dev, klein"),
-                                            ("schnell", "does not serve a model named 'schnell'; it serves: dev, klein")])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("", "serves 2 models; name one in the request: dev, klein"),
+        ("schnell", "does not serve a model named 'schnell'; it serves: dev, klein"),
+    ],
+)
 def test_a_request_must_name_a_served_model(two_models, model, message):
     s, _, _ = two_models
     with pytest.raises(grpc.RpcError) as info:
@@ -151,8 +158,7 @@ def test_predict_on_a_klein_only_server_says_where_to_go(klein_backend):
 
 
 def test_a_second_model_with_the_same_name_refuses_to_start(tmp_path):
-    cmd = [sys.executable, "-m", "encoder_server.cli", "serve", "--port", "0",
-           "--model", "demo", "--model", "demo"]
+    cmd = [sys.executable, "-m", "encoder_server.cli", "serve", "--port", "0", "--model", "demo", "--model", "demo"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert "two --model flags use the name 'demo'" in proc.stderr
@@ -161,10 +167,21 @@ def test_a_second_model_with_the_same_name_refuses_to_start(tmp_path):
 def test_per_model_dtype_and_names_from_flags():
     from encoder_server.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args([
-        "serve", "--model", "dev=black-forest-labs/FLUX.2-dev", "--model", "klein=black-forest-labs/FLUX.2-klein-4B",
-        "--dtype", "float16", "--dtype", "klein=float32", "--quantization", "dev=nf4",
-    ])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "dev=black-forest-labs/FLUX.2-dev",
+            "--model",
+            "klein=black-forest-labs/FLUX.2-klein-4B",
+            "--dtype",
+            "float16",
+            "--dtype",
+            "klein=float32",
+            "--quantization",
+            "dev=nf4",
+        ]
+    )
     config = config_from_args(args)
     assert config.dtype == "float16"
     assert config.served_models() == (

@@ -60,8 +60,11 @@ def test_the_extras_exist_and_the_core_holds_none_of_them():
     assert {"pyarrow", "datasets"} <= set(map(_dist, EXTRAS["training"]))
 
 
-@pytest.mark.parametrize("path", sorted(p for layer in ("common", "encoder_server", "dit_client")
-                                        for p in (ROOT / layer).rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for layer in ("common", "encoder_server", "dit_client") for p in (ROOT / layer).rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_code_imports_only_the_extras_of_its_layer(path):
     allowed = set().union(*(_modules_of(e) for e in LAYERS[_layer_of(path)])) if LAYERS[_layer_of(path)] else set()
     foreign = set().union(*(_modules_of(e) for e in ("server", "client", "training"))) - allowed

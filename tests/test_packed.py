@@ -46,8 +46,12 @@ PROMPTS = [
     "short",
 ]
 FAMILIES = {
-    "dev": (build_tiny_flux2, TinyFlux2Spec, Mistral3ForConditionalGeneration,
-            Flux2Pipeline._get_mistral_3_small_prompt_embeds),
+    "dev": (
+        build_tiny_flux2,
+        TinyFlux2Spec,
+        Mistral3ForConditionalGeneration,
+        Flux2Pipeline._get_mistral_3_small_prompt_embeds,
+    ),
     "klein": (build_tiny_klein, TinyKleinSpec, Qwen3ForCausalLM, Flux2KleinPipeline._get_qwen3_prompt_embeds),
 }
 HIGHER = {torch.bfloat16: torch.float32, torch.float32: torch.float64}
@@ -91,9 +95,9 @@ def real_rows(backend, prompts) -> torch.Tensor:
 def test_fidelity_counts_ulps_at_the_rows_scale():
     ref = torch.tensor([[[1.0, 0.25, -0.001], [2.0, 3.0, 0.0]]], dtype=torch.bfloat16)  # [1, 2, 3]
     cand = ref.clone()
-    cand[0, 1, 1] = 3.0 + 2 ** -6  # one bf16 ulp above 3.0 (ulp of [2, 4) is 2**-6)
+    cand[0, 1, 1] = 3.0 + 2**-6  # one bf16 ulp above 3.0 (ulp of [2, 4) is 2**-6)
     f = compare(cand, ref)
-    assert f.max_row_ulp == 1.0 and f.max_abs == 2 ** -6 and f.identical_rows == 0.5 and f.rows == 2
+    assert f.max_row_ulp == 1.0 and f.max_abs == 2**-6 and f.identical_rows == 0.5 and f.rows == 2
     assert compare(ref, ref, torch.tensor([[True, False]])).cells().endswith("100.0% of 1")
 
 
@@ -200,8 +204,9 @@ def test_exact_stays_the_default_and_unknown_modes_are_refused(tiny_model_dir):
 
 
 def test_load_backend_reads_compute_from_the_config(tiny_model_dir):
-    config = SimpleNamespace(model=str(tiny_model_dir), revision=None, device="cpu", dtype="bfloat16",
-                             quantization="none", compute="packed")
+    config = SimpleNamespace(
+        model=str(tiny_model_dir), revision=None, device="cpu", dtype="bfloat16", quantization="none", compute="packed"
+    )
     backend, _ = load_backend(config)
     assert backend.compute == "packed" and backend.pad_rows() is not None
     del config.compute  # a config without the field: exact
@@ -216,8 +221,15 @@ def test_images_from_packed_and_exact_embeddings(tiny_model_dir):
     images = []
     for compute in ("exact", "packed"):
         embeds = load(tiny_model_dir, torch.bfloat16, compute).encode(prompts).embeddings.to(torch.float32)
-        out = pipe(prompt_embeds=embeds, height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
-                   generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+        out = pipe(
+            prompt_embeds=embeds,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="np",
+        ).images
         images.append(np.asarray(out, dtype=np.float64))
     assert np.abs(images[0] - images[1]).max() < 1 / 255
     assert np.array_equal(np.round(images[0] * 255), np.round(images[1] * 255))
@@ -232,9 +244,25 @@ def test_gpu_benchmark_dry_run_reports_packed_fidelity():
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_encoder.py", "--dry-run", "--packed", "--models", "dev", "--formats", "bf16",
-         "--batches", "2", "--repeats", "1"],
-        cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/gpu_encoder.py",
+            "--dry-run",
+            "--packed",
+            "--models",
+            "dev",
+            "--formats",
+            "bf16",
+            "--batches",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        cwd=repo,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| bf16 | dev packed | 2 |")]

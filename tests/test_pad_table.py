@@ -52,9 +52,11 @@ def elide_server(tiny_backend):
 def encode_raw(target: str, prompts, pad_table: str = "", dtype=pb2.DTYPE_UNSPECIFIED):
     """(list of (metadata, tensor) per prompt) from one Encode call, exactly as sent."""
     with grpc.insecure_channel(target) as channel:
-        messages = list(pb2_grpc.TextEncoderStub(channel).Encode(
-            pb2.EncodeRequest(prompts=prompts, pad_table=pad_table, dtype=dtype), timeout=60
-        ))
+        messages = list(
+            pb2_grpc.TextEncoderStub(channel).Encode(
+                pb2.EncodeRequest(prompts=prompts, pad_table=pad_table, dtype=dtype), timeout=60
+            )
+        )
     out, header, data = [], None, b""
     for m in messages:
         if m.HasField("header"):
@@ -65,8 +67,10 @@ def encode_raw(target: str, prompts, pad_table: str = "", dtype=pb2.DTYPE_UNSPEC
     out.append((header, data))
     from common.wire import dtype_from_wire
 
-    return [(h.metadata, torch.frombuffer(bytearray(d), dtype=dtype_from_wire(h.dtype)).reshape(tuple(h.shape)))
-            for h, d in out]
+    return [
+        (h.metadata, torch.frombuffer(bytearray(d), dtype=dtype_from_wire(h.dtype)).reshape(tuple(h.shape)))
+        for h, d in out
+    ]
 
 
 def test_the_lossless_wire_rebuilds_the_full_answer_bit_for_bit(elide_server, tmp_path):
@@ -97,14 +101,14 @@ def test_a_cast_answer_rebuilds_too(elide_server, tmp_path):
         stub = pb2_grpc.TextEncoderStub(channel)
         info = stub.GetInfo(pb2.GetInfoRequest(), timeout=10).models[0]
         table = PadTables(tmp_path).get(stub, info)
-    (_, whole), = encode_raw(elide_server.target, ["a red fox"], dtype=pb2.DTYPE_FLOAT32)
-    (meta, rows), = encode_raw(elide_server.target, ["a red fox"], pad_table=info.pad_table, dtype=pb2.DTYPE_FLOAT32)
+    ((_, whole),) = encode_raw(elide_server.target, ["a red fox"], dtype=pb2.DTYPE_FLOAT32)
+    ((meta, rows),) = encode_raw(elide_server.target, ["a red fox"], pad_table=info.pad_table, dtype=pb2.DTYPE_FLOAT32)
     assert rows.dtype == torch.float32 and torch.equal(rebuild(rows, meta.pad_rows_elided, table), whole)
 
 
 @pytest.mark.parametrize("claimed", ["", "stale-table", "flux2-dev:0000000000000000/pad:479:deadbeef"])
 def test_a_client_without_the_servers_table_gets_full_tensors(elide_server, claimed):
-    (meta, whole), = encode_raw(elide_server.target, ["a red fox"], pad_table=claimed)
+    ((meta, whole),) = encode_raw(elide_server.target, ["a red fox"], pad_table=claimed)
     assert meta.pad_rows_elided == 0 and whole.shape[0] == 512
 
 
@@ -113,7 +117,7 @@ def test_rows_that_differ_from_the_table_are_sent_whole(elide_server):
     model = next(iter(elide_server.running.models))
     claimed = model.pad_table_id
     model.pad_table[0, 0] += 1  # the id still names the old content
-    (meta, whole), = encode_raw(elide_server.target, ["a red fox"], pad_table=claimed)
+    ((meta, whole),) = encode_raw(elide_server.target, ["a red fox"], pad_table=claimed)
     assert meta.pad_rows_elided == 0 and whole.shape[0] == 512
 
 
@@ -149,16 +153,18 @@ def test_compute_flag_reaches_each_model_and_packed_has_its_own_fingerprint(tiny
     from encoder_server.cli import build_parser, config_from_args
     from encoder_server.text_encoder import TruncatedTextEncoder
 
-    config = config_from_args(build_parser().parse_args(
-        ["serve", "--model", "dev=demo", "--model", "fast=demo", "--compute", "fast=packed"]
-    ))
+    config = config_from_args(
+        build_parser().parse_args(["serve", "--model", "dev=demo", "--model", "fast=demo", "--compute", "fast=packed"])
+    )
     assert config.compute == "exact"
     assert [m.compute for m in config.served_models()] == [None, "packed"]
     source = resolve_model(str(tiny_model_dir), components=("text_encoder", "tokenizer"))
     exact = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
     packed = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16, compute="packed")
     assert packed.compute == "packed" and packed.fingerprint == exact.fingerprint + "+packed"
-    with ServerThread(None, ServerConfig(), models=[LoadedModel("fast", packed, "tiny")]) as s, \
-            grpc.insecure_channel(s.target) as channel:
+    with (
+        ServerThread(None, ServerConfig(), models=[LoadedModel("fast", packed, "tiny")]) as s,
+        grpc.insecure_channel(s.target) as channel,
+    ):
         info = pb2_grpc.TextEncoderStub(channel).GetInfo(pb2.GetInfoRequest(), timeout=10)
     assert info.models[0].compute == "packed" and info.fingerprint.endswith("+packed")

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from dit_client import cli, plan as plan_module
+from dit_client import cli
+from dit_client import plan as plan_module
 from dit_client.dit_config import DiTConfig, offload_refusal
 from dit_client.plan import (
     GIB,
@@ -21,8 +22,15 @@ from dit_client.plan import (
 )
 
 REAL_DETECT_RAM, REAL_DETECT_VRAM = plan_module.detect_ram_gib, plan_module.detect_vram_gib
-ALL_MODES = ["bf16", "int8", "nf4", "nf4 + model offload", "nf4 + group offload", "group offload (bf16)",
-             "sequential offload (bf16)"]
+ALL_MODES = [
+    "bf16",
+    "int8",
+    "nf4",
+    "nf4 + model offload",
+    "nf4 + group offload",
+    "group offload (bf16)",
+    "sequential offload (bf16)",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +55,8 @@ def test_bundled_configs_are_diffusers_flux2_dev_defaults():
     for config, cls in ((transformer, Flux2Transformer2DModel), (vae, AutoencoderKLFlux2)):
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
         assert {k: v for k, v in config.items() if not k.startswith("_")} == {
-            k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+            k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()
+        }
     assert transformer["joint_attention_dim"] == 15360 and transformer["num_single_layers"] == 48
     assert vae["latent_channels"] == 32
 
@@ -86,16 +95,19 @@ def test_every_mode_is_one_generate_accepts(flux2_dev_1024):
 
 
 # Card sizes people own, in GiB as --vram takes them, with RAM given.
-@pytest.mark.parametrize("vram,ram,expected", [
-    (80, 128, "bf16"),
-    (48, 64, "int8"),
-    (40, 64, "int8"),
-    (24, 64, "nf4"),
-    (16, 64, "nf4 + group offload"),
-    (12, 64, "nf4 + group offload"),
-    (8, 64, "nf4 + group offload"),
-    (8, 24, None),  # group offload needs the weights twice in RAM while pinning; sequential needs 60 GiB
-])
+@pytest.mark.parametrize(
+    "vram,ram,expected",
+    [
+        (80, 128, "bf16"),
+        (48, 64, "int8"),
+        (40, 64, "int8"),
+        (24, 64, "nf4"),
+        (16, 64, "nf4 + group offload"),
+        (12, 64, "nf4 + group offload"),
+        (8, 64, "nf4 + group offload"),
+        (8, 24, None),  # group offload needs the weights twice in RAM while pinning; sequential needs 60 GiB
+    ],
+)
 def test_recommendation_per_card(flux2_dev_1024, vram, ram, expected):
     choice = recommend(estimate_modes(flux2_dev_1024), vram, ram, reserve_gib=1.0)
     assert (choice.name if choice else None) == expected
@@ -185,8 +197,17 @@ def test_activation_peaks_grow_with_the_picture(tiny_model_dir):
 
 
 def test_nf4_weight_bytes():
-    fp = Footprint(transformer_params=1_000_000, linear_params=960_000, largest_linear_params=1000, vae_params=10,
-                   dit_activation_bytes=0, vae_activation_bytes=0, image_tokens=1, height=16, width=16)
+    fp = Footprint(
+        transformer_params=1_000_000,
+        linear_params=960_000,
+        largest_linear_params=1000,
+        vae_params=10,
+        dit_activation_bytes=0,
+        vae_activation_bytes=0,
+        image_tokens=1,
+        height=16,
+        width=16,
+    )
     assert fp.dit_bytes("none") == 2_000_000
     # 4 bits + an fp32 absmax per 64 weights for Linear weights; the rest stays bf16.
     assert fp.dit_bytes("nf4") == 960_000 * 0.5 + 960_000 // 64 * 4 + 2 * 40_000
@@ -206,17 +227,21 @@ def test_cli_plan_reads_configs_only(tiny_model_dir, tmp_path, capsys):
 
 
 def test_cli_plan_exits_1_when_nothing_fits(tiny_model_dir, capsys):
-    rc = cli.main(["plan", "--model", str(tiny_model_dir), "--vram", "0.5", "--ram", "0.5", "--height", "32",
-                   "--width", "32"])
+    rc = cli.main(
+        ["plan", "--model", str(tiny_model_dir), "--vram", "0.5", "--ram", "0.5", "--height", "32", "--width", "32"]
+    )
     assert rc == 1
     assert "no mode fits" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--height", "1000"], "multiple of 16"),
-    (["--vram", "-3"], "positive number"),
-    (["--model", "/nonexistent/folder"], "no such folder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--height", "1000"], "multiple of 16"),
+        (["--vram", "-3"], "positive number"),
+        (["--model", "/nonexistent/folder"], "no such folder"),
+    ],
+)
 def test_cli_plan_bad_input_exits_2(args, message, capsys):
     assert cli.main(["plan", *args]) == 2
     assert message in capsys.readouterr().err
@@ -260,16 +285,19 @@ def test_klein_sizes_are_the_published_names(klein_1024):
     assert four.image_tokens == nine.image_tokens == 4096
 
 
-@pytest.mark.parametrize("model,vram,ram,expected", [
-    (plan_module.KLEIN_4B, 12, 32, "bf16"),
-    (plan_module.KLEIN_4B, 8, 32, "int8"),
-    (plan_module.KLEIN_4B, 6, None, "nf4"),
-    (plan_module.KLEIN_9B, 24, 32, "bf16"),
-    (plan_module.KLEIN_9B, 12, 32, "int8"),
-    (plan_module.KLEIN_9B, 8, None, "nf4"),
-    (plan_module.KLEIN_9B, 6, 16, "nf4 + group offload"),
-    (plan_module.KLEIN_9B, 6, None, None),
-])
+@pytest.mark.parametrize(
+    "model,vram,ram,expected",
+    [
+        (plan_module.KLEIN_4B, 12, 32, "bf16"),
+        (plan_module.KLEIN_4B, 8, 32, "int8"),
+        (plan_module.KLEIN_4B, 6, None, "nf4"),
+        (plan_module.KLEIN_9B, 24, 32, "bf16"),
+        (plan_module.KLEIN_9B, 12, 32, "int8"),
+        (plan_module.KLEIN_9B, 8, None, "nf4"),
+        (plan_module.KLEIN_9B, 6, 16, "nf4 + group offload"),
+        (plan_module.KLEIN_9B, 6, None, None),
+    ],
+)
 def test_klein_recommendation_per_card(klein_1024, model, vram, ram, expected):
     modes = estimate_modes(klein_1024[model])
     assert [m.name for m in modes] == ALL_MODES
@@ -280,7 +308,9 @@ def test_klein_recommendation_per_card(klein_1024, model, vram, ram, expected):
 
 
 def test_cli_plan_demo_klein_reads_its_folder(capsys):
-    assert cli.main(["plan", "--model", "demo-klein", "--vram", "8", "--ram", "16", "--height", "64",
-                     "--width", "64"]) == 0
+    assert (
+        cli.main(["plan", "--model", "demo-klein", "--vram", "8", "--ram", "16", "--height", "64", "--width", "64"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "demo-klein-v1" in out and "recommended: bf16" in out

@@ -226,8 +226,20 @@ def test_cli_precompute_jsonl_and_errors(server, tmp_path, capsys):
     source = tmp_path / "c.jsonl"
     source.write_text("\n".join(json.dumps({"file_name": f"{i}.png", "desc": c}) for i, c in enumerate(_captions(4))))
     out = tmp_path / "store"
-    args = ["precompute", "--encoder", server.target, "--captions", str(source), "--out", str(out),
-            "--caption-field", "desc", "--concurrency", "2", "--no-progress"]
+    args = [
+        "precompute",
+        "--encoder",
+        server.target,
+        "--captions",
+        str(source),
+        "--out",
+        str(out),
+        "--caption-field",
+        "desc",
+        "--concurrency",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     assert "4 distinct captions" in capsys.readouterr().out
     assert len(EmbeddingStore(out)) == 4
@@ -236,8 +248,12 @@ def test_cli_precompute_jsonl_and_errors(server, tmp_path, capsys):
     assert cli.main([a if a != "desc" else "caption" for a in args]) == cli.EXIT_USAGE
     assert "no caption field 'caption'" in capsys.readouterr().err
     # A source that does not exist.
-    assert cli.main(["precompute", "--encoder", server.target, "--captions", str(tmp_path / "nope.txt"),
-                     "--out", str(out)]) == cli.EXIT_USAGE
+    assert (
+        cli.main(
+            ["precompute", "--encoder", server.target, "--captions", str(tmp_path / "nope.txt"), "--out", str(out)]
+        )
+        == cli.EXIT_USAGE
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -249,8 +265,19 @@ def test_cli_precompute_unreachable_encoder(tmp_path, capsys):
         port = sock.getsockname()[1]
     source = tmp_path / "c.txt"
     source.write_text("x\n")
-    code = cli.main(["precompute", "--encoder", f"127.0.0.1:{port}", "--captions", str(source),
-                     "--out", str(tmp_path / "s"), "--timeout", "5"])
+    code = cli.main(
+        [
+            "precompute",
+            "--encoder",
+            f"127.0.0.1:{port}",
+            "--captions",
+            str(source),
+            "--out",
+            str(tmp_path / "s"),
+            "--timeout",
+            "5",
+        ]
+    )
     assert code == cli.EXIT_ERROR
     assert "cannot reach the encoder" in capsys.readouterr().err
 
@@ -264,9 +291,25 @@ def test_kill_9_mid_run_then_resume(tiny_backend, tmp_path):
     backend = SlowBackend(tiny_backend, delay_s=0.2)  # leaves time to kill it mid-run
     with ServerThread(backend, model_id="tiny-test") as s, RemoteTextEncoder(s.target) as enc:
         row_mib = 512 * enc.info().embedding_dim * 2 / 2**20
-        cmd = [sys.executable, "-m", "dit_client.cli", "precompute", "--encoder", s.target,
-               "--captions", str(source), "--out", str(out), "--batch-size", "2", "--concurrency", "2",
-               "--shard-size-mb", f"{2 * row_mib:.6f}", "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dit_client.cli",
+            "precompute",
+            "--encoder",
+            s.target,
+            "--captions",
+            str(source),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--concurrency",
+            "2",
+            "--shard-size-mb",
+            f"{2 * row_mib:.6f}",
+            "--no-progress",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

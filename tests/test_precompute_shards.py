@@ -50,15 +50,38 @@ def test_cli_shard_flag(server, tmp_path, capsys):
     source = tmp_path / "captions.txt"
     source.write_text("\n".join(SOURCE) + "\n")
     for i in range(2):
-        code = cli.main(["precompute", "--encoder", server.target, "--captions", str(source),
-                         "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2", "--no-progress"])
+        code = cli.main(
+            [
+                "precompute",
+                "--encoder",
+                server.target,
+                "--captions",
+                str(source),
+                "--out",
+                str(tmp_path / f"s{i}"),
+                "--shard",
+                f"{i}/2",
+                "--no-progress",
+            ]
+        )
         assert code == 0
         assert f"in shard {i}/2" in capsys.readouterr().out
     assert sorted(EmbeddingStore([tmp_path / "s0", tmp_path / "s1"])) == sorted(CAPTIONS)
     for bad in ("2/2", "1", "a/b", "1/0"):
         with pytest.raises(SystemExit):
-            cli.main(["precompute", "--encoder", server.target, "--captions", str(source), "--out",
-                      str(tmp_path / "bad"), "--shard", bad])
+            cli.main(
+                [
+                    "precompute",
+                    "--encoder",
+                    server.target,
+                    "--captions",
+                    str(source),
+                    "--out",
+                    str(tmp_path / "bad"),
+                    "--shard",
+                    bad,
+                ]
+            )
 
 
 def _store(path, fingerprint: str, captions: list[str], fill: float) -> None:

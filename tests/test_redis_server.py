@@ -97,6 +97,7 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
 
 # --- make install ---------------------------------------------------------------------------------
 
+
 def _make(target: str, env: dict, user: str | None = None) -> subprocess.CompletedProcess:
     command = ["make", "--no-print-directory", "-C", str(ROOT), target]
     if user is not None:
@@ -134,8 +135,9 @@ def test_make_redis_server_finds_the_one_on_path():
     assert done.stdout.strip().startswith("redis-server: /")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"),
-                    reason="needs root to run make as another user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"), reason="needs root to run make as another user"
+)
 def test_make_redis_server_without_root_says_how_and_does_not_fail():
     # Outside pytest's tmp_path, whose parents only root may enter.
     home = Path(tempfile.mkdtemp(prefix="flux2-make-"))

@@ -89,8 +89,9 @@ def test_three_replicas_a_kill_and_a_restart_lose_nothing(tmp_path, redis_server
 
         # gRPC retries a dead address with growing waits (up to 120 s by default): capped at 2 s here
         # so that the restarted replica is found again within the test's deadlines.
-        with RemoteTextEncoder(",".join(r.target for r in replicas), timeout=120,
-                               channel_options=[("grpc.max_reconnect_backoff_ms", 2000)]) as enc:
+        with RemoteTextEncoder(
+            ",".join(r.target for r in replicas), timeout=120, channel_options=[("grpc.max_reconnect_backoff_ms", 2000)]
+        ) as enc:
             assert enc.connection.lb_policy == "round_robin"
 
             def worker():
@@ -139,9 +140,14 @@ def test_three_replicas_a_kill_and_a_restart_lose_nothing(tmp_path, redis_server
                 if victim.metric("flux2_encoder_requests_total", method="Encode"):
                     break
             else:
-                wait_for(lambda: enc.encode([distinct[0]]) is not None and
-                         victim.metric("flux2_encoder_requests_total", method="Encode") > 0,
-                         "the restarted replica to get a call", timeout_s=30)
+                wait_for(
+                    lambda: (
+                        enc.encode([distinct[0]]) is not None
+                        and victim.metric("flux2_encoder_requests_total", method="Encode") > 0
+                    ),
+                    "the restarted replica to get a call",
+                    timeout_s=30,
+                )
 
         assert failures == [], failures[:5]
         assert wrong == []
@@ -174,8 +180,11 @@ def test_with_redis_killed_the_balanced_service_still_answers(tmp_path, redis_se
             redis_server.kill()
             for p in prompts:  # hits from local memory, misses computed locally: none fails
                 assert torch.equal(enc.encode([p])[0], expected[p])
-        assert all(r.metric("flux2_encoder_shared_cache_errors_total") > 0 for r in replicas
-                   if r.metric("flux2_encoder_requests_total", method="Encode") > 0)
+        assert all(
+            r.metric("flux2_encoder_shared_cache_errors_total") > 0
+            for r in replicas
+            if r.metric("flux2_encoder_requests_total", method="Encode") > 0
+        )
     finally:
         for r in replicas:
             r.close()
@@ -213,9 +222,20 @@ def test_precompute_with_a_replica_killed_mid_run_ends_complete_and_exact(tmp_pa
 
         with RemoteTextEncoder(",".join(r.target for r in replicas), timeout=60) as enc:
             result = {}
-            run = threading.Thread(target=lambda: result.update(report=precompute(
-                enc, captions, tmp_path / "store", batch_size=2, concurrency=2, progress=False,
-                shard_bytes=64 * 1024)), daemon=True)
+            run = threading.Thread(
+                target=lambda: result.update(
+                    report=precompute(
+                        enc,
+                        captions,
+                        tmp_path / "store",
+                        batch_size=2,
+                        concurrency=2,
+                        progress=False,
+                        shard_bytes=64 * 1024,
+                    )
+                ),
+                daemon=True,
+            )
             run.start()
             # The stream's replica is the one answering EncodeStream messages; kill it a few requests in.
             wait_for(lambda: any(streamed(r) >= 10 for r in replicas), "the precompute stream to start")

@@ -23,8 +23,6 @@ def stub(server):
         yield pb2_grpc.TextEncoderStub(channel)
 
 
-
-
 def assert_still_serving(target: str) -> None:
     with RemoteTextEncoder(target) as enc:
         assert enc.encode(["still here"]).shape == (1, 512, 48)
@@ -115,9 +113,8 @@ def test_non_utf8_prompt_is_invalid_argument_not_internal(server):
 
 
 def test_library_raises_readable_errors(server):
-    with RemoteTextEncoder(server.target) as enc:
-        with pytest.raises(InvalidRequest, match="the limit is 16384"):
-            enc.encode(["x" * 20_000])
+    with RemoteTextEncoder(server.target) as enc, pytest.raises(InvalidRequest, match="the limit is 16384"):
+        enc.encode(["x" * 20_000])
 
 
 @pytest.mark.parametrize("timeout", [0.001, 0.004])  # both under Limits.min_deadline_ms

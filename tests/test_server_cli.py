@@ -36,11 +36,14 @@ def test_environment_variables_set_defaults_and_flags_win(monkeypatch):
     assert build_parser().parse_args(["serve"]).log_level == "DEBUG"
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("FLUX2_PORT", "fifty", "$FLUX2_PORT='fifty'"),
-    ("FLUX2_MAX_CONCURRENT_CALLS", "0", "must be at least 1"),
-    ("FLUX2_CACHE_SCOPE", "everyone", "choose from auto, shared, user"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("FLUX2_PORT", "fifty", "$FLUX2_PORT='fifty'"),
+        ("FLUX2_MAX_CONCURRENT_CALLS", "0", "must be at least 1"),
+        ("FLUX2_CACHE_SCOPE", "everyone", "choose from auto, shared, user"),
+    ],
+)
 def test_a_bad_environment_value_names_the_variable(monkeypatch, capsys, name, value, message):
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as info:
@@ -51,10 +54,23 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch, capsys, name, v
 
 
 def test_fairness_and_privacy_flags_reach_the_config():
-    args = build_parser().parse_args([
-        "serve", "--max-concurrent-calls-per-user", "3", "--write-timeout", "5", "--body-timeout", "2",
-        "--cache-scope", "shared", "--metrics-port", "9100", "--metrics-host", "0.0.0.0",
-    ])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--max-concurrent-calls-per-user",
+            "3",
+            "--write-timeout",
+            "5",
+            "--body-timeout",
+            "2",
+            "--cache-scope",
+            "shared",
+            "--metrics-port",
+            "9100",
+            "--metrics-host",
+            "0.0.0.0",
+        ]
+    )
     config = config_from_args(args)
     assert (config.limits.max_concurrent_calls_per_user, config.limits.write_timeout_s) == (3, 5.0)
     assert config.limits.body_timeout_s == 2.0 and config.cache.scope == "shared"

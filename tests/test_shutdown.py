@@ -38,11 +38,24 @@ class Server:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = tmp_path / "server.log"
-        cmd = [sys.executable, "-m", "encoder_server.cli", "serve", "--model", "demo", "--device", "cpu",
-               "--port", str(self.port), "--grace-period", str(grace_s)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "encoder_server.cli",
+            "serve",
+            "--model",
+            "demo",
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            "--grace-period",
+            str(grace_s),
+        ]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         try:
             wait_until_serving(self.target, self.proc)
         except BaseException:

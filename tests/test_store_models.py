@@ -10,8 +10,9 @@ import torch
 from common.errors import IntegrityError
 from dit_client.training.store import EmbeddingStore, StoreInfo, StoreWriter
 
-KLEIN = StoreInfo("flux2-klein:1111", torch.bfloat16, (8, 6), "black-forest-labs/FLUX.2-klein-4B", "klein",
-                  "flux2-klein")
+KLEIN = StoreInfo(
+    "flux2-klein:1111", torch.bfloat16, (8, 6), "black-forest-labs/FLUX.2-klein-4B", "klein", "flux2-klein"
+)
 DEV = StoreInfo("flux2-dev:2222", torch.bfloat16, (8, 6), "black-forest-labs/FLUX.2-dev", "dev", "flux2-dev")
 
 
@@ -30,11 +31,17 @@ def test_the_index_records_the_model_name_and_family(tmp_path):
     assert len(EmbeddingStore(tmp_path / "s", expected_model="flux2-klein")) == 2  # a family will do
 
 
-@pytest.mark.parametrize("kwargs, says", [
-    ({"expected_model": "dev"}, "holds embeddings of model 'klein' (flux2-klein, black-forest-labs/FLUX.2-klein-4B, "
-                                "fingerprint flux2-klein:1111), not of model 'dev'"),
-    ({"expected_fingerprint": DEV.fingerprint}, "not of fingerprint flux2-dev:2222: it was made for another model"),
-])
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [
+        (
+            {"expected_model": "dev"},
+            "holds embeddings of model 'klein' (flux2-klein, black-forest-labs/FLUX.2-klein-4B, "
+            "fingerprint flux2-klein:1111), not of model 'dev'",
+        ),
+        ({"expected_fingerprint": DEV.fingerprint}, "not of fingerprint flux2-dev:2222: it was made for another model"),
+    ],
+)
 def test_a_reader_refuses_a_store_of_another_model(tmp_path, kwargs, says):
     write(tmp_path / "s", KLEIN)
     with pytest.raises(IntegrityError) as err:

@@ -27,8 +27,14 @@ GOOD = {
     "mood": "calm",
     "background": "grey studio backdrop",
     "composition": "rule of thirds",
-    "camera": {"angle": "eye level", "distance": "close-up", "focus": "sharp on the mug", "lens-mm": 85,
-               "f-number": 2.8, "ISO": 200},
+    "camera": {
+        "angle": "eye level",
+        "distance": "close-up",
+        "focus": "sharp on the mug",
+        "lens-mm": 85,
+        "f-number": 2.8,
+        "ISO": 200,
+    },
 }
 
 
@@ -52,8 +58,12 @@ def test_rendering_is_one_line_fixed_spacing_order_as_written():
 
 
 def test_same_structure_any_formatting_gives_the_same_text():
-    spellings = [json.dumps(GOOD), json.dumps(GOOD, indent=4), json.dumps(GOOD, separators=(",", ":")),
-                 "\n\n" + json.dumps(GOOD, indent="\t") + "\n"]
+    spellings = [
+        json.dumps(GOOD),
+        json.dumps(GOOD, indent=4),
+        json.dumps(GOOD, separators=(",", ":")),
+        "\n\n" + json.dumps(GOOD, indent="\t") + "\n",
+    ]
     texts = {render_structured_prompt(parse_structured_prompt(s)) for s in spellings}
     assert len(texts) == 1
     # Reordering keys is a different prompt (order carries emphasis), so a different text.
@@ -87,8 +97,8 @@ def test_every_error_is_reported_at_once():
         "$.subjects[0]": "has no description",
         "$.subjects[1]": "must be an object, not a string",
         "$.subjects[2].size": errs["$.subjects[2].size"],
-        "$.camera[\"lens-mm\"]": "must be a positive number, not a number -5",
-        "$.camera[\"f-number\"]": "must be a positive number, not a string",
+        '$.camera["lens-mm"]': "must be a positive number, not a number -5",
+        '$.camera["f-number"]': "must be a positive number, not a string",
         "$.camera.ISO": "must be a positive integer, not a number 100.5",
         "$.camera.zoom": errs["$.camera.zoom"],
         "$.colour_palette": errs["$.colour_palette"],
@@ -98,16 +108,19 @@ def test_every_error_is_reported_at_once():
     assert "color_palette" in errs["$.colour_palette"]
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("{\"scene\": \"x\",}", "not valid JSON"),
-    ("[\"scene\"]", "must be a JSON object, not an array"),
-    ("{}", "is empty"),
-    ("{\"scene\": \"a\", \"scene\": \"b\"}", "duplicate key 'scene'"),
-    ("{\"scene\": \"x\", \"camera\": {\"f-number\": NaN}}", "NaN is not valid JSON"),
-    ("{\"scene\": \"   \"}", "is empty"),
-    ("{\"scene\": \"x\", \"camera\": \"wide\"}", "must be an object"),
-    ("{\"scene\": \"x\", \"camera\": {\"ISO\": true}}", "positive integer, not a boolean"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ('{"scene": "x",}', "not valid JSON"),
+        ('["scene"]', "must be a JSON object, not an array"),
+        ("{}", "is empty"),
+        ('{"scene": "a", "scene": "b"}', "duplicate key 'scene'"),
+        ('{"scene": "x", "camera": {"f-number": NaN}}', "NaN is not valid JSON"),
+        ('{"scene": "   "}', "is empty"),
+        ('{"scene": "x", "camera": "wide"}', "must be an object"),
+        ('{"scene": "x", "camera": {"ISO": true}}', "positive integer, not a boolean"),
+    ],
+)
 def test_broken_documents_say_what_is_wrong(text, fragment):
     with pytest.raises(StructuredPromptError) as info:
         parse_structured_prompt(text)

@@ -159,7 +159,12 @@ def pixtral_processor_class():
     )
     stubs = {}
     if importlib.util.find_spec("torchvision") is None:
-        names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional")
+        names = (
+            "torchvision",
+            "torchvision.transforms",
+            "torchvision.transforms.v2",
+            "torchvision.transforms.v2.functional",
+        )
         stubs = {name: types.ModuleType(name) for name in names}
         for parent, child in zip(names, names[1:]):
             setattr(stubs[parent], child.rsplit(".", 1)[1], stubs[child])
@@ -197,8 +202,13 @@ def test_pixtral_processor_folder_is_bit_exact_with_reference(tiny_model_dir, tm
 
     messages = format_input(prompts=PROMPTS, system_message=SYSTEM_MESSAGE)
     kwargs = dict(
-        add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
-        padding="max_length", truncation=True, max_length=512,
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=512,
     )
     theirs = processor.apply_chat_template(messages, **kwargs)
     ours, _ = enc.tokenize(PROMPTS)
@@ -235,8 +245,10 @@ def test_checkpoint_in_the_in_memory_key_layout_loads_bit_exact(tiny_model_dir, 
         return {k.replace("language_model.model.", "model.language_model.", 1): v for k, v in tensors.items()}
 
     folder = _rewrite_checkpoint(tiny_model_dir, tmp_path / "relaid", relayout)
-    assert torch.equal(load(folder, torch.bfloat16).encode(PROMPTS[:3]).embeddings,
-                       load(tiny_model_dir, torch.bfloat16).encode(PROMPTS[:3]).embeddings)
+    assert torch.equal(
+        load(folder, torch.bfloat16).encode(PROMPTS[:3]).embeddings,
+        load(tiny_model_dir, torch.bfloat16).encode(PROMPTS[:3]).embeddings,
+    )
 
 
 def test_vision_tower_lm_head_final_norm_and_layers_past_30_are_never_read(tiny_model_dir, tmp_path):
@@ -254,8 +266,10 @@ def test_vision_tower_lm_head_final_norm_and_layers_past_30_are_never_read(tiny_
     with pytest.raises(Exception):  # the full model cannot load it...
         Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder")
     # ...the server never looks at those weights.
-    assert torch.equal(load(folder, torch.bfloat16).encode(["a cat"]).embeddings,
-                       load(tiny_model_dir, torch.bfloat16).encode(["a cat"]).embeddings)
+    assert torch.equal(
+        load(folder, torch.bfloat16).encode(["a cat"]).embeddings,
+        load(tiny_model_dir, torch.bfloat16).encode(["a cat"]).embeddings,
+    )
 
 
 def test_weights_in_an_unknown_layout_are_refused_not_randomised(tiny_model_dir, tmp_path):
@@ -309,8 +323,11 @@ def test_hub_download_skips_shards_the_server_never_reads(tiny_model_dir, tmp_pa
         snapshot = tmp_path / "hf-cache" / "snapshots" / "0123abcd"
         for f in repo.rglob("*"):
             rel = f.relative_to(repo).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"]) \
-                    and not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns or []):
+            if (
+                f.is_file()
+                and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"])
+                and not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns or [])
+            ):
                 (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(f, snapshot / rel)
                 fetched.add(rel)

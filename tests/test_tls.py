@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,21 +29,27 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write_key(path: Path, key) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def _issue(path_stem: Path, cn: str, ca_cert, ca_key, *, server: bool, days: int = 2):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(ca_cert.subject).public_key(key.public_key())
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
     )
     if server:
         builder = builder.add_extension(
@@ -59,16 +65,30 @@ def _issue(path_stem: Path, cn: str, ca_cert, ca_key, *, server: bool, days: int
 
 def _ca(path: Path, cn: str):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=2))
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -132,14 +152,19 @@ def test_bad_tls_settings_are_clear_errors(pki, fields, message):
 def test_encrypted_key_is_refused_with_a_fix(pki):
     key = serialization.load_pem_private_key(Path(pki.server_key).read_bytes(), password=None)
     encrypted = pki.folder / "encrypted.key"
-    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(b"secret")))
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     with pytest.raises(TLSConfigError, match="encrypted"):
         load_server_tls(ServerTLSConfig(cert=pki.server_cert, key=str(encrypted)))
 
 
 def test_expired_certificate_is_refused(pki):
-    later = datetime.now(timezone.utc) + timedelta(days=90)
+    later = datetime.now(UTC) + timedelta(days=90)
     with pytest.raises(TLSConfigError, match="expired on"):
         load_server_tls(ServerTLSConfig(cert=pki.server_cert, key=pki.server_key), now=later)
 
@@ -157,8 +182,10 @@ def test_tls_server_serves_tls_clients_and_refuses_plaintext(tiny_backend, pki, 
         with RemoteTextEncoder(s.target, timeout=5) as enc, pytest.raises(EncoderUnavailable):
             enc.info()
         # A client that does not trust our CA refuses the server.
-        with RemoteTextEncoder(s.target, tls=TLSConfig(ca_cert=str(pki.folder / "other-ca.crt")), timeout=5) as enc, \
-                pytest.raises(EncoderUnavailable):
+        with (
+            RemoteTextEncoder(s.target, tls=TLSConfig(ca_cert=str(pki.folder / "other-ca.crt")), timeout=5) as enc,
+            pytest.raises(EncoderUnavailable),
+        ):
             enc.info()
 
 
@@ -167,8 +194,10 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_backend, pki)
         good = TLSConfig(ca_cert=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
         with RemoteTextEncoder(s.target, tls=good, timeout=20) as enc:
             assert enc.encode("a fox").shape[:2] == (1, 512)
-        for bad in (TLSConfig(ca_cert=pki.ca),
-                    TLSConfig(ca_cert=pki.ca, client_cert=pki.rogue_cert, client_key=pki.rogue_key)):
+        for bad in (
+            TLSConfig(ca_cert=pki.ca),
+            TLSConfig(ca_cert=pki.ca, client_cert=pki.rogue_cert, client_key=pki.rogue_key),
+        ):
             with RemoteTextEncoder(s.target, tls=bad, timeout=5) as enc, pytest.raises(EncoderUnavailable):
                 enc.info()
         # The server still serves after the refused handshakes.
@@ -185,9 +214,25 @@ def test_cli_client_flags_speak_mutual_tls_with_a_key(tiny_backend, pki, tmp_pat
     keys.chmod(0o600)
     with tls_server(tiny_backend, pki, mutual=True, auth=AuthConfig(api_key_file=str(keys))) as s:
         out = tmp_path / "e.safetensors"
-        code = main(["encode", "--encoder", s.target, "--api-key", KEY, "--tls-ca", pki.ca,
-                     "--tls-cert", pki.client_cert, "--tls-key", pki.client_key,
-                     "--prompt", "a fox", "--out", str(out)])
+        code = main(
+            [
+                "encode",
+                "--encoder",
+                s.target,
+                "--api-key",
+                KEY,
+                "--tls-ca",
+                pki.ca,
+                "--tls-cert",
+                pki.client_cert,
+                "--tls-key",
+                pki.client_key,
+                "--prompt",
+                "a fox",
+                "--out",
+                str(out),
+            ]
+        )
         assert code == 0
         embeds, prompts, _ = load_embeddings(out)
         assert embeds.shape[:2] == (1, 512) and prompts == ["a fox"]
@@ -199,8 +244,9 @@ def test_cli_client_flags_speak_mutual_tls_with_a_key(tiny_backend, pki, tmp_pat
 def test_http_endpoint_uses_the_same_tls_policy(tiny_backend, pki):
     with tls_server(tiny_backend, pki, mutual=True, http=HTTPConfig(port=0)) as s:
         url = f"https://127.0.0.1:{s.running.http.port}/predict"
-        reply = requests.post(url, json={"prompt": "a fox"}, verify=pki.ca, cert=(pki.client_cert, pki.client_key),
-                              timeout=30)
+        reply = requests.post(
+            url, json={"prompt": "a fox"}, verify=pki.ca, cert=(pki.client_cert, pki.client_key), timeout=30
+        )
         assert reply.status_code == 200
         assert reply.headers["Content-Type"] == "application/octet-stream"
         # With TLS 1.3 the server checks the client certificate after the
@@ -212,15 +258,18 @@ def test_http_endpoint_uses_the_same_tls_policy(tiny_backend, pki):
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.post(url.replace("https", "http"), json={"prompt": "a fox"}, timeout=10)
         # Still serving.
-        reply = requests.post(url, json={"prompt": "a fox"}, verify=pki.ca, cert=(pki.client_cert, pki.client_key),
-                              timeout=30)
+        reply = requests.post(
+            url, json={"prompt": "a fox"}, verify=pki.ca, cert=(pki.client_cert, pki.client_key), timeout=30
+        )
         assert reply.status_code == 200
 
 
 def test_cli_flags_fill_the_tls_config():
     from encoder_server.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args(["serve", "--tls-cert", "s.crt", "--tls-key", "s.key", "--tls-client-ca", "ca.crt"])
+    args = build_parser().parse_args(
+        ["serve", "--tls-cert", "s.crt", "--tls-key", "s.key", "--tls-client-ca", "ca.crt"]
+    )
     assert config_from_args(args).tls == ServerTLSConfig(cert="s.crt", key="s.key", client_ca="ca.crt")
     assert not config_from_args(build_parser().parse_args(["serve"])).tls.enabled
 

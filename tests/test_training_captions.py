@@ -139,6 +139,7 @@ def test_image_folder_without_captions_is_a_clear_error(tmp_path):
 
 def test_datasets_save_to_disk_dataset_and_datasetdict(tmp_path):
     import datasets  # test extra: the fixture is written by the real library
+
     ds = datasets.Dataset.from_dict({"image_id": [1, 2, 3, 4], "caption": CAPTIONS})
     ds.save_to_disk(str(tmp_path / "single"), num_shards=2)
     assert list(iter_captions(tmp_path / "single")) == STRIPPED

@@ -23,12 +23,16 @@ def run(args: argparse.Namespace) -> int:
         info = enc.info()
         embeds, meta = enc.encode_with_metadata(args.prompt)
     save_embeddings(args.out, embeds, prompts=args.prompt, fingerprint=info.fingerprint)
-    print(f"wrote {args.out}: prompt_embeds {list(embeds.shape)} {str(embeds.dtype).removeprefix('torch.')}, "
-          f"fingerprint {info.fingerprint}")
+    print(
+        f"wrote {args.out}: prompt_embeds {list(embeds.shape)} {str(embeds.dtype).removeprefix('torch.')}, "
+        f"fingerprint {info.fingerprint}"
+    )
     # Counts are of the text the encoder tokenizes: the chat template and, for FLUX.2-dev, its
     # system message wrap every prompt, so even "a red fox" counts far more than 3 tokens.
-    print(f"  token counts include the chat template and system message the encoder adds "
-          f"(of {info.max_sequence_length} rows; the rest is padding)")
+    print(
+        f"  token counts include the chat template and system message the encoder adds "
+        f"(of {info.max_sequence_length} rows; the rest is padding)"
+    )
     for prompt, m in zip(args.prompt, meta):
         flag = " (truncated)" if m.truncated else ""
         print(f"  {m.token_count:4d} tokens{flag}  {m.total_time_ns / 1e6:8.1f} ms  {prompt[:60]!r}")

@@ -45,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if models:
         print(f"  {'models':<20} {len(models)} (name one with --encoder-model NAME)")
         for m in models:
-            print(f"    {m['name']:<18} {m['family']:<12} {m['embedding_dim']:>6} wide  {m['dtype']:<9} "
-                  f"{m['fingerprint']}  {m['model_id']}")
+            print(
+                f"    {m['name']:<18} {m['family']:<12} {m['embedding_dim']:>6} wide  {m['dtype']:<9} "
+                f"{m['fingerprint']}  {m['model_id']}"
+            )
     if info.demo:
         print("note: the DEMO model: random weights, the embeddings are noise")
     return 0

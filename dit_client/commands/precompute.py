@@ -42,29 +42,69 @@ def add_parser(sub) -> None:
         "safetensors under --out. Safe to interrupt and rerun: finished shards are kept, the rest is redone.",
     )
     add_encoder_args(p)
-    p.add_argument("--captions", required=True, metavar="PATH",
-                   help=".txt (one per line), .jsonl, .csv, .parquet, an image folder (sidecar .txt or "
-                        "metadata.jsonl) or a datasets save_to_disk folder")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="embedding store directory (created if missing); one store per model")
-    p.add_argument("--model", default=None, metavar="DIT",
-                   help="the DiT the embeddings are for (hub id, folder, demo, demo-klein): its configs pick the "
-                        "server's matching model, as flux2-dit generate does (or name it with --encoder-model)")
-    p.add_argument("--caption-field", metavar="NAME",
-                   help="field/column holding the caption (default: guessed: caption, text, prompt...)")
-    p.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
-                   help="requests in flight on the stream (default: min(8, server limit))")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="captions per request (default: min(8, server limit))")
-    p.add_argument("--shard-size-mb", type=_positive_float, default=DEFAULT_SHARD_BYTES / 2**20, metavar="MB",
-                   help="target shard size in MiB; the client holds two shard buffers, and an interruption loses "
-                        "at most two shards of work (default: %(default).0f)")
-    p.add_argument("--max-attempts", type=_positive_int, default=RetryPolicy.max_attempts, metavar="N",
-                   help="tries per request on UNAVAILABLE / RESOURCE_EXHAUSTED before giving up")
-    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                   help="take only every N-th distinct caption, those whose index modulo N is I (0-based): N "
-                        "processes, e.g. a Kubernetes Indexed Job with --shard $(JOB_COMPLETION_INDEX)/N, each "
-                        "writing its own --out; open the N stores as one with EmbeddingStore([dir0, dir1, ...])")
+    p.add_argument(
+        "--captions",
+        required=True,
+        metavar="PATH",
+        help=".txt (one per line), .jsonl, .csv, .parquet, an image folder (sidecar .txt or "
+        "metadata.jsonl) or a datasets save_to_disk folder",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="embedding store directory (created if missing); one store per model",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIT",
+        help="the DiT the embeddings are for (hub id, folder, demo, demo-klein): its configs pick the "
+        "server's matching model, as flux2-dit generate does (or name it with --encoder-model)",
+    )
+    p.add_argument(
+        "--caption-field",
+        metavar="NAME",
+        help="field/column holding the caption (default: guessed: caption, text, prompt...)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="requests in flight on the stream (default: min(8, server limit))",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="captions per request (default: min(8, server limit))",
+    )
+    p.add_argument(
+        "--shard-size-mb",
+        type=_positive_float,
+        default=DEFAULT_SHARD_BYTES / 2**20,
+        metavar="MB",
+        help="target shard size in MiB; the client holds two shard buffers, and an interruption loses "
+        "at most two shards of work (default: %(default).0f)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=RetryPolicy.max_attempts,
+        metavar="N",
+        help="tries per request on UNAVAILABLE / RESOURCE_EXHAUSTED before giving up",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="take only every N-th distinct caption, those whose index modulo N is I (0-based): N "
+        "processes, e.g. a Kubernetes Indexed Job with --shard $(JOB_COMPLETION_INDEX)/N, each "
+        "writing its own --out; open the N stores as one with EmbeddingStore([dir0, dir1, ...])",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

@@ -198,7 +198,9 @@ def _arrow_field(schema, field: str | None, where: str) -> str:
     import pyarrow as pa
 
     columns = list(schema.names)
-    strings = [n for n in columns if pa.types.is_string(schema.field(n).type) or pa.types.is_large_string(schema.field(n).type)]
+    strings = [
+        n for n in columns if pa.types.is_string(schema.field(n).type) or pa.types.is_large_string(schema.field(n).type)
+    ]
     return _pick_field(columns, field, where, strings)
 
 

@@ -128,8 +128,12 @@ def precompute(
             "name the one to precompute with (--encoder-model NAME, or --model DIT to match a DiT)"
         )
     store_info = StoreInfo(
-        info.fingerprint, info.dtype, (info.max_sequence_length, info.embedding_dim), info.model_id,
-        info.model_name, info.family,
+        info.fingerprint,
+        info.dtype,
+        (info.max_sequence_length, info.embedding_dim),
+        info.model_id,
+        info.model_name,
+        info.family,
     )
     source = iter_captions(captions, caption_field) if isinstance(captions, (str, os.PathLike)) else captions
 
@@ -153,8 +157,12 @@ def precompute(
         already = mine - len(todo)
         del seen
         log.info(
-            "%d captions, %d distinct%s, %d already stored, %d to encode", read, mine,
-            f" in shard {shard[0]}/{shard[1]}" if shard else "", already, len(todo),
+            "%d captions, %d distinct%s, %d already stored, %d to encode",
+            read,
+            mine,
+            f" in shard {shard[0]}/{shard[1]}" if shard else "",
+            already,
+            len(todo),
         )
 
         # 3. Stream them through the service into shards.

@@ -62,8 +62,7 @@ def remote_text_encoder(
         from common.errors import IntegrityError
 
         raise IntegrityError(
-            f"the store {store.path} was made by fingerprint {store.fingerprint}, "
-            f"the encoder serves {info.fingerprint}"
+            f"the store {store.path} was made by fingerprint {store.fingerprint}, the encoder serves {info.fingerprint}"
         )
     out = torch.empty((len(prompts), info.max_sequence_length, info.embedding_dim), dtype=info.dtype)
     rows_of: dict[str, list[int]] = {}

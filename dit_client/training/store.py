@@ -34,8 +34,8 @@ import secrets
 import struct
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.atomic import TMP_SUFFIX, atomic_write
-from common.errors import IntegrityError
 from common.dtypes import DTYPE_NAMES, row_of, torch_dtype
+from common.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,20 @@ class StoreInfo:
         }
 
     @classmethod
-    def from_json(cls, data: dict, where: str) -> "StoreInfo":
+    def from_json(cls, data: dict, where: str) -> StoreInfo:
         try:
             dtype = torch_dtype(data["dtype"])
             shape = tuple(int(x) for x in data["shape"])
             if len(shape) != 2:
                 raise ValueError("shape must have 2 dimensions")
-            return cls(str(data["fingerprint"]), dtype, shape, str(data.get("model_id", "")),  # type: ignore[arg-type]
-                       str(data.get("model_name", "")), str(data.get("family", "")))
+            return cls(
+                str(data["fingerprint"]),
+                dtype,
+                shape,
+                str(data.get("model_id", "")),  # type: ignore[arg-type]
+                str(data.get("model_name", "")),
+                str(data.get("family", "")),
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"{where}: malformed store index ({exc})") from None
 
@@ -193,7 +199,9 @@ def _read_shard_header(file: Path, info: StoreInfo) -> list[str]:
     if 8 + header_len + int(tensor["data_offsets"][1]) != size:
         raise IntegrityError(f"{file.name}: size {size} does not match its header (torn write?)")
     if meta.get("fingerprint") != info.fingerprint:
-        raise IntegrityError(f"{file.name}: made by fingerprint {meta.get('fingerprint')}, the store holds {info.fingerprint}")
+        raise IntegrityError(
+            f"{file.name}: made by fingerprint {meta.get('fingerprint')}, the store holds {info.fingerprint}"
+        )
     try:
         captions = json.loads(meta["captions"])
     except (KeyError, ValueError):
@@ -238,8 +246,13 @@ class EmbeddingStore:
             or the store was made for another model than the expected one.
     """
 
-    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 expected_fingerprint: str | None = None, expected_model: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        expected_fingerprint: str | None = None,
+        expected_model: str | None = None,
+    ):
         self.paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
         if not self.paths:
             raise StoreError("no store directory given")
@@ -251,12 +264,18 @@ class EmbeddingStore:
         for folder in self.paths:
             loaded = _read_index(folder)
             if loaded is None:
-                raise StoreError(f"{folder} is not an embedding store (no {INDEX_NAME}); create one with `flux2-dit precompute`")
+                raise StoreError(
+                    f"{folder} is not an embedding store (no {INDEX_NAME}); create one with `flux2-dit precompute`"
+                )
             info, shards = loaded
             check_store_model(folder, info, expected_fingerprint=expected_fingerprint, expected_model=expected_model)
             if folder is self.path:
                 self.info = info
-            elif (info.fingerprint, info.dtype, info.shape) != (self.info.fingerprint, self.info.dtype, self.info.shape):
+            elif (info.fingerprint, info.dtype, info.shape) != (
+                self.info.fingerprint,
+                self.info.dtype,
+                self.info.shape,
+            ):
                 raise IntegrityError(
                     f"{folder} holds embeddings of {info.fingerprint} {DTYPE_NAMES[info.dtype]} {list(info.shape)}, "
                     f"{self.path} of {self.info.fingerprint} {DTYPE_NAMES[self.info.dtype]} {list(self.info.shape)}: "
@@ -354,8 +373,9 @@ class EmbeddingStore:
         return f"EmbeddingStore({where!r}, {len(self)} captions, {self.fingerprint})"
 
 
-def check_store_model(path: Path, info: StoreInfo, *, expected_fingerprint: str | None = None,
-                      expected_model: str | None = None) -> None:
+def check_store_model(
+    path: Path, info: StoreInfo, *, expected_fingerprint: str | None = None, expected_model: str | None = None
+) -> None:
     """Raise :class:`IntegrityError` unless the store at ``path`` was made by the expected model."""
     if expected_fingerprint and info.fingerprint != expected_fingerprint:
         raise IntegrityError(
@@ -448,14 +468,14 @@ class StoreWriter:
                     f"{self.path} holds {DTYPE_NAMES[existing.dtype]} {list(existing.shape)} embeddings, "
                     f"the encoder sends {DTYPE_NAMES[self.info.dtype]} {list(self.info.shape)}"
                 )
-            if existing.model_id and not self.info.model_id:
-                self.info = existing
-            elif existing.model_name and not self.info.model_name:  # same fingerprint: keep what the index knew
+            if existing.model_id and not self.info.model_id or existing.model_name and not self.info.model_name:
                 self.info = existing
         else:
             listed = []
             # Refuse to scatter shards among someone else's files.
-            strangers = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(SHARD_PREFIX)]
+            strangers = [
+                p.name for p in self.path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(SHARD_PREFIX)
+            ]
             if strangers:
                 raise StoreError(
                     f"{self.path} is not empty and not an embedding store (it holds {strangers[0]!r}); "
@@ -601,9 +621,8 @@ class StoreWriter:
             self._filling = self._spare = None
             self._release_lock()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
