@@ -62,7 +62,7 @@ def cache_key(fingerprint: str, prompt: str, scope: str = "") -> str:
 # What a memory-cache entry holds besides its tensor's storage: the tensor and storage
 # objects, the allocator's header, the CachedEmbedding, its 64-character key and its
 # slot in the LRU. Measured: 650-860 bytes (VmRSS over 2,000 to 20,000 entries);
-# tests/test_cache.py checks the cache's total against RSS.
+# tests/encoder_server/test_cache.py checks the cache's total against RSS.
 ENTRY_OVERHEAD_BYTES = 768
 
 

@@ -1,6 +1,6 @@
 """How close two ``[B, L, D]`` embedding batches are, over the prompts' real rows.
 
-Used by tests/test_packed.py and the benchmarks to compare ``compute="packed"``
+Used by tests/encoder_server/test_packed.py and the benchmarks to compare ``compute="packed"``
 with the reference and to measure the reference's own noise. Only the rows at
 real-token positions are compared (``mask``); with left padding a packed batch's
 pad rows come from the pad table and are compared separately.

@@ -720,7 +720,7 @@ class TruncatedTextEncoder:
 
         Not bit-exact: the reference's attention reduces over 512 keys of which the pads are
         masked out, this one over the real keys only, and every matmul runs on another
-        shape, so the floating-point rounding differs (measured in tests/test_packed.py
+        shape, so the floating-point rounding differs (measured in tests/encoder_server/test_packed.py
         and docs/benchmarks.md). A prompt with more pads than the table holds (a tokenizer
         where some prompt is shorter than the empty one) sends the batch down the exact path.
         """

@@ -15,7 +15,7 @@ import redis
 from tests import redis_server as redis_module
 from tests.redis_server import RedisServer, start_redis_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_set_get_round_trip_on_its_own_loopback_port(redis_server):

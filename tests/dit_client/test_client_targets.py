@@ -24,7 +24,7 @@ from dit_client import cli
 from dit_client.connection import DEFAULT_PORT, TargetError, TLSConfig, TLSUsageError, parse_target
 from tests.certs import self_signed
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- parse_target: the one place an --encoder value is read ---------------------

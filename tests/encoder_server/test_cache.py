@@ -21,9 +21,9 @@ from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES, CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.engine import EncodeEngine
 from tests.helpers import ServerThread
-from tests.test_engine import FakeBackend, embedding_of, run
+from tests.encoder_server.test_engine import FakeBackend, embedding_of, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def entry(seed: int, shape=(512, 48)) -> CachedEmbedding:

@@ -23,7 +23,7 @@ from dit_client.training import EmbeddingStore, StoreInfo, StoreWriter, precompu
 from dit_client.training.store import INDEX_NAME
 from tests.helpers import OverloadedFirst, ProxyBackend, ServerThread
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, latest_version
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
 # The oldest Kubernetes the manifests are written for (gRPC probes, Indexed Jobs, autoscaling/v2,
 # policy/v1 and unhealthyPodEvictionPolicy all exist there), and the newest the validator knows.

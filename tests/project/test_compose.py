@@ -23,7 +23,7 @@ import yaml
 from common.config import ServerConfig
 from encoder_server.auth import KeyFileError, load_api_keys
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 # Files an operator creates from a committed example (secrets stay out of git).
 OPERATOR_FILES = {"deploy/api-keys.txt": "deploy/api-keys.example.txt"}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dit_client.demo import DEMO_SIZE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_make_demo_writes_a_picture_and_stops_the_encoder(tmp_path):

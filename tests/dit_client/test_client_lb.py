@@ -2,7 +2,7 @@
 
 In-process servers on loopback (tests/helpers.py), so each replica's calls can be
 counted and its health set by the test. Killing replicas with ``kill -9`` needs
-processes: that is tests/test_replicas.py.
+processes: that is tests/encoder_server/test_replicas.py.
 """
 
 from __future__ import annotations

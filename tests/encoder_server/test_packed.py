@@ -242,7 +242,7 @@ def test_gpu_benchmark_dry_run_reports_packed_fidelity():
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [
             sys.executable,

@@ -1,7 +1,7 @@
 """Several models on one encoder server: FLUX.2 [dev] and [klein] side by side.
 
-Each model's answers equal its own backend's (which tests/test_text_encoder.py
-and tests/test_klein_encoder.py prove bit-exact with diffusers), batches
+Each model's answers equal its own backend's (which tests/encoder_server/test_text_encoder.py
+and tests/encoder_server/test_klein_encoder.py prove bit-exact with diffusers), batches
 never mix models, and a request that names no model, or one the server does
 not have, gets a clear INVALID_ARGUMENT.
 """

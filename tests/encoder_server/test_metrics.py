@@ -18,7 +18,7 @@ from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES
 from encoder_server.engine import EncodeEngine
 from tests.helpers import ServerThread
-from tests.test_engine import FakeBackend
+from tests.encoder_server.test_engine import FakeBackend
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
