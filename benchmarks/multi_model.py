@@ -76,7 +76,7 @@ class Server:
             "0",
         ]
         self.command = " ".join(["flux2-encoder", *cmd[3:]])
-        self._log = open(workdir / f"server-{self.port}.log", "w")
+        self._log = open(workdir / f"server-{self.port}.log", "w")  # noqa: SIM115 - open for the child's whole life, not one block
         self.log_path = Path(self._log.name)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.names = self._wait_ready()

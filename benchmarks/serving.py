@@ -78,7 +78,7 @@ class ServerProcess:
             "--port", str(self.port), "--metrics-port", str(self.metrics_port), *extra,
         ]  # fmt: skip
         self.command = " ".join(["flux2-encoder", *cmd[3:]])
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - open for the child's whole life, not one block
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
@@ -188,11 +188,17 @@ def section_sweep(model_dir: Path, workdir: Path, levels, miss_total: int, hit_t
         for n in tqdm(levels, desc="sweep"):
             run_id = uuid.uuid4().hex[:8]
             per_client = max(1, miss_total // n)
-            out["miss"].append(run_clients(
-                server, n, lambda i: [f"miss {run_id} client {i} request {r}: a fox in snow" for r in range(per_client)]
-            ))  # fmt: skip
+
+            def misses(i, run_id=run_id, per_client=per_client):
+                return [f"miss {run_id} client {i} request {r}: a fox in snow" for r in range(per_client)]
+
+            out["miss"].append(run_clients(server, n, misses))
             per_client = max(1, hit_total // n)
-            out["hit"].append(run_clients(server, n, lambda i: [warm[(i + r) % len(warm)] for r in range(per_client)]))
+            out["hit"].append(
+                run_clients(
+                    server, n, lambda i, per_client=per_client: [warm[(i + r) % len(warm)] for r in range(per_client)]
+                )
+            )
         out["computed"] = server.metric("flux2_encoder_prompts_computed_total")
     return out
 
@@ -226,20 +232,20 @@ def section_fairness(model_dir: Path, workdir: Path, samples: int) -> dict:
             stop = threading.Event()
             bulk_done = []
 
-            def bulk_prompts():
+            def bulk_prompts(stop=stop):
                 i = 0
                 while not stop.is_set():
                     yield f"bulk caption {i}: product photo of item {uuid.uuid4().hex}"
                     i += 1
 
-            def bulk_main():
+            def bulk_main(bulk_done=bulk_done):
                 with server.client(keys["bulk"]) as enc:
                     for _ in enc.encode_stream(bulk_prompts(), batch_size=4, max_in_flight=4):
                         bulk_done.append(time.perf_counter())
 
             with server.client() as enc:  # the artist alone first: the floor
                 idle = []
-                for i in range(3):
+                for _ in range(3):
                     t0 = time.perf_counter()
                     enc.encode([f"idle {uuid.uuid4().hex}: a watercolor heron"])
                     idle.append(time.perf_counter() - t0)

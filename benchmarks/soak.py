@@ -89,7 +89,7 @@ class ServerProcess:
         ]  # fmt: skip
         self.env = env
         self.command = " ".join([*(f"{k}={v}" for k, v in env.items()), "flux2-encoder", *cmd[3:]])
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - open for the child's whole life, not one block
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )

@@ -169,7 +169,7 @@ def _resolve_names(addresses: list[tuple[str, int]], target: str) -> list[tuple[
         per_address.append(found)
     for version in (4, 6):  # one family for the whole list, IPv4 when every address has one
         if all(found.get(version) for found in per_address):
-            resolved = [(ip, port) for found, (_, port) in zip(per_address, addresses) for ip in found[version]]
+            resolved = [(ip, port) for found, (_, port) in zip(per_address, addresses, strict=True) for ip in found[version]]
             return list(dict.fromkeys(resolved))
     raise TargetError(f"--encoder {target!r}: the names do not all resolve to addresses of one family (IPv4 or IPv6)")
 

@@ -22,6 +22,7 @@ ContextVar set in ``intercept_service`` does not reach the task that runs the ha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -215,7 +216,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 yield Refused(echo, exc)
                 continue
             open_tickets[id(ticket)] = ticket
-            ticket.on_release = lambda key=id(ticket): open_tickets.pop(key, None)
+            ticket.on_release = functools.partial(open_tickets.pop, id(ticket), None)
             yield ticket
 
     async def _write_all(self, messages: AsyncIterator[bytes], context, method: Method, user: str) -> None:

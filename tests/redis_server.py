@@ -131,7 +131,7 @@ class RedisServer:
     def _spawn(self) -> None:
         if self._log is not None:
             self._log.close()
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the child's whole life, not one block
         self.proc = subprocess.Popen(
             self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )

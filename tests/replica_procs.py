@@ -67,7 +67,7 @@ class ReplicaProcess:
             *(("--shared-cache", self.shared_cache) if self.shared_cache else ()),
             *self.extra_args,
         ]
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the child's whole life, not one block
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )

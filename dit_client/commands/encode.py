@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         f"  token counts include the chat template and system message the encoder adds "
         f"(of {info.max_sequence_length} rows; the rest is padding)"
     )
-    for prompt, m in zip(args.prompt, meta):
+    for prompt, m in zip(args.prompt, meta, strict=True):
         flag = " (truncated)" if m.truncated else ""
         print(f"  {m.token_count:4d} tokens{flag}  {m.total_time_ns / 1e6:8.1f} ms  {prompt[:60]!r}")
     if info.demo:

@@ -283,9 +283,12 @@ def test_an_answer_broken_off_part_way_is_sent_again(server):
 def test_a_broken_answer_is_raised_once_the_policy_gives_up(server):
     front = BreaksOff(server.target, breaks=10**6)
     try:
-        with RemoteTextEncoder(
-            f"127.0.0.1:{front.port}", retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
-        ) as enc, pytest.raises(EncoderUnavailable, match="broke off 3 times"):
+        with (
+            RemoteTextEncoder(
+                f"127.0.0.1:{front.port}", retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+            ) as enc,
+            pytest.raises(EncoderUnavailable, match="broke off 3 times"),
+        ):
             enc.encode(["a red fox", "a blue owl"])
         assert front.calls == 3
     finally:

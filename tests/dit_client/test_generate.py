@@ -589,7 +589,8 @@ def test_a_refused_prompt_fails_before_any_weight_is_loaded(f32_server, tiny_mod
             DiTConfig(model=str(tiny_model_dir), **CPU_F32),
             progress=False,
             retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01),
-        ) as client,pytest.raises(EncoderOverloaded, match="busy")
+        ) as client,
+        pytest.raises(EncoderOverloaded, match="busy"),
     ):
         client.generate(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=1)
     assert loaded == []

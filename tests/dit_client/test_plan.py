@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -165,7 +166,7 @@ def test_cli_without_cuda_asks_for_vram(tiny_model_dir, monkeypatch, capsys):
 
 
 def _meminfo_total_gib() -> float:
-    line = next(x for x in open("/proc/meminfo") if x.startswith("MemTotal:"))
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal:"))
     return int(line.split()[1]) * 1024 / GIB
 
 

@@ -20,8 +20,8 @@ from common.errors import NotCached
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES, CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.engine import EncodeEngine
-from tests.helpers import ServerThread
 from tests.encoder_server.test_engine import FakeBackend, embedding_of, run
+from tests.helpers import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,8 @@ from common.protocol import pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES
 from encoder_server.engine import EncodeEngine
-from tests.helpers import ServerThread
 from tests.encoder_server.test_engine import FakeBackend
+from tests.helpers import ServerThread
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
