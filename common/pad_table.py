@@ -23,17 +23,23 @@ def pad_table_id(fingerprint: str, table: torch.Tensor | None) -> str:
     return f"{fingerprint}/pad:{table.shape[0]}:{crc32c(tensor_bytes(table)):08x}"
 
 
-def rebuild(rows: torch.Tensor, elided: int, table: torch.Tensor) -> torch.Tensor:
-    """The full ``[elided + n, D]`` embedding from its ``[n, D]`` real rows and the table's first ``elided`` rows.
+def pad_rows(elided: int, width: int, dtype: torch.dtype, table: torch.Tensor) -> torch.Tensor:
+    """The table's first ``elided`` rows as ``[elided, width]`` in ``dtype``, what a rebuilt embedding starts with.
 
     ``table`` is in the server's compute dtype; it is cast like the rows were
-    (an elementwise cast of equal values gives equal values).
+    (an elementwise cast of equal values gives equal values). Raises
+    :class:`IntegrityError` when the table cannot supply them.
     """
-    if elided == 0:
-        return rows
-    if elided > table.shape[0] or table.shape[1] != rows.shape[1]:
+    if elided > table.shape[0] or table.shape[1] != width:
         raise IntegrityError(
-            f"the server left out {elided} rows of width {rows.shape[1]}; the pad table has "
+            f"the server left out {elided} rows of width {width}; the pad table has "
             f"{table.shape[0]} rows of width {table.shape[1]}"
         )
-    return torch.cat([table[:elided].to(rows.dtype), rows], dim=0)
+    return table[:elided].to(dtype)
+
+
+def rebuild(rows: torch.Tensor, elided: int, table: torch.Tensor) -> torch.Tensor:
+    """The full ``[elided + n, D]`` embedding from its ``[n, D]`` real rows and the table's first ``elided`` rows."""
+    if elided == 0:
+        return rows
+    return torch.cat([pad_rows(elided, rows.shape[1], rows.dtype, table), rows], dim=0)

@@ -12,6 +12,7 @@ import torch
 
 from common.dtypes import DTYPE_NAMES
 from common.errors import IntegrityError, InvalidRequest
+from common.pad_table import pad_rows
 from common.protocol import pb2
 from common.wire import TensorAssembler, dtype_from_wire
 
@@ -37,6 +38,8 @@ class ModelInfo:
     demo: bool
     padding_side: str
     revision: str = ""
+    pad_table: str = ""  # the id of the model's pad table; "": it never leaves pad rows out
+    pad_table_rows: int = 0
 
     @classmethod
     def from_proto(cls, m: pb2.ModelInfo) -> ModelInfo:
@@ -57,6 +60,8 @@ class ModelInfo:
             demo=m.demo,
             padding_side=m.padding_side,
             revision=m.revision,
+            pad_table=m.pad_table,
+            pad_table_rows=m.pad_table_rows,
         )
 
 
@@ -92,6 +97,11 @@ class EncoderInfo:
     def model(self, name: str) -> ModelInfo | None:
         """The entry of :attr:`models` called ``name``, or None."""
         return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def described(self) -> ModelInfo | None:
+        """The entry of :attr:`models` that the model fields describe; None from servers older than several models."""
+        return self.model(self.model_name) if self.model_name else None
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -132,7 +142,12 @@ class EncoderInfo:
 
 @dataclass(frozen=True)
 class PromptMetadata:
-    """Per-prompt facts the server reports with each embedding (times in nanoseconds)."""
+    """Per-prompt facts the server reports with each embedding (times in nanoseconds).
+
+    ``pad_rows_elided``: leading pad rows the server left out because the client
+    holds them (its pad table); the client put them back. The wire carried
+    ``max_sequence_length - pad_rows_elided`` rows. 0: every row was sent.
+    """
 
     token_count: int
     truncated: bool
@@ -143,6 +158,7 @@ class PromptMetadata:
     model_fingerprint: str
     cache_hit: bool
     batch_size: int
+    pad_rows_elided: int = 0
 
     @classmethod
     def from_proto(cls, m: pb2.PromptMetadata) -> PromptMetadata:
@@ -157,14 +173,23 @@ class ResponseAssembler:
     fingerprint on every header, byte counts and CRCs; any mismatch raises
     :class:`IntegrityError`.
 
+    An embedding sent without its leading pad rows (``pad_rows_elided``) has
+    its real rows written to the end of its slot and the pad table's rows
+    (:func:`common.pad_table.pad_rows`, cast like the rows) to the start, so
+    ``out`` holds the full embedding, bit for bit what the server computed.
+
     Args:
         out: ``[n_prompts, max_sequence_length, embedding_dim]`` buffer to fill.
         fingerprint: the model fingerprint every embedding must carry.
+        pad_table: ``[P, embedding_dim]``, the table the request named
+            (``EncodeRequest.pad_table``); None when it named none, and then an
+            answer with rows left out is an :class:`IntegrityError`.
     """
 
-    def __init__(self, out: torch.Tensor, fingerprint: str):
+    def __init__(self, out: torch.Tensor, fingerprint: str, pad_table: torch.Tensor | None = None):
         self.out = out
         self.fingerprint = fingerprint
+        self.pad_table = pad_table
         self.metadata: list[PromptMetadata | None] = [None] * len(out)
         self._tensor: TensorAssembler | None = None
         self._current = -1
@@ -180,12 +205,24 @@ class ResponseAssembler:
             meta = PromptMetadata.from_proto(msg.header.metadata)
             if meta.model_fingerprint != self.fingerprint:
                 raise IntegrityError(f"embedding made by {meta.model_fingerprint}, expected {self.fingerprint}")
-            self._tensor = TensorAssembler(self.out[index], msg.header)
+            self._tensor = TensorAssembler(self._slot(index, meta.pad_rows_elided), msg.header)
             self.metadata[index] = meta
             self._current = index
         elif self._tensor is None or msg.prompt_index != self._current:
             raise IntegrityError("chunk arrived before its header")
         self._tensor.add_bytes(offset, data)
+
+    def _slot(self, index: int, elided: int) -> torch.Tensor:
+        """Where prompt ``index``'s rows go: all of its slot, or the part after the ``elided`` pad rows, filled here."""
+        slot = self.out[index]  # [L, D]
+        if elided == 0:
+            return slot
+        if self.pad_table is None:
+            raise IntegrityError(f"the server left out {elided} rows, but this client named no pad table")
+        if elided >= slot.shape[0]:
+            raise IntegrityError(f"the server left out {elided} of {slot.shape[0]} rows")
+        slot[:elided] = pad_rows(elided, slot.shape[1], slot.dtype, self.pad_table)
+        return slot[elided:]
 
     def finish(self) -> list[PromptMetadata]:
         """Check the last prompt and that every prompt arrived; return their metadata in order."""

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import safetensors.torch
 import torch
 
 from common.atomic import atomic_write
-from common.errors import IntegrityError
+from common.errors import Flux2RemoteError, IntegrityError
 from common.pad_table import pad_table_id, rebuild  # noqa: F401 - rebuild is part of this module's API
 from common.protocol import pb2
 from common.wire import TensorAssembler, dtype_from_wire
@@ -38,11 +41,11 @@ class PadTables:
     """The pad tables this machine holds, on disk, verified on every read.
 
     Args:
-        root: folder for the tables (e.g. ``<flux2-remote cache>/pad-tables``).
+        root: folder for the tables; None: :func:`default_root` (``<flux2-remote cache>/pad-tables``).
     """
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
 
     def path_of(self, table: str) -> Path:
         return self.root / (hashlib.sha256(table.encode()).hexdigest()[:32] + ".safetensors")
@@ -86,6 +89,75 @@ class PadTables:
         table = fetch(stub, model_info, metadata=metadata, timeout=timeout)
         self.save(model_info.pad_table, table)
         return table
+
+
+def default_root() -> Path:
+    """``<flux2-remote cache>/pad-tables``: the user cache dir (``FLUX2_REMOTE_CACHE`` overrides)."""
+    from common.demo import cache_root
+
+    return cache_root() / "pad-tables"
+
+
+@dataclass(frozen=True)
+class HeldTable:
+    """A pad table this client holds: its id (what ``EncodeRequest.pad_table`` names) and its ``[P, D]`` rows."""
+
+    id: str
+    rows: torch.Tensor
+
+
+class Elision:
+    """Which pad table a client names in its requests, per model: got once per table id, then kept in memory.
+
+    A table is read from :class:`PadTables` (checked; a damaged or foreign file
+    is removed) or fetched with ``GetPadTable`` and saved there. Anything that
+    goes wrong on the way (the fetch fails, the disk is read-only) is logged
+    once and the client asks for whole embeddings: elision saves bytes, it must
+    never fail an encode.
+
+    Args:
+        tables: the on-disk store; None turns elision off (every answer is whole).
+    """
+
+    def __init__(self, tables: PadTables | None):
+        self.tables = tables
+        self._held: dict[str, torch.Tensor | None] = {}  # table id -> rows; None: could not get it
+        self._lock = threading.Lock()  # one fetch per table, however many threads encode
+
+    def table_for(self, connection, model_info, *, timeout: float = 60.0) -> HeldTable | None:
+        """The table to name for ``model_info`` (:class:`dit_client.frames.ModelInfo` or ``pb2.ModelInfo``),
+        or None: elision off, a server or model without one, or it could not be got."""
+        if self.tables is None or model_info is None or not model_info.pad_table:
+            return None
+        table_id = model_info.pad_table
+        with self._lock:
+            if table_id not in self._held:
+                self._held[table_id] = self._get(connection, model_info, timeout)
+            rows = self._held[table_id]
+        return None if rows is None else HeldTable(table_id, rows)
+
+    def _get(self, connection, model_info, timeout: float) -> torch.Tensor | None:
+        try:
+            rows = self.tables.load(model_info.pad_table)
+        except OSError as exc:  # an unreadable cache dir: as if the table were absent
+            log.warning("could not read pad table %s in %s (%s)", model_info.pad_table, self.tables.root, exc)
+            rows = None
+        if rows is not None:
+            return rows
+        try:
+            rows = fetch(connection.stub, model_info, metadata=connection.metadata, timeout=timeout)
+        except grpc.RpcError as err:
+            exc = connection.translate(err)
+            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, exc)
+            return None
+        except Flux2RemoteError as exc:
+            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, exc)
+            return None
+        try:
+            self.tables.save(model_info.pad_table, rows)
+        except OSError as exc:  # still good in memory; the next process fetches it again
+            log.warning("could not keep pad table %s in %s (%s)", model_info.pad_table, self.tables.root, exc)
+        return rows
 
 
 def fetch(stub, model_info: pb2.ModelInfo, *, metadata=(), timeout: float = 60.0) -> torch.Tensor:

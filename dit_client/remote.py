@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from common.protocol import pb2
 from common.wire import decode_response_frame, dtype_to_wire
 from dit_client.connection import DEFAULT_TIMEOUT_S, Connection, TLSConfig
 from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, check_output_dtype
+from dit_client.pad_table import Elision, HeldTable, PadTables
 from dit_client.retry import RetryPolicy
 from dit_client.stream import StreamedEmbedding, encode_stream
 
@@ -61,6 +63,17 @@ class RemoteTextEncoder:
         channel_options: extra gRPC channel arguments, ``(name, value)`` pairs (they win over ours).
         retry: how a response broken mid-way (its replica died after answering in part, which
             gRPC's own retry cannot cover) is sent again, and the default for :meth:`encode_stream`.
+        elide: receive only each prompt's real rows when the server's model has a pad table
+            (``ModelInfo.pad_table``), and put the pad rows back here; results are bit-identical
+            either way. ``False``: every embedding travels whole (``[512, D]``), as from older clients.
+        pad_table_dir: where pad tables are kept (one file per table, a few MB, checked on every
+            read); default ``<user cache dir>/flux2-remote/pad-tables`` (``FLUX2_REMOTE_CACHE``
+            moves the cache dir).
+
+    Pad tables: the first encode for a model whose server names a table reads it
+    from ``pad_table_dir``, or fetches it (``GetPadTable``) and keeps it there. A
+    damaged or foreign file is deleted and fetched again, never used. If it cannot
+    be got, a warning is logged once and embeddings travel whole.
 
     Failover: gRPC retries ``GetInfo`` and ``Encode`` on ``UNAVAILABLE`` before any answer
     arrived, on another replica (the channel's service config,
@@ -85,6 +98,8 @@ class RemoteTextEncoder:
         channel_options: Sequence[tuple[str, object]] = (),
         retry: RetryPolicy | None = None,
         model: str | None = None,
+        elide: bool = True,
+        pad_table_dir: str | Path | None = None,
     ):
         self.connection = Connection(
             target, api_key=api_key, tls=tls, timeout=timeout, lb_policy=lb_policy, channel_options=channel_options
@@ -93,6 +108,7 @@ class RemoteTextEncoder:
         self.expected_fingerprint = expected_fingerprint
         self.model = model or None
         self._infos: dict[str, EncoderInfo] = {}  # GetInfo per model name ("" = the server's default)
+        self.elision = Elision(PadTables(pad_table_dir) if elide else None)
 
     @property
     def target(self) -> str:
@@ -154,6 +170,10 @@ class RemoteTextEncoder:
             self._infos[name] = info
         return info
 
+    def pad_table_for(self, info: EncoderInfo) -> HeldTable | None:
+        """The pad table to name in requests to ``info``'s model; None: they get whole embeddings."""
+        return self.elision.table_for(self.connection, info.described, timeout=self.timeout)
+
     def encode(
         self,
         prompts: str | Sequence[str],
@@ -198,16 +218,25 @@ class RemoteTextEncoder:
         # One preallocated buffer; chunks are copied straight into it.
         out = torch.empty((len(prompts), info.max_sequence_length, info.embedding_dim), dtype=out_dtype)
         metadata: list[PromptMetadata] = []
+        held = self.pad_table_for(info)
         step = max(1, info.limits.get("max_prompts_per_request", len(prompts)))
         for start in range(0, len(prompts), step):
             part = prompts[start : start + step]
-            request = pb2.EncodeRequest(prompts=part, dtype=dtype_to_wire(out_dtype), cache_only=cache_only, model=name)
-            metadata.extend(self._encode_part(request, out[start : start + len(part)], info))
+            request = pb2.EncodeRequest(
+                prompts=part,
+                dtype=dtype_to_wire(out_dtype),
+                cache_only=cache_only,
+                model=name,
+                pad_table=held.id if held else "",
+            )
+            metadata.extend(self._encode_part(request, out[start : start + len(part)], info, held))
         return out, metadata
 
     # -- internals -------------------------------------------------------
 
-    def _encode_part(self, request: pb2.EncodeRequest, out: torch.Tensor, info: EncoderInfo) -> list[PromptMetadata]:
+    def _encode_part(
+        self, request: pb2.EncodeRequest, out: torch.Tensor, info: EncoderInfo, held: HeldTable | None = None
+    ) -> list[PromptMetadata]:
         """One ``Encode`` call into ``out``, sent again while its answer breaks off part-way.
 
         A call that fails before any answer arrived was already retried by gRPC
@@ -222,7 +251,7 @@ class RemoteTextEncoder:
             frames = 0
             try:
                 responses = self.connection.encode_raw(request, timeout=self.timeout, metadata=self.connection.metadata)
-                assembler = ResponseAssembler(out, info.fingerprint)
+                assembler = ResponseAssembler(out, info.fingerprint, held.rows if held else None)
                 for raw in responses:
                     frames += 1
                     msg, offset, data = decode_response_frame(raw)

@@ -45,6 +45,7 @@ from common.protocol import pb2
 from common.wire import decode_response_frame, dtype_to_wire
 from dit_client.connection import Connection
 from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, check_output_dtype
+from dit_client.pad_table import HeldTable
 from dit_client.retry import RETRYABLE, RetryPolicy
 
 # Defaults sized for FLUX.2-dev (15.7 MB per embedding): the client assembles one
@@ -60,6 +61,7 @@ class EncoderClient(Protocol):
 
     connection: Connection
     info: Callable[..., EncoderInfo]  # info(model=None, refresh=False) -> EncoderInfo, cached by the client
+    pad_table_for: Callable[[EncoderInfo], HeldTable | None]  # the table requests name; None: whole embeddings
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,31 @@ class StreamedEmbedding:
         index: position of the prompt in the input iterable (0-based).
         prompt: the prompt text.
         embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor
-            (``[512, 15360]`` bfloat16 for FLUX.2-dev), exactly the bytes the server sent;
+            (``[512, 15360]`` bfloat16 for FLUX.2-dev), bit for bit what the server computed
+            (pad rows the server left out already put back from the pad table);
             a view into its request's buffer (``clone()`` it to keep it on its own).
-        metadata: token count, timings, cache hit, fingerprint.
+        metadata: token count, timings, cache hit, fingerprint, ``pad_rows_elided``.
+        pad_table: id of the pad table whose first ``metadata.pad_rows_elided`` rows
+            start ``embedding`` (``ModelInfo.pad_table``); ``""`` when no row was left out.
     """
 
     index: int
     prompt: str
     embedding: torch.Tensor
     metadata: PromptMetadata
+    pad_table: str = ""
+
+    def compact(self) -> tuple[torch.Tensor, int]:
+        """``(rows [n, embedding_dim], pad_count)``: the rows that came over the wire and how many pad rows precede them.
+
+        For stores that keep only real rows: ``embedding`` equals
+        ``common.pad_table.rebuild(rows, pad_count, table)`` with the table :attr:`pad_table`
+        names. ``rows`` is a view of ``embedding`` (no copy). ``pad_count`` is 0, and
+        ``rows`` the whole embedding, when the server sent every row (elision off, a model
+        without a pad table, or rows that differ from the table).
+        """
+        pad_count = self.metadata.pad_rows_elided
+        return self.embedding[pad_count:], pad_count
 
 
 @dataclass
@@ -150,6 +168,7 @@ class _StreamJob:
             raise InvalidRequest(f"max_in_flight must be at least 1, got {self.max_in_flight}")
         self.dtype = dtype or self.info.dtype
         check_output_dtype(self.dtype)
+        self.held = client.pad_table_for(self.info)
         self.max_chars = int(limits.get("max_prompt_chars") or 0)
         self._fresh = self._batches(prompts)
         self._fresh_done = False
@@ -247,6 +266,7 @@ class _StreamJob:
                             cache_only=self.cache_only,
                             request_id=request_id,
                             model=self.model,
+                            pad_table=self.held.id if self.held else "",
                         )
                     )
                 if not in_flight:
@@ -284,7 +304,9 @@ class _StreamJob:
                         (len(request.prompts), self.info.max_sequence_length, self.info.embedding_dim),
                         dtype=self.dtype,
                     )
-                    assembler = receiving[msg.request_id] = ResponseAssembler(out, self.fingerprint)
+                    assembler = receiving[msg.request_id] = ResponseAssembler(
+                        out, self.fingerprint, self.held.rows if self.held else None
+                    )
                 assembler.add(msg, offset, data)
                 if msg.request_done:
                     metadata = assembler.finish()
@@ -293,7 +315,8 @@ class _StreamJob:
                     # The caller's time (writing a shard, a training step) is not the server's silence.
                     watchdog.poke(armed=False)
                     for i, index in enumerate(request.indices):
-                        yield StreamedEmbedding(index, request.prompts[i], assembler.out[i], metadata[i])
+                        table = self.held.id if self.held and metadata[i].pad_rows_elided else ""
+                        yield StreamedEmbedding(index, request.prompts[i], assembler.out[i], metadata[i], table)
             # 3. Half-close; the server ends the stream once it has nothing left.
             outbox.put(_CLOSE)
             for _ in call:

@@ -44,3 +44,12 @@ def server(tiny_backend):
 
     with ServerThread(tiny_backend, model_id="tiny-test") as s:
         yield s
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pad_tables_in_a_temp_folder(tmp_path_factory):
+    """Clients the tests start keep pad tables in a session folder, never in the user's cache."""
+    root = tmp_path_factory.mktemp("pad-tables")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dit_client.pad_table.default_root", lambda: root)
+        yield root

@@ -16,12 +16,21 @@ class ServerThread:
     """Runs ``start_server`` on its own event loop in a daemon thread.
 
     ``target`` is ``127.0.0.1:PORT`` once started. ``stop(grace)`` drains like SIGTERM does.
+    ``pad_table=True`` serves ``backend`` with its pad table, as ``flux2-encoder serve``
+    loads a model, so clients receive only real rows; without it there is no table.
     """
 
-    def __init__(self, backend, config: ServerConfig | None = None, **start_kwargs):
+    def __init__(self, backend, config: ServerConfig | None = None, *, pad_table: bool = False, **start_kwargs):
         self.config = replace(config or ServerConfig(), host="127.0.0.1", port=0)
         self.backend = backend
         self.start_kwargs = start_kwargs
+        if pad_table:  # served as `flux2-encoder serve` loads a model: with its pad table, when it has one
+            from encoder_server.models import served_pad_table
+            from encoder_server.server import LoadedModel
+
+            ids = {k: start_kwargs.pop(k) for k in ("model_id", "revision", "demo") if k in start_kwargs}
+            name = self.config.served_models()[0].name
+            start_kwargs["models"] = [LoadedModel(name, backend, **ids, pad_table=served_pad_table(backend))]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
