@@ -23,7 +23,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(final: str | os.PathLike, write: Callable[[Path], None], *, durable: bool = True) -> Path:
+def atomic_write(final: str | os.PathLike, write: Callable[[Path], object], *, durable: bool = True) -> Path:
     """Run ``write(tmp_path)``, then rename the temporary file over ``final``.
 
     With ``durable`` the file and its folder are fsync'ed, so the new content

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spe
         pipe = Flux2Pipeline(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
-        pipe.save_pretrained(path)
+        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden by diffusers' lazy imports
     else:
         text_encoder.save_pretrained(path / "text_encoder")
         tokenizer.save_pretrained(path / "tokenizer")
@@ -267,7 +268,7 @@ def _build_qwen_tokenizer(padding_side: str):
     tok = Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # Qwen's vocabulary has no unknown token; the hint says str
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         padding_side=padding_side,
@@ -292,7 +293,7 @@ def _build_qwen3_text_encoder(spec: TinyKleinSpec, vocab_size: int, eos_token_id
         num_key_value_heads=spec.text_kv_heads,
         head_dim=spec.text_head_dim,
         max_position_embeddings=1024,
-        rope_theta=1000000.0,
+        rope_theta=1000000.0,  # type: ignore[call-arg]  # taken into rope_parameters; the signature hides it
         rms_norm_eps=1e-06,
         tie_word_embeddings=spec.tie_word_embeddings,
         eos_token_id=eos_token_id,
@@ -328,7 +329,7 @@ def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpe
             transformer=transformer,
             is_distilled=spec.is_distilled,
         )
-        pipe.save_pretrained(path)
+        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden by diffusers' lazy imports
     else:
         text_encoder.save_pretrained(path / "text_encoder")
         tokenizer.save_pretrained(path / "tokenizer")
@@ -340,7 +341,7 @@ def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpe
 
 DEMO_MODELS = {"demo": "dev", "demo-klein": "klein"}
 """MODEL names that resolve to a demo folder, and the variant each builds."""
-_BUILDERS = {"dev": build_tiny_flux2, "klein": build_tiny_klein}
+_BUILDERS: dict[str, Callable[..., Path]] = {"dev": build_tiny_flux2, "klein": build_tiny_klein}
 
 
 def cache_root() -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -156,7 +157,7 @@ def retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return () if ms is None else ((RETRY_AFTER_METADATA, str(ms)),)
 
 
-def retry_after_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
+def retry_after_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | Iterable[Any] | None) -> float | None:
     """Seconds from the server's ``retry-after-ms`` trailing metadata, or ``None``."""
     for key, value in metadata or ():
         if key == RETRY_AFTER_METADATA:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import crc32c as _crc32c
 import numpy as np
@@ -28,9 +29,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message 
 _RAW_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
-def dtype_to_wire(dtype: torch.dtype) -> int:
+def dtype_to_wire(dtype: torch.dtype) -> pb2.DType:
     try:
-        return row_of(dtype).wire
+        return cast("pb2.DType", row_of(dtype).wire)  # the table holds the enum's numbers
     except UnknownDtype:
         raise InvalidRequest(f"dtype {dtype} cannot be sent; allowed: {', '.join(DTYPE_NAMES.values())}") from None
 
@@ -50,7 +51,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in little-endian order, without copying where possible (CPU tensors)."""
     t = tensor.detach().contiguous().cpu()
     raw = t.view(_RAW_VIEW[t.element_size()]).numpy()
-    return memoryview(raw).cast("B")
+    return memoryview(raw).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
 def crc32c(data: bytes | memoryview, value: int = 0) -> int:

@@ -131,7 +131,7 @@ def _address_list_target(addresses: list[tuple[str, int]], target: str) -> str:
     """One gRPC target naming every address: ``ipv4:a:p,b:p`` or ``ipv6:[a]:p,[b]:p``."""
     if any(_ip(host) is None for host, _ in addresses):
         addresses = _resolve_names(addresses, target)
-    ips = [(_ip(host), port) for host, port in addresses]
+    ips = [(ip, port) for host, port in addresses if (ip := _ip(host)) is not None]
     if all(ip.version == 4 for ip, _ in ips):
         return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in ips)
     if all(ip.version == 6 for ip, _ in ips):
@@ -164,8 +164,8 @@ def _resolve_names(addresses: list[tuple[str, int]], target: str) -> list[tuple[
         found: dict[int, list[str]] = {4: [], 6: []}
         for family, _, _, _, sockaddr in infos:
             version = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(family)
-            if version and sockaddr[0] not in found[version]:
-                found[version].append(sockaddr[0])
+            if version and str(sockaddr[0]) not in found[version]:
+                found[version].append(str(sockaddr[0]))
         per_address.append(found)
     for version in (4, 6):  # one family for the whole list, IPv4 when every address has one
         if all(found.get(version) for found in per_address):

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -68,7 +69,7 @@ def wait_until_serving(target: str, proc: subprocess.Popen, timeout_s: float = 1
 
 
 @contextlib.contextmanager
-def demo_server(extra_args: list[str] = (), models: tuple[str, ...] = ("demo",)):
+def demo_server(extra_args: Sequence[str] = (), models: tuple[str, ...] = ("demo",)):
     """Run ``flux2-encoder serve --model demo`` (one ``--model`` per entry of ``models``) on a free
     loopback port; yield its address."""
     port = free_port()

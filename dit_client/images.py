@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -81,5 +82,9 @@ def save_images(images: Sequence, out: str | os.PathLike, *, metadata: Mapping[s
     if metadata:
         info.add_itxt("flux2-remote", json.dumps(dict(metadata), ensure_ascii=False))
     for image, path in zip(images, paths, strict=True):
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG", pnginfo=info), durable=False)
+        atomic_write(path, functools.partial(_save_png, image, pnginfo=info), durable=False)
     return paths
+
+
+def _save_png(image, tmp: Path, *, pnginfo) -> None:
+    image.save(tmp, format="PNG", pnginfo=pnginfo)

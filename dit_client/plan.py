@@ -543,9 +543,9 @@ def plan(
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or not (16 <= value <= 4096) or value % 16:
             raise ValueError(f"{name} {value!r} must be a multiple of 16 in [16, 4096]")
-    for name, value in (("vram", vram_gib), ("ram", ram_gib)):
-        if value is not None and not (0 < value < 1e6 and math.isfinite(value)):
-            raise ValueError(f"--{name} {value!r} must be a positive number of GiB")
+    for name, gib in (("vram", vram_gib), ("ram", ram_gib)):
+        if gib is not None and not (0 < gib < 1e6 and math.isfinite(gib)):
+            raise ValueError(f"--{name} {gib!r} must be a positive number of GiB")
     machine = Machine.resolve(vram_gib, ram_gib, detect=detect)
     transformer_config, vae_config, source = load_configs(model)
     fp = measure_footprint(transformer_config, vae_config, height, width)

@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError
 
@@ -59,7 +59,8 @@ class RetryPolicy:
         """
         hint = getattr(exc, "retry_after_s", None)
         if hint is not None and hint > self.max_backoff_s:
-            raise type(exc)(
+            same_kind: Any = type(exc)  # every error that carries a hint takes retry_after_s
+            raise same_kind(
                 f"{exc} (the server asks to retry in {human_seconds(hint)}, longer than this client waits: "
                 f"RetryPolicy.max_backoff_s={self.max_backoff_s:g})",
                 retry_after_s=hint,

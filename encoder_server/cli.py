@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any
 
 from common.config import (
     CACHE_SCOPES,
@@ -74,7 +75,8 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
         converted = []
         for one in values:
             try:
-                converted.append(action.type(one) if action.type is not None else one)
+                convert: Any = action.type  # argparse types it as str | callable; ours are callables
+                converted.append(convert(one) if convert is not None else one)
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"${name}={value!r}: {exc}")
             if action.choices is not None and converted[-1] not in action.choices:

@@ -50,6 +50,11 @@ def _authorization(handler_call_details) -> list[str]:
     return [value for key, value in (handler_call_details.invocation_metadata or ()) if key == "authorization"]
 
 
+def _forget(tickets: dict[int, Ticket], key: int) -> None:
+    """Drop a released ticket from a stream's open ones (its ``on_release``)."""
+    tickets.pop(key, None)
+
+
 class PolicyInterceptor(grpc.aio.ServerInterceptor):
     """Applies ``admission`` to every TextEncoder call. Put it first: nothing runs before the policy."""
 
@@ -192,7 +197,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 except RateLimited as exc:
                     # A stream over its rate waits instead of failing: this is
                     # backpressure on a bulk job, not an error.
-                    await asyncio.sleep(exc.retry_after_s)
+                    await asyncio.sleep(exc.retry_after_s or 0.0)
             try:
                 ticket = await admission.admit_request(
                     method,
@@ -216,7 +221,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
                 yield Refused(echo, exc)
                 continue
             open_tickets[id(ticket)] = ticket
-            ticket.on_release = functools.partial(open_tickets.pop, id(ticket), None)
+            ticket.on_release = functools.partial(_forget, open_tickets, id(ticket))
             yield ticket
 
     async def _write_all(self, messages: AsyncIterator[bytes], context, method: Method, user: str) -> None:

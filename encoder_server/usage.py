@@ -95,6 +95,7 @@ class UsageLimiter:
         return datetime.fromtimestamp(self._wall_clock(), UTC)
 
     def _load(self) -> None:
+        assert self.state_file is not None  # only called when there is one
         try:
             raw = self.state_file.read_text()
         except FileNotFoundError:
