@@ -55,8 +55,12 @@ class BatchingConfig:
     """How the engine groups prompts into forward passes (see docs/serving.md).
 
     Attributes:
-        max_batch_tokens: padded tokens per forward pass. Every prompt is padded
-            to ``max_sequence_length`` (512) tokens, so this is 512 x prompts.
+        max_batch_tokens: tokens per forward pass, as the compute mode runs them.
+            ``--compute exact``: padded tokens; every prompt is padded to
+            ``max_sequence_length`` (512), so this is 512 x prompts (8192: 16 prompts).
+            ``--compute packed``: real tokens (the prompt's own, after the chat
+            template and truncation; pads do not run), so the same budget takes
+            4-12x more FLUX.2-dev prompts of realistic length (43-132 tokens).
         max_batch_prompts: prompts per forward pass.
         max_queue_delay_ms: how long the oldest queued prompt may wait for
             others to fill its batch before it runs anyway. 0 by default: the

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=_number(int, 1),
         default=BatchingConfig.max_batch_tokens,
-        help="padded tokens per forward pass; each prompt is 512 tokens",
+        help="tokens per forward pass: with --compute exact padded tokens (each prompt is 512), "
+        "with --compute packed real tokens (each prompt its own, 43-132 for typical FLUX.2-dev prompts)",
     )
     serve.add_argument(
         "--max-batch-prompts",

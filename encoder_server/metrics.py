@@ -78,7 +78,7 @@ class EncoderMetrics:
         )
         self.batch_tokens = Histogram(
             "flux2_encoder_batch_tokens",
-            "Padded tokens per forward pass (prompts x max_sequence_length).",
+            "Tokens per forward pass: padded (prompts x max_sequence_length) with --compute exact, real with packed.",
             buckets=_BATCH_TOKEN_BUCKETS,
             registry=r,
         )
@@ -115,7 +115,9 @@ class EncoderMetrics:
             "flux2_encoder_cache_evictions", "Entries evicted to stay within a size bound.", ["tier"], registry=r
         )
         self.cache_corrupt = Counter(
-            "flux2_encoder_cache_corrupt", "Disk entries that failed their checks and were dropped.", registry=r
+            "flux2_encoder_cache_corrupt",
+            "Cache entries (memory, disk, shared) that failed their checksum and were dropped.",
+            registry=r,
         )
         self.response_bytes = Counter(
             "flux2_encoder_response_bytes",

@@ -33,11 +33,13 @@ attends to the prompt, its rows differ per prompt, and there is no table.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -411,6 +413,14 @@ class EmbeddingBackend(Protocol):
 
     def encode(self, prompts: list[str]) -> EncodedBatch: ...
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Non-pad tokens of each prompt after truncation, as :meth:`encode` will run them.
+
+        Called from another thread while :meth:`encode` runs (the engine budgets packed batches
+        with it), so it must be safe to call concurrently with ``encode``.
+        """
+        ...
+
     def pad_rows(self) -> torch.Tensor | None:
         """``[P, embedding_dim]``: row ``i`` is every prompt's row at pad position ``i``; None with right padding."""
         ...
@@ -601,6 +611,20 @@ class TruncatedTextEncoder:
     def tokenize(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """Token ids exactly as the reference builds them, plus a truncation flag per prompt."""
         return self.recipe.tokenize(self.tokenizer, prompts)
+
+    # A fast tokenizer's padding and truncation settings live on the object, so one object must
+    # never tokenize on two threads at once: count_tokens has its own copy, behind this lock.
+    _count_lock = threading.Lock()
+    _count_tokenizer = None
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Non-pad tokens of each prompt after truncation (what :meth:`encode` reports as
+        ``token_counts``). Safe to call from any thread while :meth:`encode` runs."""
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                self._count_tokenizer = copy.deepcopy(self.tokenizer)
+            inputs, _ = self.recipe.tokenize(self._count_tokenizer, prompts)
+        return inputs["attention_mask"].sum(dim=1).tolist()
 
     # -- the pad table ----------------------------------------------------------
 

@@ -45,12 +45,13 @@ CPU_F32 = dict(device="cpu", dtype="float32", quantization="none")
 
 @pytest.fixture(scope="module")
 def f32_server(tiny_model_dir):
-    """The encoder on the tiny model in float32, the dtype of the client pipeline (exactness on CPU)."""
+    """The encoder on the tiny model in float32, the dtype of the client pipeline (exactness on CPU),
+    with its pad table as `serve` loads it: clients receive only real rows, so every pixel test covers elision."""
     from encoder_server.text_encoder import TruncatedMistral3Encoder
 
     source = resolve_model(str(tiny_model_dir), components=("text_encoder", "tokenizer"))
     backend = TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.float32)
-    with ServerThread(backend, model_id="tiny-f32") as server:
+    with ServerThread(backend, model_id="tiny-f32", pad_table=True) as server:
         yield server
 
 

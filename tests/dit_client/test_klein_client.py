@@ -28,6 +28,7 @@ from dit_client.frames import EncoderInfo, ModelInfo
 from dit_client.generate import ClientConfigError, DiTClient, DiTConfig
 from dit_client.model_match import EncoderMismatch, PipelineKind, choose_encoder_model
 from dit_client.remote import RemoteTextEncoder
+from encoder_server.models import served_pad_table
 from encoder_server.server import LoadedModel
 from encoder_server.text_encoder import TruncatedMistral3Encoder, TruncatedTextEncoder
 from tests.helpers import ServerThread
@@ -73,7 +74,9 @@ def backends(tiny_model_dir, klein_dir):
 
 def serve(backends, *names):
     config = ServerConfig(models=tuple(ModelConfig(n, f"tiny-{n}") for n in names))
-    return ServerThread(None, config, models=[LoadedModel(n, backends[n], f"tiny-{n}") for n in names])
+    # Each with its pad table, as `serve` loads them: dev's (left padding) elides, klein's (right) has none.
+    models = [LoadedModel(n, backends[n], f"tiny-{n}", pad_table=served_pad_table(backends[n])) for n in names]
+    return ServerThread(None, config, models=models)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +171,8 @@ def test_encode_names_the_model_per_call_or_by_default(studio, backends):
             got, meta = enc.encode_with_metadata(prompts, model=name)
             assert torch.equal(got, expected[name])
             assert {m.model_fingerprint for m in meta} == {backends[name].fingerprint}
+            # Rows were left out for dev (its table) and not for klein (right padding: none).
+            assert [m.pad_rows_elided > 0 for m in meta] == [name == "dev"] * len(prompts)
         with pytest.raises(InvalidRequest, match=r"serves 2 models \(dev, klein\); name one: model=NAME"):
             enc.encode(prompts)
         with pytest.raises(InvalidRequest, match=r"serves 2 models \(dev, klein\)"):

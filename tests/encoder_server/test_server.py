@@ -42,8 +42,15 @@ def test_get_info_describes_the_model(server, tiny_backend):
     assert info.limits["max_chunk_bytes"] == 1 << 20
 
 
-def test_encode_matches_the_backend_bit_for_bit(server, tiny_backend):
-    with RemoteTextEncoder(server.target) as enc:
+@pytest.fixture(params=["whole", "elided"])
+def either_server(request, tiny_backend):
+    """A server without a pad table (older servers), and one with it, whose clients receive only real rows."""
+    with ServerThread(tiny_backend, model_id="tiny-test", pad_table=request.param == "elided") as s:
+        yield s
+
+
+def test_encode_matches_the_backend_bit_for_bit(either_server, tiny_backend):
+    with RemoteTextEncoder(either_server.target) as enc:
         embeds, meta = enc.encode_with_metadata(PROMPTS)
     expected = tiny_backend.encode(PROMPTS)
     assert embeds.dtype is torch.bfloat16 and embeds.shape == (3, 512, 48)
@@ -53,8 +60,8 @@ def test_encode_matches_the_backend_bit_for_bit(server, tiny_backend):
     assert all(m.total_time_ns >= m.inference_time_ns > 0 for m in meta)
 
 
-def test_output_dtype_is_a_plain_cast(server, tiny_backend):
-    with RemoteTextEncoder(server.target) as enc:
+def test_output_dtype_is_a_plain_cast(either_server, tiny_backend):
+    with RemoteTextEncoder(either_server.target) as enc:
         f32 = enc.encode(PROMPTS[:1], dtype=torch.float32)
     assert f32.dtype is torch.float32
     assert torch.equal(f32, tiny_backend.encode(PROMPTS[:1]).embeddings.float())
