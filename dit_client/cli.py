@@ -20,9 +20,10 @@ from dit_client.commands import generate as generate_cmd  # noqa: E402
 from dit_client.commands import info as info_cmd  # noqa: E402
 from dit_client.commands import plan as plan_cmd  # noqa: E402
 from dit_client.commands import precompute as precompute_cmd  # noqa: E402
+from dit_client.commands import store as store_cmd  # noqa: E402
 
 # Each module adds one sub-command.
-COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd]
+COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd, store_cmd]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -12,6 +12,8 @@ one :class:`WorkItem` per distinct prompt to compute, and a single consumer
   prompt by at most one batch. ``fair=False`` serves strictly in arrival order.
 * Batching: a batch closes when it reaches ``max_batch_prompts`` or
   ``max_batch_tokens``, or when its oldest prompt has waited ``max_queue_delay_ms``.
+  A prompt costs what the engine says it runs (:attr:`WorkItem.tokens`): its
+  padded length with ``--compute exact``, its real tokens with ``packed``.
 * Dropping: items nobody waits for any more (cancelled callers) leave the
   queue at once; items whose deadline passed are dropped when reached. Neither
   ever reaches the model.
@@ -44,7 +46,8 @@ class WorkItem:
         key: cache key (model fingerprint + prompt).
         prompt: the text.
         user: who queued it first; it waits in that user's queue.
-        tokens: what it costs in a batch (padded tokens).
+        tokens: what it costs in a batch: padded tokens (``max_sequence_length``) with
+            ``--compute exact``, real tokens with ``packed``.
         future: resolved by the engine with the result, or an exception.
         deadline: ``time.monotonic()`` after which nobody wants it; None: no deadline.
         waiters: requests waiting on it; at 0 it is dropped.

@@ -4,12 +4,28 @@ An entry is addressed by :func:`cache_key`, a SHA-256 of the model fingerprint
 (weights, tokenizer, recipe, dtype, quantization) and the prompt, so an entry
 can never be served for another model or recipe.
 
-Disk entries are safetensors files (never pickle) holding the embedding and,
-in the safetensors metadata, the key, token count, truncation flag and a
-CRC-32C of the tensor bytes. Writes go to a temporary file that is fsynced and
-renamed into place, so a crash leaves either the whole entry or none; reads
-check the key and the CRC, and a damaged entry is deleted and reported as a
-miss (the engine then recomputes it).
+Compact entries: when the model has a pad table (a left-padded model whose pad
+rows are the same for every prompt, see common/pad_table.py), an entry keeps only
+the prompt's real rows, the number of leading pad rows left out and the table's
+id; the engine puts the table's rows back on a hit, bit for bit, or hands the
+real rows straight to an elided answer. An entry leaves rows out only when they
+equal the table bit for bit, so nothing is lost. FLUX.2-dev prompts fill 43-132
+of 512 rows, so the same bytes hold 4-10x more prompts.
+
+Every entry carries a CRC-32C of its content (the stored rows and everything that
+gives them meaning: dtype, shape, token count, truncation, pad count, table id),
+computed once when the entry is made and verified on every read, in memory as
+on disk and in the shared cache: a failed check is a miss, the entry is dropped
+and ``flux2_encoder_cache_corrupt_total`` counts it.
+
+Disk entries are safetensors files (never pickle) holding the rows and, in the
+safetensors metadata, the key, token count, truncation flag, pad count, table id
+and the CRC-32C. Writes go to a temporary file that is fsynced and renamed into
+place, so a crash leaves either the whole entry or none; reads check the key and
+the CRC, and a damaged entry is deleted and reported as a miss (the engine then
+recomputes it). Entries written before compact entries existed (format
+``flux2-remote-embedding/1``: the full tensor, a CRC that also covers the key)
+are still read, as full entries.
 """
 
 from __future__ import annotations
@@ -22,19 +38,24 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from common.atomic import TMP_SUFFIX, atomic_write
+from common.pad_table import rebuild
 from common.wire import crc32c, tensor_bytes
 
 log = logging.getLogger(__name__)
 
-# Bump when the entry layout changes; old entries then simply miss.
-CACHE_FORMAT = "flux2-remote-embedding/1"
+# Names every key; unchanged when the entry layout changed, so entries written before are still found.
+_KEY_NAMESPACE = "flux2-remote-embedding/1"
+# The entry layout written now: real rows, pad count, pad table id, content CRC.
+CACHE_FORMAT = "flux2-remote-embedding/2"
+# The layout written before compact entries: the full tensor and a CRC that covers the key. Still read.
+_FULL_FORMAT = "flux2-remote-embedding/1"
 _SUFFIX = ".safetensors"
 # Temporary files older than this are leftovers of a crashed writer (a live
 # writer renames its file within milliseconds).
@@ -50,7 +71,7 @@ def cache_key(fingerprint: str, prompt: str, scope: str = "") -> str:
     """
     h = hashlib.sha256()
     # A shared entry keeps the key it had before scopes existed, so disk caches stay valid.
-    parts = (CACHE_FORMAT, fingerprint, prompt) + ((f"user:{scope}",) if scope else ())
+    parts = (_KEY_NAMESPACE, fingerprint, prompt) + ((f"user:{scope}",) if scope else ())
     for part in parts:
         # surrogatepass: validation refuses lone surrogates, but a key must never be what fails.
         data = part.encode("utf-8", "surrogatepass")
@@ -89,22 +110,74 @@ class CachedEmbedding:
     """What a cache holds for one prompt.
 
     Attributes:
-        embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor in the compute dtype.
+        embedding: the stored rows, a CPU tensor in the compute dtype: the full
+            ``[max_sequence_length, embedding_dim]`` embedding when ``pad_count`` is 0, else
+            its last ``max_sequence_length - pad_count`` rows (the prompt's real rows).
             The engine's entries, and every entry the memory cache keeps, own exactly
             their storage (never a view into a batch).
         token_count: non-pad tokens after truncation.
         truncated: the templated prompt was cut to ``max_sequence_length``.
+        pad_count: leading rows left out; they are the first ``pad_count`` rows of the pad table.
+        pad_table: the id of that table (:func:`common.pad_table.pad_table_id`); ``""`` when
+            nothing is left out.
+        checksum: CRC-32C of the content (:func:`content_checksum`); computed when omitted.
+            Carried, not recomputed, when the entry is written, so damage in between is caught.
     """
 
     embedding: torch.Tensor
     token_count: int
     truncated: bool
+    pad_count: int = 0
+    pad_table: str = ""
+    checksum: int | None = None
+
+    def __post_init__(self):
+        if self.checksum is None:
+            object.__setattr__(self, "checksum", content_checksum(self))
 
     @classmethod
-    def owning(cls, embedding: torch.Tensor, token_count: int, truncated: bool) -> CachedEmbedding:
+    def owning(
+        cls, embedding: torch.Tensor, token_count: int, truncated: bool, pad_count: int = 0, pad_table: str = ""
+    ) -> CachedEmbedding:
         """An entry whose embedding owns exactly its storage: ``embedding`` itself when it
         already does, else a copy (:func:`own_copy`)."""
-        return cls(embedding if _owns_exactly(embedding) else own_copy(embedding), token_count, truncated)
+        rows = embedding if _owns_exactly(embedding) else own_copy(embedding)
+        return cls(rows, token_count, truncated, pad_count, pad_table)
+
+    @classmethod
+    def compact(
+        cls,
+        embedding: torch.Tensor,
+        token_count: int,
+        truncated: bool,
+        table: torch.Tensor | None,
+        table_id: str,
+    ) -> CachedEmbedding:
+        """The entry for a full ``[L, D]`` embedding, keeping only its real rows when it can.
+
+        Its leading ``L - token_count`` rows (at most the table's ``P``) are left out only
+        when they equal ``table`` (``[P, D]``, same dtype) bit for bit; otherwise, and
+        without a table, the entry keeps the whole embedding. Owns exactly its storage.
+        """
+        pad = 0 if table is None else min(embedding.shape[0] - token_count, table.shape[0])
+        if pad > 0 and embedding.dtype == table.dtype and torch.equal(embedding[:pad], table[:pad]):
+            return cls.owning(embedding[pad:], token_count, truncated, pad, table_id)
+        return cls.owning(embedding, token_count, truncated)
+
+    def full(self, table: torch.Tensor | None) -> torch.Tensor:
+        """The ``[L, D]`` embedding: the table's first ``pad_count`` rows, then the stored rows.
+
+        Without left-out rows, the stored tensor itself (shared: never modify it in place).
+        """
+        if self.pad_count == 0:
+            return self.embedding
+        if table is None:
+            raise ValueError("this entry left pad rows out, and no pad table was given to put them back")
+        return rebuild(self.embedding, self.pad_count, table)
+
+    def intact(self) -> bool:
+        """True when the content still matches the checksum made with the entry."""
+        return content_checksum(self) == self.checksum
 
     @property
     def owns_its_bytes(self) -> bool:
@@ -123,9 +196,11 @@ class MemoryCache:
 
     Every entry it keeps owns exactly its storage (one that does not, a view,
     is copied first), and is counted at what it holds in memory
-    (:attr:`CachedEmbedding.nbytes`: storage and objects). What the process's
-    allocator wastes around the entries is not counted: see the "Soak" section
-    of docs/benchmarks.md.
+    (:attr:`CachedEmbedding.nbytes`: storage and objects; a compact entry its
+    real rows only). What the process's allocator wastes around the entries is
+    not counted: see the "Soak" section of docs/benchmarks.md. Every hit checks
+    the entry's checksum (a tensor changed in place by a bug is dropped, not
+    served).
 
     Args:
         max_bytes: total bytes kept; 0 keeps nothing.
@@ -137,8 +212,10 @@ class MemoryCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
+        self.corrupt = 0
         # Set by the engine to count into its metrics; called with the number evicted.
         self.on_evict: Callable[[int], None] | None = None
+        self.on_corrupt: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -148,19 +225,31 @@ class MemoryCache:
         return len(self._entries)
 
     def get(self, key: str) -> CachedEmbedding | None:
+        """The entry for ``key``, or None when absent or when it fails its checksum (then dropped)."""
         with self._lock:
             found = self._entries.get(key)
             if found is None:
                 return None
             self._entries.move_to_end(key)
-            return found[0]
+        entry = found[0]
+        if entry.intact():
+            return entry
+        log.warning("memory cache: dropping entry %s, its content no longer matches its checksum", key[:16])
+        with self._lock:
+            if self._entries.get(key) is found:
+                del self._entries[key]
+                self._bytes -= found[1]
+            self.corrupt += 1
+        if self.on_corrupt is not None:
+            self.on_corrupt()
+        return None
 
     def put(self, key: str, entry: CachedEmbedding) -> None:
         t = entry.embedding
         if t.numel() * t.element_size() + ENTRY_OVERHEAD_BYTES > self.max_bytes:
             return
         if not entry.owns_its_bytes:
-            entry = CachedEmbedding.owning(t, entry.token_count, entry.truncated)
+            entry = replace(entry, embedding=own_copy(t))  # the same content: the checksum stays
         size = entry.nbytes
         with self._lock:
             old = self._entries.pop(key, None)
@@ -332,7 +421,10 @@ def _encode(key: str, entry: CachedEmbedding) -> bytes:
         "key": key,
         "token_count": str(int(entry.token_count)),
         "truncated": "1" if entry.truncated else "0",
-        "crc32c": str(_checksum(key, tensor, entry.token_count, entry.truncated)),
+        "pad_count": str(int(entry.pad_count)),
+        "pad_table": entry.pad_table,
+        # The checksum made with the entry, not one made now: damage in between must not pass.
+        "crc32c": str(entry.checksum),
     }
     return safetensors.torch.save({"embedding": tensor}, metadata=metadata)
 
@@ -345,8 +437,9 @@ def _decode(data: bytes, key: str) -> CachedEmbedding:
     if header_len > len(data) - 8:
         raise ValueError("truncated header")
     metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    if metadata.get("format") != CACHE_FORMAT:
-        raise ValueError(f"format {metadata.get('format')!r}, expected {CACHE_FORMAT!r}")
+    layout = metadata.get("format")
+    if layout not in (CACHE_FORMAT, _FULL_FORMAT):
+        raise ValueError(f"format {layout!r}, expected {CACHE_FORMAT!r}")
     if metadata.get("key") != key:
         raise ValueError("entry belongs to another key")
     tensors = safetensors.torch.load(data)
@@ -354,14 +447,31 @@ def _decode(data: bytes, key: str) -> CachedEmbedding:
         raise ValueError(f"unexpected tensors {sorted(tensors)}")
     embedding = tensors["embedding"]
     token_count, truncated = int(metadata["token_count"]), metadata["truncated"] == "1"
-    if str(_checksum(key, embedding, token_count, truncated)) != metadata.get("crc32c"):
+    if layout == _FULL_FORMAT:
+        if str(_full_format_checksum(key, embedding, token_count, truncated)) != metadata.get("crc32c"):
+            raise ValueError("CRC-32C mismatch")
+        return CachedEmbedding(embedding, token_count, truncated)
+    entry = CachedEmbedding(embedding, token_count, truncated, int(metadata["pad_count"]), metadata["pad_table"])
+    if str(entry.checksum) != metadata.get("crc32c"):
         raise ValueError("CRC-32C mismatch")
-    return CachedEmbedding(embedding=embedding, token_count=token_count, truncated=truncated)
+    if entry.pad_count < 0 or (entry.pad_count > 0) != bool(entry.pad_table):
+        raise ValueError(f"pad count {entry.pad_count} with pad table {entry.pad_table!r}")
+    return entry
 
 
-def _checksum(key: str, tensor: torch.Tensor, token_count: int, truncated: bool) -> int:
-    """CRC-32C over everything served from an entry: the bytes, and the dtype, shape and
-    metadata that give them meaning (a flipped shape or token count must not pass either)."""
+def content_checksum(entry: CachedEmbedding) -> int:
+    """CRC-32C over everything served from an entry: the stored bytes, and the dtype, shape and
+    fields that give them meaning (a flipped shape, token count or pad count must not pass either)."""
+    tensor = entry.embedding
+    described = (
+        f"{tensor.dtype}|{tuple(tensor.shape)}|{int(entry.token_count)}|{int(entry.truncated)}|"
+        f"{int(entry.pad_count)}|{entry.pad_table}"
+    ).encode()
+    return crc32c(tensor_bytes(tensor), crc32c(described))
+
+
+def _full_format_checksum(key: str, tensor: torch.Tensor, token_count: int, truncated: bool) -> int:
+    """The CRC-32C of a ``flux2-remote-embedding/1`` entry (it covered the key too)."""
     described = f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|{int(token_count)}|{int(truncated)}".encode()
     return crc32c(tensor_bytes(tensor), crc32c(described))
 

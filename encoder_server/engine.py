@@ -14,11 +14,22 @@ A single model loop takes batches from the :class:`~encoder_server.batcher.Batch
 and runs them on a dedicated thread, so gRPC I/O never waits on a forward pass
 and the model never runs two batches at once. Results go to the memory cache at
 once and to the disk cache in the background.
+
+With a pad table (``pad_table=``), every cache keeps only a prompt's real rows
+(:meth:`~encoder_server.cache.CachedEmbedding.compact`); an answer carries them
+with the pad count and rebuilds the full embedding only when someone reads
+:attr:`EncodedPrompt.embedding`, so an elided answer never builds it at all.
+
+A prompt's cost in a batch (``--max-batch-tokens``) is its padded length with
+``compute="exact"`` (every prompt runs 512 tokens) and its real tokens with
+``compute="packed"`` (counted with :meth:`EmbeddingBackend.count_tokens` before
+it is queued).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -36,6 +47,7 @@ from common.errors import (
     NotCached,
     ServerError,
 )
+from common.pad_table import pad_table_id, rebuild
 from encoder_server.batcher import DONE, QUEUED, Batcher, WorkItem
 from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.cluster import SharedCache
@@ -55,17 +67,21 @@ class EncodedPrompt:
     """One prompt's embedding and how it was made.
 
     Attributes:
-        embedding: ``[max_sequence_length, embedding_dim]`` CPU tensor in the compute dtype.
-            Shared with the cache: read it, never modify it in place.
+        rows: ``[max_sequence_length - pad_count, embedding_dim]`` CPU tensor in the compute
+            dtype: the embedding without its first ``pad_count`` rows. Shared with the cache:
+            read it, never modify it in place.
         token_count: non-pad tokens after truncation.
         truncated: the templated prompt was cut to ``max_sequence_length``.
         queue_ns, tokenization_ns, inference_ns: where the time went, in nanoseconds
             (tokenization and inference are those of the whole batch; all 0 for cache hits).
         batch_size: prompts that shared the forward pass (0 for cache hits).
         cache_hit: served from the cache without running the model.
+        pad_count: leading rows left out of ``rows``: the first ``pad_count`` rows of ``pad_table``.
+        pad_table: ``[P, embedding_dim]``, ``P >= pad_count``; None when ``pad_count`` is 0.
+        pad_table_id: that table's id (:func:`common.pad_table.pad_table_id`), ``""`` without one.
     """
 
-    embedding: torch.Tensor
+    rows: torch.Tensor
     token_count: int
     truncated: bool
     queue_ns: int
@@ -73,6 +89,18 @@ class EncodedPrompt:
     inference_ns: int
     batch_size: int
     cache_hit: bool = False
+    pad_count: int = 0
+    pad_table: torch.Tensor | None = None
+    pad_table_id: str = ""
+
+    @functools.cached_property
+    def embedding(self) -> torch.Tensor:
+        """``[max_sequence_length, embedding_dim]``: the pad table's rows put back in front of
+        ``rows``, bit for bit what the model computed (built on first read; ``rows`` itself
+        when nothing was left out, shared with the cache: never modify it in place)."""
+        if self.pad_count == 0:
+            return self.rows
+        return rebuild(self.rows, self.pad_count, self.pad_table)
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,9 @@ class EncodeEngine:
             can tell one user what another sent).
         shared_cache: embeddings and compute-once leases shared with other replicas
             (Redis); ``None`` for a lone server.
+        pad_table: ``[P, embedding_dim]``, the rows every prompt has at its pad positions
+            (:func:`encoder_server.models.served_pad_table`); with it the caches keep only
+            real rows. ``None``: entries keep the whole embedding.
     """
 
     def __init__(
@@ -111,6 +142,7 @@ class EncodeEngine:
         metrics: EncoderMetrics | None = None,
         cache_scope: str = "shared",
         shared_cache: SharedCache | None = None,
+        pad_table: torch.Tensor | None = None,
     ):
         if cache_scope not in ("shared", "user"):
             raise ValueError(f"cache_scope must be 'shared' or 'user', not {cache_scope!r}")
@@ -125,8 +157,12 @@ class EncodeEngine:
         self.memory_cache = memory_cache
         self.disk_cache = disk_cache
         self.metrics = metrics or EncoderMetrics()
-        # Every prompt is padded to max_sequence_length, so that is what it costs in a batch.
+        self.pad_table = pad_table
+        self.pad_table_id = pad_table_id(backend.fingerprint, pad_table)
+        # Exact: every prompt is padded to max_sequence_length, so that is what it costs in a batch.
+        # Packed: only its real tokens run (counted before it is queued).
         self._prompt_tokens = backend.spec.max_sequence_length
+        self._packed = backend.compute == "packed"
         self._batcher = Batcher(self.batching, on_drop=self._on_drop)
         self._inflight: dict[str, WorkItem] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-model")
@@ -206,19 +242,19 @@ class EncodeEngine:
         fingerprint = self.backend.fingerprint
         scope = user if self.cache_scope == "user" else ""
         keys = [cache_key(fingerprint, p, scope) for p in prompts]
-        prompt_of = dict(zip(keys, prompts))  # duplicates inside one request collapse here
+        prompt_of = dict(zip(keys, prompts, strict=True))  # duplicates inside one request collapse here
 
         # 1. Caches.
         found: dict[str, tuple[CachedEmbedding, str]] = {}
         for key in prompt_of:
-            entry = self.memory_cache.get(key) if self.memory_cache is not None else None
+            entry = self._usable(self.memory_cache.get(key), stored=True) if self.memory_cache is not None else None
             if entry is not None:
                 found[key] = (entry, "memory")
         if self.disk_cache is not None:
             # Joining a computation already under way beats reading the disk.
             to_read = [k for k in prompt_of if k not in found and k not in self._inflight]
             if to_read:
-                for key, entry in zip(to_read, await asyncio.to_thread(self._read_disk, to_read)):
+                for key, entry in zip(to_read, await asyncio.to_thread(self._read_disk, to_read), strict=True):
                     if entry is not None:
                         found[key] = (entry, "disk")
                         if self.memory_cache is not None:
@@ -228,7 +264,8 @@ class EncodeEngine:
             to_ask = [k for k in prompt_of if k not in found and k not in self._inflight]
             if to_ask:
                 lookups = (self.shared_cache.get(k) if cache_only else self._from_cluster(k, deadline) for k in to_ask)
-                for key, entry in zip(to_ask, await asyncio.gather(*lookups)):
+                for key, entry in zip(to_ask, await asyncio.gather(*lookups), strict=True):
+                    entry = self._usable(entry)
                     if entry is not None:
                         found[key] = (entry, "shared")
                         if self.memory_cache is not None:
@@ -246,23 +283,24 @@ class EncodeEngine:
 
         # 2-3. Share running work or queue new work; admitted all at once or not at all.
         waiting: dict[str, tuple[WorkItem, str]] = {}
-        # After any await (the disk read, waiting for room), work that finished
-        # meanwhile is in the memory cache and must not be computed again.
-        awaited = self.disk_cache is not None or self.shared_cache is not None
+        costs = await self._costs(missing, prompt_of)
+        # After any await (the disk read, counting tokens, waiting for room), work that
+        # finished meanwhile is in the memory cache and must not be computed again.
+        awaited = self.disk_cache is not None or self.shared_cache is not None or self._packed
         try:
             while missing:
                 if self._closed:
                     raise EncoderUnavailable("the encoder is shutting down")
                 if awaited and self.memory_cache is not None:
                     for key in missing:
-                        if (entry := self.memory_cache.get(key)) is not None:
+                        if (entry := self._usable(self.memory_cache.get(key), stored=True)) is not None:
                             found[key] = (entry, "memory")
                     missing = [k for k in missing if k not in found]
                     if not missing:
                         break
                 new = [k for k in missing if k not in self._inflight]
                 if self._batcher.has_space(len(new)) or not new:
-                    self._join_or_queue(missing, prompt_of, user, deadline, waiting)
+                    self._join_or_queue(missing, prompt_of, costs, user, deadline, waiting)
                     break
                 if not wait_for_capacity:
                     self._batcher.check_space(len(new))  # raises QueueFull with a retry hint
@@ -272,30 +310,46 @@ class EncodeEngine:
         finally:
             self._release(waiting)
 
-        for key, (_, source) in waiting.items():
+        for _, source in waiting.values():
             self.metrics.prompts_served.labels(user=user, source=source).inc()
         for _, tier in found.values():
             self.metrics.prompts_served.labels(user=user, source=f"cache_{tier}").inc()
         out = []
         for key in keys:
             if key in found:
-                entry = found[key][0]
-                out.append(EncodedPrompt(entry.embedding, entry.token_count, entry.truncated, 0, 0, 0, 0, True))
+                out.append(self._answer(found[key][0], 0, 0, 0, 0, True))
             else:
                 c = computed[key]
-                out.append(
-                    EncodedPrompt(
-                        c.entry.embedding,
-                        c.entry.token_count,
-                        c.entry.truncated,
-                        c.queue_ns,
-                        c.tokenization_ns,
-                        c.inference_ns,
-                        c.batch_size,
-                        False,
-                    )
-                )
+                out.append(self._answer(c.entry, c.queue_ns, c.tokenization_ns, c.inference_ns, c.batch_size, False))
         return out
+
+    def _answer(self, entry: CachedEmbedding, *timings_and_hit) -> EncodedPrompt:
+        """The answer for one entry: its stored rows as they are, the pad count, the table to rebuild with."""
+        table = self.pad_table if entry.pad_count else None
+        table_id = self.pad_table_id if entry.pad_count else ""
+        return EncodedPrompt(
+            entry.embedding, entry.token_count, entry.truncated, *timings_and_hit, entry.pad_count, table, table_id
+        )
+
+    def _usable(self, entry: CachedEmbedding | None, stored: bool = False) -> CachedEmbedding | None:
+        """A cached entry this engine can answer with (compact where it can be), or None: compute it.
+
+        An entry that left rows out of another pad table cannot be rebuilt here (two servers with
+        one fingerprint whose pad rows differ, or one without a table): a miss, never a guess.
+        A full entry read from disk or the shared cache (written by a server without a table, or
+        before compact entries) is made compact, so the memory cache holds it at its compact
+        size; ``stored``: it came from the memory cache, which holds entries as this engine
+        made them.
+        """
+        if entry is None:
+            return None
+        if entry.pad_count:
+            return entry if entry.pad_table == self.pad_table_id else None
+        if self.pad_table is None or stored:
+            return entry
+        return CachedEmbedding.compact(
+            entry.embedding, entry.token_count, entry.truncated, self.pad_table, self.pad_table_id
+        )
 
     def close(self) -> None:
         """Stop the model loop, fail queued work, finish pending disk writes."""
@@ -315,7 +369,15 @@ class EncodeEngine:
 
     # -- request side ----------------------------------------------------
 
-    def _join_or_queue(self, missing, prompt_of, user, deadline, waiting) -> None:
+    async def _costs(self, keys: list[str], prompt_of: dict[str, str]) -> dict[str, int]:
+        """What each prompt costs in a batch: its padded length (exact), its real tokens (packed)."""
+        if not self._packed or not keys:
+            return dict.fromkeys(keys, self._prompt_tokens)
+        # Tokenized off the event loop; the backend counts with its own tokenizer (thread-safe).
+        counts = await asyncio.to_thread(self.backend.count_tokens, [prompt_of[k] for k in keys])
+        return {k: max(1, int(n)) for k, n in zip(keys, counts, strict=True)}
+
+    def _join_or_queue(self, missing, prompt_of, costs, user, deadline, waiting) -> None:
         """Attach to in-flight items or create queued ones. Synchronous: nothing else runs meanwhile."""
         loop = asyncio.get_running_loop()
         new_items = []
@@ -327,7 +389,7 @@ class EncodeEngine:
                 item.deadline = None if item.deadline is None or deadline is None else max(item.deadline, deadline)
                 waiting[key] = (item, "shared")
             else:
-                item = WorkItem(key, prompt_of[key], user, self._prompt_tokens, loop.create_future(), deadline)
+                item = WorkItem(key, prompt_of[key], user, costs[key], loop.create_future(), deadline)
                 self._inflight[key] = item
                 new_items.append(item)
                 waiting[key] = (item, "computed")
@@ -468,16 +530,20 @@ class EncodeEngine:
         batch = self.backend.encode(prompts)
         self.metrics.prompts_computed.inc(len(prompts))
         self.metrics.batch_size.observe(len(prompts))
-        self.metrics.batch_tokens.observe(len(prompts) * self._prompt_tokens)
+        run_tokens = sum(batch.token_counts) if self._packed else len(prompts) * self._prompt_tokens
+        self.metrics.batch_tokens.observe(run_tokens)
         self.metrics.tokenize_seconds.observe(batch.tokenization_ns / 1e9)
         self.metrics.inference_seconds.observe(batch.inference_ns / 1e9)
         # Rows are views: in a cache, one would keep the whole batch alive (and a backend's
         # result may itself be a view of something bigger, a padded batch or stacked hidden
         # states). Each entry owns exactly its bytes: the row itself when it is the whole
-        # storage (one prompt, exact size), else a copy made here, on the model thread.
+        # storage (one prompt, exact size), else a copy made here, on the model thread. With a
+        # pad table only the real rows are kept (the pad rows checked bit for bit against it).
         return [
             (
-                CachedEmbedding.owning(row, int(batch.token_counts[i]), bool(batch.truncated[i])),
+                CachedEmbedding.compact(
+                    row, int(batch.token_counts[i]), bool(batch.truncated[i]), self.pad_table, self.pad_table_id
+                ),
                 batch.tokenization_ns,
                 batch.inference_ns,
                 len(prompts),
@@ -534,8 +600,9 @@ class EncodeEngine:
             m.bind_gauge(m.cache_bytes.labels(tier=tier), lambda c=cache: c.nbytes)
             m.bind_gauge(m.cache_entries.labels(tier=tier), lambda c=cache: len(c))
             cache.on_evict = m.cache_evictions.labels(tier=tier).inc
-        if self.disk_cache is not None:
-            self.disk_cache.on_corrupt = m.cache_corrupt.inc
+        for cache in (self.memory_cache, self.disk_cache):
+            if cache is not None:
+                cache.on_corrupt = m.cache_corrupt.inc
 
 
 def _as_reportable(exc: Exception) -> Flux2RemoteError:

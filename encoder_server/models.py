@@ -22,7 +22,7 @@ from common.errors import InvalidRequest
 from common.pad_table import pad_table_id
 from common.protocol import pb2
 from common.wire import dtype_to_wire
-from encoder_server.engine import EncodeEngine
+from encoder_server.engine import EncodedPrompt, EncodeEngine
 from encoder_server.text_encoder import ConfigError, EmbeddingBackend
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,17 @@ class ServedModel:
         if pad <= 0 or not torch.equal(embedding[:pad], self.pad_table[:pad]):
             return embedding, 0
         return embedding[pad:], pad
+
+    def answer_rows(self, result: EncodedPrompt, client_table: str) -> tuple[torch.Tensor, int]:
+        """:meth:`elide` for one engine answer, straight from its compact rows when it has them.
+
+        An answer whose pad rows the engine already left out (a compact cache entry, checked
+        bit for bit against this very table when it was stored) is sent as it is, without
+        building the full tensor; any other answer goes through :meth:`elide`.
+        """
+        if result.pad_count and client_table and client_table == self.pad_table_id == result.pad_table_id:
+            return result.rows, result.pad_count
+        return self.elide(result.embedding, result.token_count, client_table)
 
     def info(self) -> pb2.ModelInfo:
         backend, spec = self.backend, self.backend.spec

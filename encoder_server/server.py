@@ -316,6 +316,7 @@ async def start_server(
                     metrics=metrics,
                     cache_scope=cache_scope,
                     shared_cache=shared_cache,
+                    pad_table=m.pad_table,
                 ),
                 m.model_id,
                 m.revision,

@@ -202,7 +202,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 cache_hit=result.cache_hit,
                 batch_size=result.batch_size,
             )
-            rows, metadata.pad_rows_elided = model.elide(result.embedding, result.token_count, client_table)
+            rows, metadata.pad_rows_elided = model.answer_rows(result, client_table)
             tensor = WireTensor.from_tensor(rows.to(dtype))
             self._metrics.response_bytes.labels(transport="grpc").inc(tensor.nbytes)
             yield from tensor.frames(

@@ -105,6 +105,12 @@ def add_parser(sub) -> None:
         "processes, e.g. a Kubernetes Indexed Job with --shard $(JOB_COMPLETION_INDEX)/N, each "
         "writing its own --out; open the N stores as one with EmbeddingStore([dir0, dir1, ...])",
     )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the CRC-32C of the embeddings already stored (by default the whole store is read "
+        "once, and damaged embeddings are encoded again)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -135,8 +141,11 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             model=model,
             shard=args.shard,
+            verify=not args.no_verify,
         )
     shard = f" in shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""
+    if report.repaired:
+        print(f"{report.store}: {report.repaired} damaged embeddings dropped and encoded again where still captioned")
     print(
         f"{report.store}: {report.unique} distinct captions{shard} ({report.captions_read} read), "
         f"{report.already_stored} already stored, {report.encoded} encoded in {report.elapsed_s:.1f}s "

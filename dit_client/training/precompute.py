@@ -12,13 +12,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import torch
 from tqdm.auto import tqdm
 
-from common.errors import InvalidRequest
+from common.errors import IntegrityError, InvalidRequest
+from dit_client.frames import EncoderInfo
+from dit_client.pad_table import fetch as fetch_pad_table
 from dit_client.remote import RemoteTextEncoder
 from dit_client.retry import RetryPolicy
 from dit_client.training.captions import iter_captions
-from dit_client.training.store import DEFAULT_SHARD_BYTES, StoreInfo, StoreWriter
+from dit_client.training.store import DEFAULT_SHARD_BYTES, INDEX_NAME, StoreInfo, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class PrecomputeReport:
         unique: distinct captions in the source (in this shard, when sharded).
         already_stored: distinct captions found in the store from earlier runs (skipped).
         encoded: captions encoded and written by this run.
+        repaired: stored embeddings that failed their CRC-32C (or sat in a damaged shard) and
+            were dropped on opening the store; those still in the source are among ``encoded``.
         shards: shard files the store holds now.
         elapsed_s: wall time of the encoding phase, in seconds.
     """
@@ -46,6 +52,7 @@ class PrecomputeReport:
     encoded: int
     shards: int
     elapsed_s: float
+    repaired: int = 0
 
     @property
     def captions_per_s(self) -> float:
@@ -64,6 +71,26 @@ def _check_caption(caption: object, position: int, max_chars: int) -> None:
         raise InvalidRequest(f"caption {position} contains a NUL character: {caption[:60]!r}")
 
 
+def server_pad_table(encoder: RemoteTextEncoder, info: EncoderInfo) -> torch.Tensor | None:
+    """The pad table of ``info``'s model, as the client holds it for elision, else fetched (``GetPadTable``).
+
+    None when the model has none (right padding, a server from before pad tables), or
+    when it cannot be had (logged): the store then keeps every row, losing only space.
+    """
+    held = encoder.pad_table_for(info)
+    if held is not None:
+        return held.rows
+    entry = info.described
+    if not getattr(entry, "pad_table", ""):
+        return None
+    connection = encoder.connection
+    try:
+        return fetch_pad_table(connection.stub, entry, metadata=connection.metadata, timeout=connection.timeout)
+    except (grpc.RpcError, IntegrityError) as exc:
+        log.warning("could not get the pad table of %s (%s); the store keeps whole embeddings", info.model_id, exc)
+        return None
+
+
 def precompute(
     encoder: RemoteTextEncoder,
     captions: str | os.PathLike | Iterable[str],
@@ -77,13 +104,17 @@ def precompute(
     progress: bool = True,
     model: str | None = None,
     shard: tuple[int, int] | None = None,
+    verify: bool = True,
 ) -> PrecomputeReport:
     """Encode every distinct caption of ``captions`` that ``out`` does not hold yet.
 
     Resumable: run it again after any interruption (``kill -9`` included) and
     it skips what is stored, discards unfinished shards, and ends with every
     caption stored exactly once. A store made by another model fingerprint is
-    refused.
+    refused. On opening the store it checks every stored embedding's CRC-32C
+    (``verify``): the ones that fail are dropped and encoded again, and nothing else.
+    A new store fetches the model's pad table (``GetPadTable``) and keeps only each
+    embedding's real rows (see :mod:`dit_client.training.store`).
 
     Args:
         encoder: client of the encoder service.
@@ -98,6 +129,8 @@ def precompute(
         progress: show a tqdm bar (rate and ETA).
         model: which of the server's models encodes (default: the encoder's ``model``,
             else the server's only one); the store records its name and family.
+        verify: check the CRC-32C of every embedding already stored (reads the whole store
+            once) and encode the damaged ones again; ``False`` checks the shards' structure only.
         shard: ``(I, N)`` to take only every N-th distinct caption, those whose index
             (0-based, in order of first appearance in the source) modulo N is I. N
             processes with I = 0..N-1 (a Kubernetes Indexed Job) cover every caption
@@ -112,7 +145,9 @@ def precompute(
         FileNotFoundError, CaptionSourceError: the caption source cannot be read.
         InvalidRequest: a caption the service would refuse (too long, NUL); nothing is encoded.
         IntegrityError: ``out`` holds another model's embeddings.
-        StoreError: ``out`` is locked by another writer or is not a store.
+        StoreError: ``out`` is locked by another writer, is not a store, or is a version 1
+            store (convert it with ``flux2-dit store convert``).
+        StoreWriteError: the disk filled up (or went read-only); what the store lists stays valid.
         Flux2RemoteError: the service failed in a way retries did not fix.
     """
     if shard is not None:
@@ -136,8 +171,12 @@ def precompute(
         info.family,
     )
     source = iter_captions(captions, caption_field) if isinstance(captions, (str, os.PathLike)) else captions
+    # An existing store keeps the table it was made with: fetch one for a new store only.
+    table = None if (Path(out) / INDEX_NAME).is_file() else server_pad_table(encoder, info)
 
-    with StoreWriter(out, store_info, shard_bytes=shard_bytes) as writer:
+    with StoreWriter(
+        out, store_info, shard_bytes=shard_bytes, pad_table=table, verify=verify, progress=progress
+    ) as writer:
         # 2. Distinct captions (of this shard) the store lacks, in source order.
         max_chars = int(info.limits.get("max_prompt_chars") or 0)
         seen: set[str] = set()
@@ -186,4 +225,5 @@ def precompute(
         encoded=len(todo),
         shards=writer.shard_count,
         elapsed_s=elapsed,
+        repaired=len(writer.dropped),
     )

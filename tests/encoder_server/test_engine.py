@@ -190,6 +190,56 @@ def test_batches_respect_the_prompt_and_token_limits():
     assert [len(b) for b in backend.batches] == [1, 3, 3, 3, 1]
 
 
+class PackedFakeBackend(FakeBackend):
+    """FakeBackend in ``compute="packed"``: a prompt costs its real tokens (``len(prompt)``, at most 8)."""
+
+    compute = "packed"
+
+    def __init__(self):
+        super().__init__()
+        self.counted: list[list[str]] = []
+
+    def count_tokens(self, prompts):
+        self.counted.append(list(prompts))
+        return [min(len(p), FAKE_SPEC.max_sequence_length) for p in prompts]
+
+
+def _batches_under_a_token_budget(backend, prompts, max_batch_tokens):
+    async def main():
+        engine = engine_for(backend, max_queue_delay_ms=1, max_batch_prompts=100, max_batch_tokens=max_batch_tokens)
+        try:
+            backend.hold()
+            first = asyncio.create_task(engine.encode(["first"]))
+            await wait_started(backend)
+            rest = asyncio.create_task(engine.encode(prompts))
+            while engine.queued < len(prompts):  # counted (on a thread) and queued
+                await asyncio.sleep(0.005)
+            backend.release()
+            await first
+            await rest
+            return engine.metrics
+        finally:
+            engine.close()
+
+    return run(main())
+
+
+def test_packed_batches_fill_by_real_tokens_and_exact_ones_by_padded_tokens():
+    """--max-batch-tokens 24: exact counts every prompt at its padded 8 tokens (3 a batch);
+    packed at its real tokens, so 2-token prompts go 12 a batch and 8-token ones 3."""
+    prompts = [f"p{i}" for i in range(10)] + ["abcdefg" + str(i) for i in range(4)]  # 2 tokens x10, 8 tokens x4
+    exact = FakeBackend()
+    _batches_under_a_token_budget(exact, prompts, 24)
+    assert [len(b) for b in exact.batches] == [1, 3, 3, 3, 3, 2]
+    packed = PackedFakeBackend()
+    metrics = _batches_under_a_token_budget(packed, prompts, 24)
+    # 10 x 2 = 20 tokens, and one more 8-token prompt would make 28 > 24: the batch closes.
+    assert packed.batches[1:] == [prompts[:10], prompts[10:13], prompts[13:]]
+    assert packed.counted == [["first"], prompts]  # counted once, before queueing
+    # The histogram observes what ran: real tokens for packed.
+    assert metrics.sample("flux2_encoder_batch_tokens_sum") == 5 + 20 + 24 + 8
+
+
 def test_a_lone_prompt_waits_at_most_the_queue_delay():
     backend = FakeBackend()
 
