@@ -31,6 +31,13 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="which of the server's models to use, when it serves several (names: `flux2-dit info`)",
     )
+    p.add_argument(
+        "--no-elide",
+        action="store_true",
+        help="receive every embedding whole (512 rows); by default only a prompt's real rows travel when the "
+        "server has a pad table, and the pad rows are put back from a copy kept in the cache dir "
+        "(bit-identical either way; docs/client.md)",
+    )
 
 
 def encoder_from_args(args: argparse.Namespace) -> RemoteTextEncoder:
@@ -39,5 +46,10 @@ def encoder_from_args(args: argparse.Namespace) -> RemoteTextEncoder:
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
     return RemoteTextEncoder(
-        args.encoder, api_key=args.api_key, tls=tls, timeout=args.timeout, model=args.encoder_model
+        args.encoder,
+        api_key=args.api_key,
+        tls=tls,
+        timeout=args.timeout,
+        model=args.encoder_model,
+        elide=not args.no_elide,
     )

@@ -161,6 +161,17 @@ def test_a_right_padding_model_gets_full_tensors_and_no_error(tiny_model_dir_rig
     assert fetches == []
 
 
+def test_the_cli_flag_turns_elision_off():
+    from dit_client.cli import build_parser
+    from dit_client.commands.common_args import encoder_from_args
+
+    args = ["encode", "--encoder", "127.0.0.1:1", "--prompt", "x", "--out", "x.safetensors"]
+    with encoder_from_args(build_parser().parse_args(args)) as enc:
+        assert enc.elision.tables is not None
+    with encoder_from_args(build_parser().parse_args([*args, "--no-elide"])) as enc:
+        assert enc.elision.tables is None
+
+
 # -- a table on disk that must not be used ---------------------------------------
 
 
