@@ -210,7 +210,10 @@ def leading_pad_rows(embedding: torch.Tensor, table: torch.Tensor | None) -> int
     """How many leading rows of ``embedding [L, D]`` equal ``table [P, D]`` (already in its dtype) bit for bit."""
     if table is None or table.shape[1] != embedding.shape[1]:
         return 0
-    p = min(table.shape[0], embedding.shape[0])
+    # At least one row stays: an entry is never empty (a zero-row slice is an edge no reader needs).
+    p = min(table.shape[0], embedding.shape[0] - 1)
+    if p <= 0:
+        return 0
     a = embedding[:p].contiguous().view(torch.uint8)
     b = table[:p].contiguous().view(torch.uint8)
     same = (a == b).all(dim=1)
