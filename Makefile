@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROTOS := $(shell find proto -name '*.proto')
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto redis-server test demo demo-klein serve bench clean
+.PHONY: install proto redis-server test lint fmt types demo demo-klein serve bench clean
 
 install: $(STAMP) proto redis-server
 
@@ -49,8 +49,22 @@ redis-server:
 proto: $(STAMP) $(PROTOS)
 	$(BIN)/python -m common.protogen
 
+# Lint and types join this target once the last findings are fixed (issue 14).
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# ruff's settings are in pyproject.toml ([tool.ruff]); `make fmt` applies what `make lint` checks.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# mypy over common, encoder_server and dit_client ([tool.mypy] in pyproject.toml).
+types: install
+	$(BIN)/mypy
 
 demo: install
 	$(BIN)/python -m dit_client.demo
