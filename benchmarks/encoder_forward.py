@@ -62,7 +62,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 WIDTH = dict(hidden_size=512, head_dim=16, intermediate_size=3276, num_attention_heads=32, num_key_value_heads=8)
 # Qwen3-4B (hidden 2560, intermediate 9728) at 1/10 width; 32 x 8 = hidden, as 32 x 16 is for [dev].
@@ -193,10 +193,10 @@ def child(variant: str, folder: Path, batch: int, family: str = "dev") -> dict:
     from functools import partial
 
     import diffusers.pipelines.flux2.pipeline_flux2  # noqa: F401  (import cost is part of the baseline)
-    import transformers  # noqa: F401
+    import transformers  # noqa: F401 - imported for its load time
 
     if family == "klein":
-        import diffusers.pipelines.flux2.pipeline_flux2_klein  # noqa: F401
+        import diffusers.pipelines.flux2.pipeline_flux2_klein  # noqa: F401 - imported for its load time
 
     _release_freed_memory()
     base = _proc_status_kb("VmRSS")

@@ -39,10 +39,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from dit_client.plan import GIB, estimate_modes, load_configs, measure_footprint  # noqa: E402
+from dit_client.plan import GIB, estimate_modes, load_configs, measure_footprint
 
 TARGET_GB = 18.0
 # --dry-run: FLUX.2-dev's structure at toy width (Linear inputs multiples of 64, as bitsandbytes on CPU needs).

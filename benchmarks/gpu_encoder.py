@@ -52,10 +52,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN  # noqa: E402
-from encoder_server.text_encoder import QWEN3, TruncatedMistral3Encoder, TruncatedTextEncoder  # noqa: E402
+from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN
+from encoder_server.text_encoder import QWEN3, TruncatedMistral3Encoder, TruncatedTextEncoder
 
 PROMPTS = [
     "a red fox in fresh snow, morning light",

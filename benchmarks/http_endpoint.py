@@ -36,15 +36,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import requests  # noqa: E402
-import torch  # noqa: E402
-from aiohttp import web  # noqa: E402
+import requests
+import torch
+from aiohttp import web
 
-from benchmarks.wire import HIDDEN, SEQ, FixedTensorBackend  # noqa: E402
-from common.config import HTTPConfig, ServerConfig  # noqa: E402
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
-from encoder_server.http_endpoint import embeddings_to_torch_save  # noqa: E402
-from encoder_server.server import start_server  # noqa: E402
+from benchmarks.wire import HIDDEN, SEQ, FixedTensorBackend
+from common.config import HTTPConfig, ServerConfig
+from dit_client.remote import RemoteTextEncoder
+from encoder_server.http_endpoint import embeddings_to_torch_save
+from encoder_server.server import start_server
 
 _counter = itertools.count()
 

@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import free_port, machine, pct  # noqa: E402
+from soak import free_port, machine, pct
 
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
+from dit_client.remote import RemoteTextEncoder
 
 MB = 1e6
 MODELS = {"dev": "demo", "klein": "demo-klein"}

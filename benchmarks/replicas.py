@@ -44,14 +44,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from common.config import CacheConfig, ServerConfig  # noqa: E402
-from common.model_source import resolve_model  # noqa: E402
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
+from common.config import CacheConfig, ServerConfig
+from common.model_source import resolve_model
+from dit_client.remote import RemoteTextEncoder
 from tests.helpers import ServerThread  # noqa: E402  (in-process servers on port 0)
-from tests.redis_server import RedisServer  # noqa: E402
-from tests.replica_procs import ReplicaProcess  # noqa: E402
+from tests.redis_server import RedisServer
+from tests.replica_procs import ReplicaProcess
 
 
 class FixedTimeBackend:

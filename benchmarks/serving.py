@@ -48,11 +48,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from common.demo import TinyFlux2Spec, build_tiny_flux2  # noqa: E402
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
+from common.demo import TinyFlux2Spec, build_tiny_flux2
+from dit_client.remote import RemoteTextEncoder
 
 LEVELS = (1, 4, 16, 64)
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": f"random Mistral-3 text encoder, 40 layers (30 run), hidden {args.hidden}, "
             f"embedding [512, {3 * args.hidden}] bfloat16",
         }
-        want = lambda name: args.section in ("all", name)  # noqa: E731
+        want = lambda name: args.section in ("all", name)  # noqa: E731 - a one-line predicate, read where it is used
         if want("sweep"):
             results["sweep"] = section_sweep(model_dir, workdir, args.levels, args.miss_total, args.hit_total)
         if want("compute-once"):

@@ -59,9 +59,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
+from dit_client.remote import RemoteTextEncoder
 
 MB = 1e6
 

@@ -10,17 +10,17 @@ import os
 # GRPC_VERBOSITY still wins, for debugging.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
-from common.errors import Flux2RemoteError  # noqa: E402
-from common.logs import quiet_third_party_logs  # noqa: E402
-from dit_client.commands import encode  # noqa: E402
-from dit_client.commands import generate as generate_cmd  # noqa: E402
-from dit_client.commands import info as info_cmd  # noqa: E402
-from dit_client.commands import plan as plan_cmd  # noqa: E402
-from dit_client.commands import precompute as precompute_cmd  # noqa: E402
-from dit_client.commands import store as store_cmd  # noqa: E402
+from common.errors import Flux2RemoteError
+from common.logs import quiet_third_party_logs
+from dit_client.commands import encode
+from dit_client.commands import generate as generate_cmd
+from dit_client.commands import info as info_cmd
+from dit_client.commands import plan as plan_cmd
+from dit_client.commands import precompute as precompute_cmd
+from dit_client.commands import store as store_cmd
 
 # Each module adds one sub-command.
 COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd, store_cmd]

@@ -9,9 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.demo import TinyFlux2Spec, build_tiny_flux2  # noqa: E402
-from common.model_source import resolve_model  # noqa: E402
-from tests.redis_server import redis_server  # noqa: E402,F401  (a real redis-server on a free port)
+from common.demo import TinyFlux2Spec, build_tiny_flux2
+from common.model_source import resolve_model
+from tests.redis_server import redis_server  # noqa: F401 - a fixture: a real redis-server on a free port
 
 
 @pytest.fixture(scope="session")
