@@ -255,6 +255,7 @@ class EncodeEngine:
             to_read = [k for k in prompt_of if k not in found and k not in self._inflight]
             if to_read:
                 for key, entry in zip(to_read, await asyncio.to_thread(self._read_disk, to_read), strict=True):
+                    entry = self._usable(entry)
                     if entry is not None:
                         found[key] = (entry, "disk")
                         if self.memory_cache is not None:

@@ -17,9 +17,11 @@ import torch
 
 from common.config import BatchingConfig, CacheConfig, ServerConfig
 from common.errors import NotCached
+from common.pad_table import pad_table_id
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES, CachedEmbedding, DiskCache, MemoryCache, cache_key
 from encoder_server.engine import EncodeEngine
+from encoder_server.models import ServedModel, served_pad_table
 from tests.encoder_server.test_engine import FakeBackend, embedding_of, run
 from tests.helpers import ServerThread
 
@@ -100,7 +102,7 @@ def test_engine_entries_own_exactly_their_bytes_whatever_the_backend_returns():
             assert storage_bytes(t) == t.numel() * t.element_size(), prompts
             assert entry.nbytes == storage_bytes(t) + ENTRY_OVERHEAD_BYTES
     results = run(engine.encode(["x", "y"]))
-    assert all(torch.equal(r.embedding, embedding_of(p)) for r, p in zip(results, ["x", "y"]))
+    assert all(torch.equal(r.embedding, embedding_of(p)) for r, p in zip(results, ["x", "y"], strict=True))
     assert all(storage_bytes(r.embedding) == 8 * 4 * 4 for r in results)
     engine.close()
 
@@ -360,3 +362,246 @@ def test_work_finished_during_a_disk_read_is_not_computed_again(tmp_path):
     assert backend.computed == ["raced"]
     assert not fast[0].cache_hit and slow[0].cache_hit
     assert torch.equal(slow[0].embedding, embedding_of("raced"))
+
+
+# -- compact entries (real rows, pad count, pad table id) --------------------
+
+PROMPTS = ["a red fox in fresh snow", "", "Ünïcödé: 東京の夜景 🦊", "a longer prompt " * 12, "long " * 400]
+
+
+@pytest.fixture(scope="module")
+def klein_left_backend(tmp_path_factory):
+    """A tiny [klein] encoder whose tokenizer pads on the left (so it has a pad table)."""
+    from common.demo import TinyKleinSpec, build_tiny_klein
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedTextEncoder
+
+    folder = build_tiny_klein(tmp_path_factory.mktemp("klein-left"), TinyKleinSpec(padding_side="left", with_dit=False))
+    source = resolve_model(str(folder), components=("text_encoder", "tokenizer"))
+    return TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def dev_right_backend(tiny_model_dir_right):
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedMistral3Encoder
+
+    source = resolve_model(str(tiny_model_dir_right), components=("text_encoder", "tokenizer"))
+    return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
+
+
+def _compact_engine(backend, cache_dir, memory_bytes: int = 2**30) -> EncodeEngine:
+    return EncodeEngine(
+        backend,
+        memory_cache=MemoryCache(memory_bytes) if memory_bytes else None,
+        disk_cache=DiskCache(cache_dir, 2**30),
+        pad_table=served_pad_table(backend),
+    )
+
+
+def _encode_once(backend, cache_dir, prompts, memory_bytes: int = 2**30):
+    """Encode ``prompts`` twice on a fresh engine (computed, then memory hits); its caches after."""
+
+    async def main():
+        engine = _compact_engine(backend, cache_dir, memory_bytes)
+        try:
+            return await engine.encode(prompts), await engine.encode(prompts), engine
+        finally:
+            engine.close()  # waits for the disk writes
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("family", ["dev", "klein"])
+def test_compact_entries_rebuild_the_computed_embedding_bit_for_bit(family, tiny_backend, klein_left_backend, tmp_path):
+    """Left padding: memory and disk entries keep only the real rows, and a hit from either
+    rebuilds exactly what the model computed; the elided answer is the compact rows themselves."""
+    backend = tiny_backend if family == "dev" else klein_left_backend
+    table = served_pad_table(backend)
+    assert table is not None
+    expected = backend.encode(PROMPTS)
+    computed, hits, engine = _encode_once(backend, tmp_path, PROMPTS)
+    length = backend.spec.max_sequence_length
+    for i, prompt in enumerate(PROMPTS):
+        n = expected.token_counts[i]
+        for r in (computed[i], hits[i]):
+            assert torch.equal(r.embedding, expected.embeddings[i]), (prompt[:20], r.cache_hit)
+            assert r.pad_count == length - n and r.rows.shape[0] == n
+        key = cache_key(backend.fingerprint, prompt)
+        stored = engine.memory_cache.get(key)
+        assert stored.embedding.shape == (n, expected.embeddings.shape[-1]) and stored.pad_count == length - n
+        assert stored.pad_table == (engine.pad_table_id if n < length else "")
+    assert [r.cache_hit for r in hits] == [True] * len(PROMPTS)
+    assert computed[-1].pad_count == 0  # truncated: no pads, the whole embedding is stored
+    # The memory cache counts the compact size.
+    row_bytes = expected.embeddings.shape[-1] * 2
+    assert engine.memory_cache.nbytes == sum(n * row_bytes + ENTRY_OVERHEAD_BYTES for n in expected.token_counts)
+
+    # A restart: hits from the disk, each file holding the real rows only.
+    computed_again, _, reopened = _encode_once(backend, tmp_path, PROMPTS, memory_bytes=0)
+    assert [r.cache_hit for r in computed_again] == [True] * len(PROMPTS)
+    for i, r in enumerate(computed_again):
+        assert torch.equal(r.embedding, expected.embeddings[i])
+    full_file = length * row_bytes
+    assert all(
+        DiskCache(tmp_path, 2**30).path_of(cache_key(backend.fingerprint, p)).stat().st_size < full_file
+        for p in PROMPTS[:3]
+    )
+
+    # What the servicer sends a client that holds the table: the compact rows as they are,
+    # the same rows and count the per-answer check on the full tensor gives.
+    model = ServedModel("m", backend, reopened, pad_table=table)
+    for i, r in enumerate(computed_again):
+        rows, pad = model.answer_rows(r, model.pad_table_id)
+        want_rows, want_pad = model.elide(expected.embeddings[i], expected.token_counts[i], model.pad_table_id)
+        assert pad == want_pad and torch.equal(rows, want_rows)
+        assert pad == 0 or rows is r.rows  # not rebuilt and sliced: handed over
+        assert torch.equal(model.answer_rows(r, "")[0], expected.embeddings[i])  # no table: whole
+
+
+def test_a_right_padding_model_stores_whole_embeddings(dev_right_backend, tmp_path):
+    """Right padding: no pad table, so entries keep every row (pad rows differ per prompt)."""
+    assert served_pad_table(dev_right_backend) is None
+    expected = dev_right_backend.encode(PROMPTS[:3])
+    computed, hits, engine = _encode_once(dev_right_backend, tmp_path, PROMPTS[:3])
+    length = dev_right_backend.spec.max_sequence_length
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert torch.equal(hits[i].embedding, expected.embeddings[i]) and hits[i].pad_count == 0
+        stored = engine.memory_cache.get(cache_key(dev_right_backend.fingerprint, prompt))
+        assert stored.embedding.shape[0] == length and stored.pad_count == 0
+
+
+def test_the_same_memory_bound_holds_several_times_more_compact_entries(tiny_backend):
+    """A bound that holds 2 whole embeddings holds many more compact ones (the rows it really keeps)."""
+    full = CachedEmbedding.owning(tiny_backend.encode(["a red fox"]).embeddings[0], 10, False)
+    table = served_pad_table(tiny_backend)
+    table_id = pad_table_id(tiny_backend.fingerprint, table)
+    cache = MemoryCache(2 * full.nbytes)
+    batch = tiny_backend.encode([f"fox {i}" for i in range(12)])
+    for i in range(12):
+        entry = CachedEmbedding.compact(batch.embeddings[i], batch.token_counts[i], False, table, table_id)
+        assert entry.pad_count > 0
+        cache.put(f"k{i}", entry)
+    assert len(cache) >= 4 and cache.evictions == 12 - len(cache)
+    assert cache.nbytes == sum(cache.get(f"k{i}").nbytes for i in range(12 - len(cache), 12)) <= cache.max_bytes
+
+
+def _synthetic_compact(pads: int = 6, real: int = 4) -> tuple[CachedEmbedding, torch.Tensor, torch.Tensor]:
+    """(compact entry, its full [pads + real, 48] embedding, the table) without a model."""
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(pads + 2, 48, generator=g).to(torch.bfloat16)
+    full = torch.cat([table[:pads], torch.randn(real, 48, generator=g).to(torch.bfloat16)])
+    entry = CachedEmbedding.compact(full, real, False, table, "fp:x/pad:8:00000000")
+    assert entry.pad_count == pads and entry.embedding.shape == (real, 48)
+    return entry, full, table
+
+
+def test_compact_rebuild_and_refusal():
+    entry, full, table = _synthetic_compact()
+    assert torch.equal(entry.full(table), full)
+    # Pad rows that differ from the table are kept: nothing is ever left out that the table would not give back.
+    changed = full.clone()
+    changed[2, 5] += 1
+    whole = CachedEmbedding.compact(changed, 4, False, table, "fp:x/pad:8:00000000")
+    assert whole.pad_count == 0 and torch.equal(whole.full(None), changed)
+
+
+@pytest.mark.parametrize("damage", ["flip_data", "pad_count", "pad_table", "drop_pad_fields"])
+def test_a_damaged_compact_disk_entry_is_a_miss_and_deleted(tmp_path, damage):
+    entry, _, _ = _synthetic_compact()
+    cache = DiskCache(tmp_path, 10**9)
+    key = "c" * 64
+    cache.put(key, entry)
+    assert same(cache.get(key), entry) and cache.get(key).pad_count == 6
+    path = cache.path_of(key)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_data":
+        data[-7] ^= 0x10
+    elif damage == "pad_count":  # 6 -> 5: rebuilt one row short, had it passed
+        assert data.count(b'"pad_count":"6"') == 1
+        data = data.replace(b'"pad_count":"6"', b'"pad_count":"5"')
+    elif damage == "pad_table":
+        data = data.replace(b"pad:8:00000000", b"pad:8:00000001")
+    else:  # valid safetensors, metadata fields missing
+        data = data.replace(b'"pad_count":"6"', b'"pad_cnt__":"6"')
+    path.write_bytes(bytes(data))
+    assert cache.get(key) is None
+    assert cache.corrupt == 1 and not path.exists() and len(cache) == 0
+
+
+def _write_full_format_entry(path: Path, key: str, embedding: torch.Tensor, token_count: int) -> None:
+    """An entry as the disk cache wrote it before compact entries (format /1), written here by hand."""
+    import safetensors.torch
+
+    from common.wire import crc32c, tensor_bytes
+
+    described = f"{key}|{embedding.dtype}|{tuple(embedding.shape)}|{token_count}|0".encode()
+    metadata = {
+        "format": "flux2-remote-embedding/1",
+        "key": key,
+        "token_count": str(token_count),
+        "truncated": "0",
+        "crc32c": str(crc32c(tensor_bytes(embedding), crc32c(described))),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(safetensors.torch.save({"embedding": embedding.contiguous()}, metadata=metadata))
+
+
+def test_entries_in_the_old_full_format_are_still_served_bit_for_bit(tiny_backend, tmp_path):
+    """A cache folder written before compact entries: its full entries are read (their own
+    checksum checked) and served; the memory cache then keeps them compact."""
+    prompt = "written by an older server"
+    expected = tiny_backend.encode([prompt])
+    key = cache_key(tiny_backend.fingerprint, prompt)
+    path = DiskCache(tmp_path, 2**30).path_of(key)
+    _write_full_format_entry(path, key, expected.embeddings[0], expected.token_counts[0])
+
+    first, _, engine = _encode_once(tiny_backend, tmp_path, [prompt])
+    assert first[0].cache_hit and torch.equal(first[0].embedding, expected.embeddings[0])
+    assert engine.memory_cache.get(key).embedding.shape[0] == expected.token_counts[0]
+    assert engine.metrics.sample("flux2_encoder_cache_corrupt_total") == 0
+    # Damaged, it is dropped like any other entry, never served.
+    data = bytearray(path.read_bytes())
+    data[-11] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert DiskCache(tmp_path, 2**30).get(key) is None and not path.exists()
+
+
+def test_a_compact_entry_of_another_pad_table_is_recomputed_not_rebuilt(tiny_backend, tmp_path):
+    """Rows left out of a table this server does not have cannot be put back: a miss."""
+    prompt = "made elsewhere"
+    expected = tiny_backend.encode([prompt])
+    table = served_pad_table(tiny_backend)
+    foreign = CachedEmbedding.compact(expected.embeddings[0], expected.token_counts[0], False, table, "other/pad:1:0")
+    key = cache_key(tiny_backend.fingerprint, prompt)
+    DiskCache(tmp_path, 2**30).put(key, foreign)
+    first, _, _ = _encode_once(tiny_backend, tmp_path, [prompt])
+    assert not first[0].cache_hit and torch.equal(first[0].embedding, expected.embeddings[0])
+    # A server without a table cannot use compact entries either.
+    DiskCache(tmp_path, 2**30).put(key, foreign)
+
+    async def without_table():
+        engine = EncodeEngine(tiny_backend, disk_cache=DiskCache(tmp_path, 2**30))
+        try:
+            return await engine.encode([prompt])
+        finally:
+            engine.close()
+
+    result = asyncio.run(without_table())
+    assert not result[0].cache_hit and torch.equal(result[0].embedding, expected.embeddings[0])
+
+
+def test_a_memory_entry_changed_in_place_is_dropped_not_served(tmp_path):
+    entry, _, _ = _synthetic_compact()
+    cache = MemoryCache(2**20)
+    dropped = []
+    cache.on_corrupt = lambda: dropped.append(1)
+    cache.put("k", entry)
+    cache.get("k").embedding[0, 0] += 1  # a caller writing into a shared tensor
+    assert cache.get("k") is None and dropped == [1] and cache.corrupt == 1
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_count_tokens_matches_what_encode_runs(tiny_backend, klein_left_backend):
+    for backend in (tiny_backend, klein_left_backend):
+        assert backend.count_tokens(PROMPTS) == backend.encode(PROMPTS).token_counts
