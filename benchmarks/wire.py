@@ -1,6 +1,7 @@
 """How fast one FLUX.2-dev embedding crosses the wire, against two baselines.
 
     .venv/bin/python benchmarks/wire.py [--repeats 30] [--server-torch-threads N]
+    .venv/bin/python benchmarks/wire.py --elision [--repeats 30] [--dry-run]
 
 One ``[512, 15360]`` bfloat16 tensor (15.7 MB, one FLUX.2-dev prompt) is
 delivered over loopback, on the same machine in the same run, by:
@@ -24,6 +25,19 @@ CPU cost of each step of our path, to show where the time goes.
 Effective GB/s = tensor bytes / wall time of one whole call (decimal GB).
 Reported: best and median of ``--repeats`` calls after warm-up; on a shared
 machine the best is the one to compare.
+
+``--elision``: the pad-free wire instead. A prompt fills only its last ``n``
+of the 512 rows; a client holding the model's pad table receives those ``n``
+rows and puts the pad rows back. Over a realistic prompt set
+(``benchmarks/realistic_prompts.py``, rows counted with the Tekken tokenizer when
+``mistral-common`` is importable) it reports the bytes per prompt, full versus
+compact, at the median and p90 prompt: computed from the row counts, then
+measured through ``RemoteTextEncoder`` against the real server (whose backend
+returns left-padded embeddings of those row counts instantly, and which checks
+every row it leaves out against its table), with every rebuilt embedding
+compared to the full answer. Then the one-prompt ``Encode`` wall time, full
+versus elided, at the median and p90 prompt. ``--dry-run``: a narrow tensor and
+2 repeats, to check the script, not the figures.
 """
 
 from __future__ import annotations
@@ -85,20 +99,67 @@ class FixedTensorBackend:
         )
 
 
-class GrpcServerThread:
-    """The real gRPC server on 127.0.0.1:0, on its own event loop in a daemon thread."""
+class PaddedTensorBackend(FixedTensorBackend):
+    """Left-padded embeddings, as FLUX.2-dev makes them, instantly: pad rows from one table, then the prompt's rows.
 
-    def __init__(self, backend, config):
+    A prompt ``"ROWS:anything"`` fills its last ``ROWS`` rows; the rows before are
+    the table's, position by position, as a left pad row is for every prompt.
+    """
+
+    fingerprint = "bench-padded-tensor"
+    pad_rows_shared = True
+
+    def __init__(self, table: torch.Tensor, real: torch.Tensor, min_rows: int):
+        self.table = table[: SEQ - min_rows].clone()  # [P, D]: P = the pad rows of the shortest prompt
+        self.real = real  # [512, D]
+        self.hidden_size = real.shape[1] // 3
+        self._by_rows: dict[int, torch.Tensor] = {}
+
+    def pad_rows(self) -> torch.Tensor:
+        return self.table.clone()
+
+    def embedding(self, rows: int) -> torch.Tensor:
+        """The ``[512, D]`` embedding of a prompt that fills ``rows`` rows."""
+        if rows not in self._by_rows:
+            self._by_rows[rows] = torch.cat([self.table[: SEQ - rows], self.real[SEQ - rows :]])
+        return self._by_rows[rows]
+
+    def encode(self, prompts: list[str]) -> EncodedBatch:
+        rows = [int(p.split(":", 1)[0]) for p in prompts]
+        return EncodedBatch(
+            embeddings=torch.stack([self.embedding(n) for n in rows]),
+            token_counts=rows,
+            truncated=[n >= SEQ for n in rows],
+            tokenization_ns=0,
+            inference_ns=0,
+        )
+
+
+class GrpcServerThread:
+    """The real gRPC server on 127.0.0.1:0, on its own event loop in a daemon thread.
+
+    ``pad_table``: serve ``backend`` with its pad table (``backend.pad_rows()``), as ``serve`` does.
+    """
+
+    def __init__(self, backend, config, *, pad_table: bool = False):
         self.config = replace(config, host="127.0.0.1", port=0)
         self.backend = backend
+        self.pad_table = pad_table
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> str:
-        from encoder_server.server import start_server
+        from encoder_server.models import served_pad_table
+        from encoder_server.server import LoadedModel, start_server
 
         self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(start_server(self.config, self.backend, model_id="bench"), self.loop)
+        models = None
+        if self.pad_table:
+            name = self.config.served_models()[0].name
+            models = [LoadedModel(name, self.backend, "bench", pad_table=served_pad_table(self.backend))]
+        fut = asyncio.run_coroutine_threadsafe(
+            start_server(self.config, self.backend, models=models, model_id="bench"), self.loop
+        )
         self.running = fut.result(60)
         return f"127.0.0.1:{self.running.port}"
 
@@ -216,9 +277,22 @@ def serve_all(ports, ready, torch_threads: int) -> None:
         threading.Event().wait()
 
 
-def bench_tensor() -> torch.Tensor:
-    torch.manual_seed(0)
-    return torch.randn(SEQ, 3 * HIDDEN).to(torch.bfloat16)  # [512, 15360]
+def bench_tensor(width: int = 3 * HIDDEN, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(SEQ, width).to(torch.bfloat16)  # [512, 15360]
+
+
+def serve_padded(ports, ready, torch_threads: int, width: int, min_rows: int) -> None:
+    """Child process: the gRPC server on :class:`PaddedTensorBackend`, with its pad table, until killed."""
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    from common.config import ServerConfig
+
+    backend = PaddedTensorBackend(bench_tensor(width, seed=0), bench_tensor(width, seed=1), min_rows)
+    with GrpcServerThread(backend, ServerConfig(), pad_table=True) as target:
+        ports.update(grpc=target)
+        ready.set()
+        threading.Event().wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch intra-op threads in the server process (0: torch's default)",
     )
+    parser.add_argument(
+        "--elision",
+        action="store_true",
+        help="the pad-free wire: bytes per realistic prompt and one-prompt Encode time, full vs elided",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="with --elision: a narrow tensor, 2 repeats")
     args = parser.parse_args(argv)
+    if args.elision:
+        return main_elision(args)
 
     from dit_client.remote import RemoteTextEncoder
 
@@ -284,6 +366,118 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_breakdown(tensor, args.repeats)
     return 0
+
+
+def main_elision(args) -> int:
+    """``--elision``: see the module docstring."""
+    import tempfile
+
+    from realistic_prompts import MAX_ROWS, PROMPT_SET, percentile, row_counter
+
+    width = 3 * 64 if args.dry_run else 3 * HIDDEN
+    repeats = 2 if args.dry_run else args.repeats
+    row_bytes = width * 2  # bf16
+    full_bytes = MAX_ROWS * row_bytes
+    rows_of, counted_by = row_counter()
+    rows = {kind: [rows_of(p) for p in prompts] for kind, prompts in PROMPT_SET.items()}
+    every = [n for kind in rows.values() for n in kind]
+    min_rows = min(rows_of(""), *every)
+
+    print(
+        f"# Pad-free wire: [{MAX_ROWS}, {width}] bf16 per prompt ({full_bytes / 1e6:.2f} MB whole); "
+        f"{len(every)} prompts, rows counted by {counted_by}; {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, grpcio {grpc.__version__}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print()
+    print("Bytes per prompt, computed from the row counts (compact = real rows x row bytes):")
+    print()
+    print("| prompts | n | rows median | rows p90 | full MB | compact MB, median | compact MB, p90 | median / full |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind, ns in [*rows.items(), ("all", every)]:
+        med, p90 = statistics.median(ns), percentile(ns, 90)
+        print(
+            f"| {kind} | {len(ns)} | {med:.0f} | {p90:.0f} | {full_bytes / 1e6:.2f} | "
+            f"{med * row_bytes / 1e6:.2f} | {p90 * row_bytes / 1e6:.2f} | {med / MAX_ROWS:.3f} |"
+        )
+    med_rows, p90_rows = round(statistics.median(every)), round(percentile(every, 90))
+
+    from dit_client.remote import RemoteTextEncoder
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, tempfile.TemporaryDirectory() as tables:
+        ports, ready = manager.dict(), manager.Event()
+        server = ctx.Process(
+            target=serve_padded, args=(ports, ready, args.server_torch_threads, width, min_rows), daemon=True
+        )
+        server.start()
+        try:
+            if not ready.wait(120):
+                raise SystemExit("the benchmark server did not start")
+            target = ports["grpc"]
+            check = PaddedTensorBackend(bench_tensor(width, seed=0), bench_tensor(width, seed=1), min_rows)
+            with (
+                RemoteTextEncoder(target, timeout=60, pad_table_dir=tables) as elided,
+                RemoteTextEncoder(target, timeout=60, elide=False) as whole,
+            ):
+                # 1. Every prompt of the set, both ways: bytes from the rows each answer carried.
+                t0 = time.perf_counter()
+                held = elided.pad_table_for(elided.info())
+                fetch_s = time.perf_counter() - t0
+                if held is None:
+                    raise SystemExit("the server named no pad table")
+                sent = {"full": [], "elided": []}
+                exact = True
+                for i, n in enumerate(every):
+                    for label, client in (("full", whole), ("elided", elided)):
+                        out, meta = client.encode_with_metadata([f"{n}:set {i}"])
+                        sent[label].append((MAX_ROWS - meta[0].pad_rows_elided) * row_bytes)
+                        exact &= torch.equal(out[0], check.embedding(n))
+                if sent["elided"] != [n * row_bytes for n in every]:
+                    raise SystemExit("the server sent other rows than the prompts fill")
+
+                # 2. One-prompt Encode wall time, full vs elided, at the median and p90 prompt.
+                timed = []
+                for n in (med_rows, p90_rows):
+                    for label, client in (("full", whole), ("elided", elided)):
+                        result = measure(
+                            f"{label}", lambda i, c=client, n=n, label=label: c.encode([f"{n}:{label} {i}"]), repeats
+                        )
+                        timed.append((label, n, result))
+        finally:
+            server.kill()
+            server.join()
+
+    print()
+    print(
+        "Measured: every prompt of the set through `RemoteTextEncoder.encode` against the real server, "
+        "embedding bytes received per prompt ((512 - PromptMetadata.pad_rows_elided) x row bytes):"
+    )
+    print()
+    print("| client | median MB | p90 MB | total MB, all prompts |")
+    print("|---|---:|---:|---:|")
+    for label, values in sent.items():
+        name = "`elide=False` (whole)" if label == "full" else "default (elided)"
+        print(
+            f"| {name} | {statistics.median(values) / 1e6:.2f} | {percentile(values, 90) / 1e6:.2f} | "
+            f"{sum(values) / 1e6:.1f} |"
+        )
+    ratio = statistics.median(sent["elided"]) / statistics.median(sent["full"])
+    print()
+    print(
+        f"Every rebuilt embedding bit-identical to the server's: {'yes' if exact else 'NO'}. "
+        f"Pad table ({held.rows.shape[0]} rows, {held.rows.numel() * 2 / 1e6:.2f} MB) fetched once "
+        f"in {fetch_s * 1e3:.0f} ms. Goal: median compact <= 1/3 of full: "
+        f"{'met' if ratio <= 1 / 3 else 'MISSED'} ({ratio:.3f})."
+    )
+    print()
+    print(f"One-prompt Encode, wall time of `RemoteTextEncoder.encode` ({repeats} calls each after warm-up):")
+    print()
+    print("| wire | prompt rows | MB received | best ms | median ms |")
+    print("|---|---:|---:|---:|---:|")
+    for label, n, r in timed:
+        mb = (MAX_ROWS if label == "full" else n) * row_bytes / 1e6
+        print(f"| {label} | {n} | {mb:.2f} | {r.best * 1e3:.1f} | {r.median * 1e3:.1f} |")
+    return 0 if exact else 1
 
 
 def run_all(tensor: torch.Tensor, ports: dict, repeats: int, client_cls) -> dict[str, Result]:

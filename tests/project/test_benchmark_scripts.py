@@ -75,3 +75,14 @@ def test_multi_model_dry_run_compares_one_server_with_two():
         cells = [c.strip() for c in rows[setup]]
         assert cells[2] == processes and float(cells[3]) > 0  # RSS ready
         assert float(cells[5]) > 0 and float(cells[6]) > 0 and cells[10] == "0"  # both models answered, no errors
+
+
+def test_wire_elision_dry_run_rebuilds_bit_exact_and_sends_only_real_rows():
+    out = run_script("benchmarks/wire.py", "--elision", "--dry-run")
+    assert "Every rebuilt embedding bit-identical to the server's: yes." in out, out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert {"short", "model_card", "structured", "captions", "all"} <= set(rows)
+    whole, elided = rows["`elide=False` (whole)"], rows["default (elided)"]
+    assert float(elided[4]) < float(whole[4])  # total bytes received, all prompts
+    timed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith(("| full |", "| elided |"))]
+    assert timed == ["full", "elided", "full", "elided"]  # at the median and the p90 prompt
