@@ -34,7 +34,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _write(path, captions, embeds, info=INFO, rows_per_shard=3):
     with StoreWriter(path, info, shard_bytes=rows_per_shard * info.row_bytes) as w:
-        for c, e in zip(captions, embeds):
+        for c, e in zip(captions, embeds, strict=True):
             w.add(c, e)
     return w
 
@@ -53,7 +53,7 @@ def test_round_trip_is_bit_identical_across_shards(tmp_path):
     assert len(store) == len(captions)
     assert list(store) == captions
     assert store.fingerprint == "fp-test-1"
-    for c, e in zip(captions, embeds):
+    for c, e in zip(captions, embeds, strict=True):
         got = store.get(c)
         assert got.shape == INFO.shape and got.dtype == torch.bfloat16
         assert torch.equal(_bits(got), _bits(e))
