@@ -7,6 +7,7 @@ killed or stops answering.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -16,7 +17,9 @@ import torch
 from common.config import AuthConfig, CacheConfig, ServerConfig
 from common.errors import EncoderOverloaded, NotCached
 from dit_client.remote import RemoteTextEncoder
-from encoder_server.cache import cache_key
+from encoder_server.cache import cache_key, decode_entry
+from encoder_server.cluster import RedisLink, SharedCache
+from encoder_server.metrics import EncoderMetrics
 from tests.helpers import GatedBackend, Serialized, ServerThread
 
 ALICE = "alice-key-0123456789abcdef"
@@ -178,3 +181,49 @@ def test_a_live_holder_renews_its_lease_so_a_long_computation_is_not_done_twice(
         on_b.join(60)
         assert torch.equal(results["a"], results["b"])
         assert computed(a, b) == 1
+
+
+def test_shared_entries_keep_only_real_rows_and_are_rebuilt_bit_for_bit(tiny_backend, redis_server):
+    """With a pad table, what one replica puts in Redis is the real rows (pad count and table id
+    in its metadata, a CRC-32C over it all); another replica serves it bit for bit, whole to an
+    old client and elided to one that holds the table; damaged, it is dropped and counted."""
+    config = replica_config(redis_server.url)
+    prompt = "a compact fox shared by replicas"
+    expected = tiny_backend.encode([prompt])
+    n = expected.token_counts[0]
+    with (
+        ServerThread(Serialized(tiny_backend), config, pad_table=True) as a,
+        ServerThread(Serialized(tiny_backend), config, pad_table=True) as b,
+    ):
+        with RemoteTextEncoder(a.target, elide=False) as on_a, RemoteTextEncoder(b.target, elide=False) as on_b:
+            first = on_a.encode([prompt])
+            second, meta = on_b.encode_with_metadata([prompt])
+        assert meta[0].cache_hit and torch.equal(first, expected.embeddings) and torch.equal(second, first)
+        assert b.running.metrics.sample("flux2_encoder_cache_hits_total", {"tier": "shared"}) == 1
+        with RemoteTextEncoder(b.target) as elided:
+            again, meta = elided.encode_with_metadata([prompt])
+        assert torch.equal(again, expected.embeddings) and meta[0].pad_rows_elided == 512 - n
+
+        key = cache_key(tiny_backend.fingerprint, prompt)
+        client = redis_server.client()
+        data = client.get(f"flux2:emb:{key}")
+        entry = decode_entry(data, key)
+        assert entry.pad_count == 512 - n and entry.embedding.shape == (n, expected.embeddings.shape[-1])
+        assert entry.pad_table == a.running.engine.pad_table_id != ""
+        assert len(data) < (n * expected.embeddings.shape[-1] * 2) + 4096  # the rows and a small header
+
+        damaged = bytearray(data)
+        damaged[-5] ^= 0x01
+        client.set(f"flux2:emb:{key}", bytes(damaged))
+
+        async def read_back():
+            metrics = EncoderMetrics()
+            link = RedisLink(redis_server.url, metrics=metrics)
+            try:
+                return await SharedCache(link).get(key), metrics
+            finally:
+                await link.close()
+
+        got, metrics = asyncio.run(read_back())
+        assert got is None and metrics.sample("flux2_encoder_cache_corrupt_total") == 1
+        assert client.get(f"flux2:emb:{key}") is None
