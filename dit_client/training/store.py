@@ -318,8 +318,8 @@ def _read_shard_header(file: Path, info: StoreInfo, version: int = VERSION) -> _
             f"table is {info.pad_table or '(none)'}: its rows cannot be put back together; it belongs to "
             "another store (remove it, and precompute again)"
         )
-    table_rows = int(info.pad_table.rsplit(":", 2)[1]) if info.pad_table else 0
     try:
+        table_rows = int(info.pad_table.rsplit(":", 2)[1]) if info.pad_table else 0
         entries = json.loads(meta["entries"])
         spans = []
         offset = 0

@@ -340,3 +340,31 @@ def test_a_failed_write_stops_the_writer_without_a_second_attempt(tmp_path, monk
     assert (tmp_path / INDEX_NAME).read_text() == before
     assert not list(tmp_path.glob(".*.tmp"))
     assert list(EmbeddingStore(tmp_path)) == _captions(3)
+
+
+def test_repair_interrupted_before_the_index_swap_keeps_every_good_embedding(tmp_path, monkeypatch):
+    """The good rest of a damaged shard is written under a new name first: killed there, nothing sound is lost."""
+    captions = _captions(9)
+    embeds = torch.stack([_embedding(PADS[i % len(PADS)], i) for i in range(9)])
+    _write(tmp_path, captions, embeds)
+    _damage(tmp_path, captions)
+    real = store_mod._write_index
+    calls = []
+
+    def killed_at_the_swap(path, info, shards, version=store_mod.VERSION):
+        calls.append(len(shards))
+        if len(calls) == 2:  # the second repair's index swap; the first one went through
+            raise KeyboardInterrupt
+        real(path, info, shards, version)
+
+    monkeypatch.setattr(store_mod, "_write_index", killed_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        StoreWriter(tmp_path, INFO, verify=True)
+    monkeypatch.undo()
+    assert len(_shard_files(tmp_path)) == 4  # the three listed and one new, unlisted
+    with StoreWriter(tmp_path, INFO, verify=True) as w:
+        assert [c for c in captions if c not in w] == [captions[4], captions[7]]
+    store = EmbeddingStore(tmp_path)
+    assert len(_shard_files(tmp_path)) == 3
+    for c in store:
+        assert torch.equal(_bits(store.get(c)), _bits(embeds[captions.index(c)]))
