@@ -1208,7 +1208,14 @@ def convert_store(
                 os.replace(staging / name, path / name)
             _write_index(path, new_info, new_shards, version=VERSION)  # the switch
         except OSError as exc:
-            raise _write_error(path, exc) from exc
+            shutil.rmtree(staging, ignore_errors=True)  # a partial copy would only hold the space the disk lacks
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            error = StoreWriteError(
+                f"cannot convert {path}: {reason}. It is left as it was (version 1, readable); free some "
+                "space (the new shards need about a tenth of the old ones) and run the command again"
+            )
+            error.errno = exc.errno
+            raise error from None
         before = _folder_bytes(path, (s.file for s in listed))
         after = _folder_bytes(path, moved)
         _remove_conversion_leftovers(path, new_info, {s.file for s in new_shards})

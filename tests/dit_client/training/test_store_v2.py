@@ -368,3 +368,27 @@ def test_repair_interrupted_before_the_index_swap_keeps_every_good_embedding(tmp
     assert len(_shard_files(tmp_path)) == 3
     for c in store:
         assert torch.equal(_bits(store.get(c)), _bits(embeds[captions.index(c)]))
+
+
+def test_convert_on_a_full_disk_leaves_version_1_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    captions = _captions(4)
+    embeds = torch.stack([_embedding(PADS[i], i) for i in range(4)])
+    _write_v1(tmp_path, captions, embeds)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert cli.main(["store", "convert", str(tmp_path), "--no-progress"]) == cli.EXIT_ERROR
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"flux2-dit: cannot convert {tmp_path}: No space left on device. It is left as it was (version 1, "
+        "readable); free some space (the new shards need about a tenth of the old ones) and run the command again"
+    )
+    assert not (tmp_path / store_mod.CONVERT_DIR).exists()
+    store = EmbeddingStore(tmp_path)
+    assert store.versions == [1] and list(store) == captions
