@@ -87,6 +87,31 @@ def cache_key(fingerprint: str, prompt: str, scope: str = "") -> str:
 ENTRY_OVERHEAD_BYTES = 768
 
 
+def rebuild_rows(rows: torch.Tensor, pad_count: int, table: torch.Tensor) -> torch.Tensor:
+    """``[pad_count + n, D]``: the table's first ``pad_count`` rows, then ``rows`` (``[n, D]``), bit for bit.
+
+    :func:`common.pad_table.rebuild`, copied by numpy on the calling thread: ``torch.cat``
+    of a 15 MiB result runs in torch's thread pool, and on a machine whose cores are busy
+    (a server's model thread) its threads wait for each other. Measured on the busy
+    2-core VM (benchmarks/cache_size.py, docs/benchmarks.md): ``torch.cat`` 1.4-32 ms
+    from run to run, this 2.3-2.8 ms.
+    """
+    if pad_count == 0:
+        return rows
+    if rows.dtype != table.dtype or not rows.is_contiguous() or rows.device.type != "cpu":
+        return rebuild(rows, pad_count, table)  # casts and checks; not what the engine stores
+    if pad_count > table.shape[0] or table.shape[1] != rows.shape[1]:
+        raise ValueError(
+            f"cannot put back {pad_count} pad rows of width {rows.shape[1]} from a table of "
+            f"{table.shape[0]} rows of width {table.shape[1]}"
+        )
+    out = torch.empty((pad_count + rows.shape[0], rows.shape[1]), dtype=rows.dtype)
+    as_bytes = out.view(torch.uint8).numpy()  # bf16 has no numpy dtype; its bytes do
+    as_bytes[:pad_count] = table[:pad_count].contiguous().view(torch.uint8).numpy()
+    as_bytes[pad_count:] = rows.view(torch.uint8).numpy()
+    return out
+
+
 def own_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy of ``tensor`` whose storage is exactly its own elements.
 
@@ -173,7 +198,7 @@ class CachedEmbedding:
             return self.embedding
         if table is None:
             raise ValueError("this entry left pad rows out, and no pad table was given to put them back")
-        return rebuild(self.embedding, self.pad_count, table)
+        return rebuild_rows(self.embedding, self.pad_count, table)
 
     def intact(self) -> bool:
         """True when the content still matches the checksum made with the entry."""

@@ -47,9 +47,9 @@ from common.errors import (
     NotCached,
     ServerError,
 )
-from common.pad_table import pad_table_id, rebuild
+from common.pad_table import pad_table_id
 from encoder_server.batcher import DONE, QUEUED, Batcher, WorkItem
-from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key
+from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache, cache_key, rebuild_rows
 from encoder_server.cluster import SharedCache
 from encoder_server.identity import ANONYMOUS
 from encoder_server.metrics import EncoderMetrics
@@ -98,9 +98,7 @@ class EncodedPrompt:
         """``[max_sequence_length, embedding_dim]``: the pad table's rows put back in front of
         ``rows``, bit for bit what the model computed (built on first read; ``rows`` itself
         when nothing was left out, shared with the cache: never modify it in place)."""
-        if self.pad_count == 0:
-            return self.rows
-        return rebuild(self.rows, self.pad_count, self.pad_table)
+        return rebuild_rows(self.rows, self.pad_count, self.pad_table)
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,11 @@ def test_wire_elision_dry_run_rebuilds_bit_exact_and_sends_only_real_rows():
     assert float(elided[4]) < float(whole[4])  # total bytes received, all prompts
     timed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith(("| full |", "| elided |"))]
     assert timed == ["full", "elided", "full", "elided"]  # at the median and the p90 prompt
+
+
+def test_cache_size_measures_compact_entries_smaller_and_rebuilds_them():
+    out = run_script("benchmarks/cache_size.py", "--dim", "48", "--repeats", "1")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    for name in ("median", "p90"):
+        whole, compact = (int(rows[name][i].strip(" B").replace(",", "")) for i in (3, 4))
+        assert compact < whole, rows[name]
