@@ -605,3 +605,23 @@ def test_a_memory_entry_changed_in_place_is_dropped_not_served(tmp_path):
 def test_count_tokens_matches_what_encode_runs(tiny_backend, klein_left_backend):
     for backend in (tiny_backend, klein_left_backend):
         assert backend.count_tokens(PROMPTS) == backend.encode(PROMPTS).token_counts
+
+
+def test_packed_results_are_budgeted_by_real_tokens_cached_compact_and_served_bit_for_bit(tiny_model_dir, tmp_path):
+    """--compute packed through the engine: the prompts are counted (real tokens) before they are
+    queued, the results are stored compact (their pad rows are the table's), and a hit rebuilds
+    exactly what the packed forward computed."""
+    from common.model_source import resolve_model
+    from encoder_server.text_encoder import TruncatedMistral3Encoder
+
+    source = resolve_model(str(tiny_model_dir), components=("text_encoder", "tokenizer"))
+    packed = TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16, compute="packed")
+    prompts = PROMPTS[:4]
+    expected = packed.encode(prompts)  # the same batch, in the same order, as the engine runs them
+    computed, hits, engine = _encode_once(packed, tmp_path, prompts)
+    for i in range(len(prompts)):
+        assert torch.equal(computed[i].embedding, expected.embeddings[i])
+        assert hits[i].cache_hit and torch.equal(hits[i].embedding, expected.embeddings[i])
+        assert hits[i].pad_count == 512 - expected.token_counts[i] and hits[i].rows.shape[0] == expected.token_counts[i]
+    assert [r.batch_size for r in computed] == [4] * 4
+    assert engine.metrics.sample("flux2_encoder_batch_tokens_sum") == sum(expected.token_counts) < 4 * 512
