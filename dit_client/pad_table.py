@@ -132,31 +132,32 @@ class Elision:
         table_id = model_info.pad_table
         with self._lock:
             if table_id not in self._held:
-                self._held[table_id] = self._get(connection, model_info, timeout)
+                self._held[table_id] = self._get(self.tables, connection, model_info, timeout)
             rows = self._held[table_id]
         return None if rows is None else HeldTable(table_id, rows)
 
-    def _get(self, connection, model_info, timeout: float) -> torch.Tensor | None:
+    @staticmethod
+    def _get(tables: PadTables, connection, model_info, timeout: float) -> torch.Tensor | None:
         try:
-            rows = self.tables.load(model_info.pad_table)
+            rows = tables.load(model_info.pad_table)
         except OSError as exc:  # an unreadable cache dir: as if the table were absent
-            log.warning("could not read pad table %s in %s (%s)", model_info.pad_table, self.tables.root, exc)
+            log.warning("could not read pad table %s in %s (%s)", model_info.pad_table, tables.root, exc)
             rows = None
         if rows is not None:
             return rows
         try:
             rows = fetch(connection.stub, model_info, metadata=connection.metadata, timeout=timeout)
         except grpc.RpcError as err:
-            exc = connection.translate(err)
-            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, exc)
+            reason = connection.translate(err)
+            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, reason)
             return None
         except Flux2RemoteError as exc:
             log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, exc)
             return None
         try:
-            self.tables.save(model_info.pad_table, rows)
+            tables.save(model_info.pad_table, rows)
         except OSError as exc:  # still good in memory; the next process fetches it again
-            log.warning("could not keep pad table %s in %s (%s)", model_info.pad_table, self.tables.root, exc)
+            log.warning("could not keep pad table %s in %s (%s)", model_info.pad_table, tables.root, exc)
         return rows
 
 
@@ -172,7 +173,7 @@ def fetch(stub, model_info: pb2.ModelInfo, *, metadata=(), timeout: float = 60.0
         if assembler is None:
             raise IntegrityError("the pad table's first message carried no header")
         assembler.add_bytes(msg.chunk.offset, msg.chunk.data)
-    if assembler is None:
+    if assembler is None or out is None:
         raise IntegrityError("the server sent no pad table")
     assembler.finish()
     if pad_table_id(model_info.fingerprint, out) != model_info.pad_table:

@@ -33,7 +33,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,8 +60,14 @@ class EncoderClient(Protocol):
     """What the stream machinery uses of a client (:class:`dit_client.remote.RemoteTextEncoder` has it)."""
 
     connection: Connection
-    info: Callable[..., EncoderInfo]  # info(model=None, refresh=False) -> EncoderInfo, cached by the client
-    pad_table_for: Callable[[EncoderInfo], HeldTable | None]  # the table requests name; None: whole embeddings
+
+    def info(self, *, model: str | None = None, refresh: bool = False) -> EncoderInfo:
+        """``GetInfo`` about ``model``, cached by the client."""
+        ...
+
+    def pad_table_for(self, info: EncoderInfo) -> HeldTable | None:
+        """The pad table requests name; None: whole embeddings."""
+        ...
 
 
 @dataclass(frozen=True)
