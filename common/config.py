@@ -163,6 +163,37 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class UpsamplingConfig:
+    """Prompt upsampling (``flux2-encoder serve --upsampling``; docs/upsampling.md).
+
+    Attributes:
+        enabled: load the whole language model (all layers, ``lm_head``, vision tower) so
+            ``Upsample`` can generate; the embedding path runs on the same weights.
+        max_queued: ``Upsample`` requests waiting for the generator; more get
+            RESOURCE_EXHAUSTED. One generation runs at a time (see encoder_server/upsampling.py).
+        max_prompts_per_request: prompts in one ``Upsample`` call, generated as one batch
+            (each holds a KV cache of up to 2048 + ``max_new_tokens`` tokens).
+        max_new_tokens: tokens generated per prompt at most. 512 is the reference's; a lower
+            cap bounds the cost, but then long answers differ from ``upsample_prompt``'s.
+        max_images_per_prompt: reference images per prompt (I2I).
+        max_image_bytes: encoded size of one image (PNG or JPEG).
+        max_image_pixels: width x height of one decoded image (a decompression-bomb guard).
+        max_temperature: highest sampling temperature accepted (the reference's default is 0.15).
+        min_deadline_ms: a shorter deadline cannot see a generation through; refused at once.
+    """
+
+    enabled: bool = False
+    max_queued: int = 8
+    max_prompts_per_request: int = 8
+    max_new_tokens: int = 512
+    max_images_per_prompt: int = 4
+    max_image_bytes: int = 3 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_temperature: float = 5.0
+    min_deadline_ms: int = 1000
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One model of a server that serves several (``--model NAME=SOURCE``).
 
@@ -204,6 +235,7 @@ class ServerConfig:
         auth: API keys and per-user limits.
         tls: TLS / mutual TLS files.
         http: the Hugging Face-compatible HTTP endpoint.
+        upsampling: prompt upsampling (off by default).
     """
 
     model: str = DEFAULT_MODEL
@@ -227,6 +259,7 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    upsampling: UpsamplingConfig = field(default_factory=UpsamplingConfig)
 
     def served_models(self) -> tuple[ModelConfig, ...]:
         """The models to serve: ``models``, or ``model`` alone under its default name."""

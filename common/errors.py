@@ -85,6 +85,13 @@ class Cancelled(Flux2RemoteError):
     code = grpc.StatusCode.CANCELLED
 
 
+class UpsamplingUnavailable(Flux2RemoteError):
+    """The model cannot upsample prompts: the server runs without ``--upsampling``, the model
+    is one diffusers has no upsampling for ([klein]), or it has no image processor for images."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class IntegrityError(Flux2RemoteError):
     """Bytes arrived damaged or inconsistent (checksum, size, shape or fingerprint mismatch)."""
 
@@ -108,6 +115,7 @@ _BY_CODE: dict[grpc.StatusCode, type[Flux2RemoteError]] = {
         DeadlineExceeded,
         EncoderUnavailable,
         Cancelled,
+        UpsamplingUnavailable,
         IntegrityError,
         ServerError,
     )
@@ -122,6 +130,7 @@ _HTTP_STATUS_OF_CODE: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.DATA_LOSS: 500,
     grpc.StatusCode.INTERNAL: 500,

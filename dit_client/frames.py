@@ -166,6 +166,42 @@ class PromptMetadata:
         return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class Upsampled:
+    """What ``Upsample`` answered (times in nanoseconds).
+
+    Attributes:
+        texts: the upsampled prompt of each prompt, in order.
+        generated_tokens: tokens the model generated for each.
+        seed: the seed generation ran with: the one asked for, or the random one the server
+            drew; sending it again with the same prompts in the same batch gives the same texts.
+        temperature: the sampling temperature used.
+        model_fingerprint: the embedding fingerprint of the model that generated.
+    """
+
+    texts: list[str]
+    generated_tokens: list[int]
+    seed: int
+    temperature: float
+    model_fingerprint: str
+    queue_time_ns: int
+    generation_time_ns: int
+    total_time_ns: int
+
+    @classmethod
+    def from_proto(cls, m: pb2.UpsampleResponse) -> Upsampled:
+        return cls(
+            texts=[r.text for r in m.results],
+            generated_tokens=[r.generated_tokens for r in m.results],
+            seed=m.seed,
+            temperature=m.temperature,
+            model_fingerprint=m.model_fingerprint,
+            queue_time_ns=m.queue_time_ns,
+            generation_time_ns=m.generation_time_ns,
+            total_time_ns=m.total_time_ns,
+        )
+
+
 class ResponseAssembler:
     """Reassembles the prompts of one request from its response frames into ``out``.
 

@@ -61,6 +61,25 @@ def load_reference_images(paths: Sequence[str | os.PathLike]) -> list:
     return images
 
 
+def encoded_image(image: bytes | str | os.PathLike | Any) -> bytes:
+    """PNG or JPEG bytes of ``image`` for ``Upsample``: bytes as they are, a file's bytes as on disk,
+    a PIL image encoded as PNG (the server decodes and checks them)."""
+    import io
+
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return Path(image).read_bytes()
+        except OSError as exc:
+            raise ClientConfigError(f"image {image}: {exc.strerror or exc}") from None
+    if hasattr(image, "save"):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise ClientConfigError(f"an image must be PNG/JPEG bytes, a file path or a PIL image, not {type(image).__name__}")
+
+
 def output_paths(out: str | os.PathLike, count: int) -> list[Path]:
     """``out`` for one image; ``stem-0.png``, ``stem-1.png``... for several; refused early if ``out`` cannot be written."""
     out = check_output_file(out, suffix=".png")

@@ -15,15 +15,17 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
 
-from common.errors import EncoderUnavailable, IntegrityError, InvalidRequest, error_from_code
+from common.errors import EncoderUnavailable, IntegrityError, InvalidRequest, UpsamplingUnavailable, error_from_code
 from common.protocol import pb2
 from common.wire import decode_response_frame, dtype_to_wire
 from dit_client.connection import DEFAULT_TIMEOUT_S, Connection, TLSConfig
-from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, check_output_dtype
+from dit_client.frames import EncoderInfo, PromptMetadata, ResponseAssembler, Upsampled, check_output_dtype
+from dit_client.images import encoded_image
 from dit_client.pad_table import Elision, HeldTable, PadTables
 from dit_client.retry import RetryPolicy
 from dit_client.stream import StreamedEmbedding, encode_stream
@@ -231,6 +233,71 @@ class RemoteTextEncoder:
             )
             metadata.extend(self._encode_part(request, out[start : start + len(part)], info, held))
         return out, metadata
+
+    def upsample(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[Sequence[Any]] | None = None,
+        temperature: float = 0.15,
+        seed: int | None = None,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Rewrite short prompts into detailed ones on the encoder (``Flux2Pipeline.upsample_prompt``).
+
+        Args:
+            prompts: one prompt or a list, generated as one batch.
+            images: ``None`` for text-to-image; else, per prompt, its reference images
+                (PNG/JPEG bytes, file paths or PIL images) for image-to-image.
+            temperature: sampling temperature (0.15 is the reference's).
+            seed: the same seed, prompts and batch give the same texts (on the same server
+                device and dtype); None: the server draws one (see :meth:`upsample_with_metadata`).
+            model: as in :meth:`encode`.
+            timeout: seconds for this call (default: the client's); generation takes seconds.
+
+        Returns:
+            One upsampled prompt per prompt. A server or model without upsampling raises
+            :class:`~common.errors.UpsamplingUnavailable` saying why (``--upsampling``).
+        """
+        return self.upsample_with_metadata(prompts, images, temperature, seed, model=model, timeout=timeout).texts
+
+    def upsample_with_metadata(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[Sequence[Any]] | None = None,
+        temperature: float = 0.15,
+        seed: int | None = None,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> Upsampled:
+        """Like :meth:`upsample`, with the seed used, token counts and timings."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InvalidRequest("no prompts given")
+        if images is not None and len(images) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(images)} image lists: give one list per prompt")
+        request = pb2.UpsampleRequest(
+            prompts=prompts,
+            images=[pb2.UpsampleImages(images=[encoded_image(i) for i in entry]) for entry in images or ()],
+            temperature=temperature,
+            model=(model if model is not None else self.model) or "",
+        )
+        if seed is not None:
+            request.seed = seed
+        try:
+            reply = self.connection.stub.Upsample(
+                request, timeout=timeout or self.timeout, metadata=self.connection.metadata
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise UpsamplingUnavailable(
+                    f"the encoder at {self.target} predates prompt upsampling; update it and start it with "
+                    "`flux2-encoder serve --upsampling`"
+                ) from None
+            raise self.connection.translate(err) from None
+        return Upsampled.from_proto(reply)
 
     # -- internals -------------------------------------------------------
 

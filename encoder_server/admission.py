@@ -77,13 +77,16 @@ GET_INFO = Method("GetInfo", metered=False)
 GET_PAD_TABLE = Method("GetPadTable", metered=False)
 ENCODE = Method("Encode", metered=True)
 ENCODE_STREAM = Method("EncodeStream", metered=True, streaming_requests=True)
+# Prompt upsampling: the same steps as Encode (its prompts count against the quota); the
+# generation itself then waits in its own queue (encoder_server/upsampling.py).
+UPSAMPLE = Method("Upsample", metered=True)
 HTTP_PREDICT = Method("HTTP /predict", metered=True)
 
 # The one registry of gRPC methods. Services not named here (health checks,
 # reflection) stay open: load balancers and grpcurl probe them without keys,
 # and they reveal only SERVING/NOT_SERVING and the public schema.
 GRPC_METHODS: dict[str, Method] = {
-    f"/{SERVICE_NAME}/{m.name}": m for m in (GET_INFO, GET_PAD_TABLE, ENCODE, ENCODE_STREAM)
+    f"/{SERVICE_NAME}/{m.name}": m for m in (GET_INFO, GET_PAD_TABLE, ENCODE, ENCODE_STREAM, UPSAMPLE)
 }
 
 

@@ -75,7 +75,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             handler = handler._replace(response_serializer=None)
         authorization = _authorization(handler_call_details)
         wrap = {
-            "unary_unary": self._unary,
+            "unary_unary": self._unary_metered if method.metered else self._unary,
             "unary_stream": self._unary_request if method.metered else self._unmetered_stream,
             "stream_stream": self._stream,
         }
@@ -109,6 +109,38 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
+    async def _admit_one(self, request, context, method: Method, authorization: list[str]) -> Ticket:
+        """Every step for a call of one request (Encode, Upsample); a refusal is counted and raised."""
+        user = self._begin(context, method, authorization)
+        if isinstance(request, UndecodableRequest):
+            exc = InvalidRequest(request.reason)
+            self._admission.refused(method, user, exc)
+            raise exc
+        return await self._admission.admit_request(
+            method,
+            user,
+            list(request.prompts),
+            request_id=request.request_id,
+            request=request,
+            model=request.model,
+            time_remaining_s=context.time_remaining(),
+        )
+
+    def _unary_metered(self, behaviour, method: Method, authorization: list[str]):
+        """Upsample: one request, one answer, through every step of the policy."""
+
+        async def wrapped(request, context):
+            try:
+                ticket = await self._admit_one(request, context, method, authorization)
+            except Flux2RemoteError as exc:
+                await _abort(context, exc)
+            try:
+                return await behaviour(ticket, context)
+            finally:
+                ticket.release()
+
+        return wrapped
+
     def _unmetered_stream(self, behaviour, method: Method, authorization: list[str]):
         """GetPadTable: steps 1-2, then the answer written like Encode's (with the write timeout)."""
         admission = self._admission
@@ -122,28 +154,14 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary_request(self, behaviour, method: Method, authorization: list[str]):
         """Encode: one request, a stream of answer messages."""
-        admission = self._admission
 
         async def wrapped(request, context):
             try:
-                user = self._begin(context, method, authorization)
-                if isinstance(request, UndecodableRequest):
-                    exc = InvalidRequest(request.reason)
-                    admission.refused(method, user, exc)
-                    raise exc
-                ticket = await admission.admit_request(
-                    method,
-                    user,
-                    list(request.prompts),
-                    request_id=request.request_id,
-                    request=request,
-                    model=request.model,
-                    time_remaining_s=context.time_remaining(),
-                )
+                ticket = await self._admit_one(request, context, method, authorization)
             except Flux2RemoteError as exc:
                 await _abort(context, exc)
             try:
-                await self._write_all(behaviour(ticket, context), context, method, user)
+                await self._write_all(behaviour(ticket, context), context, method, ticket.user)
             finally:
                 ticket.release()
 

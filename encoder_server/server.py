@@ -29,6 +29,7 @@ from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
 from encoder_server.tls import ServerTLS, load_server_tls
+from encoder_server.upsampling import UNAVAILABLE_WITHOUT_FLAG, Upsampler, UpsampleService, upsampler_for_backend
 from encoder_server.usage import UsageLimiter
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,17 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def build_info(config: ServerConfig, registry: ModelRegistry, admission: Admission, *, cache_scope: str):
+def build_info(
+    config: ServerConfig,
+    registry: ModelRegistry,
+    admission: Admission,
+    *,
+    cache_scope: str,
+    upsampling: UpsampleService | None = None,
+):
     """What GetInfo answers, but for the per-model fields (the servicer fills those per request)."""
     limits = config.limits
-    return pb2.GetInfoResponse(
+    info = pb2.GetInfoResponse(
         limits=pb2.ServerLimits(
             max_prompts_per_request=limits.max_prompts_per_request,
             max_prompt_chars=limits.max_prompt_chars,
@@ -73,6 +81,11 @@ def build_info(config: ServerConfig, registry: ModelRegistry, admission: Admissi
         cache_scope=cache_scope,
         models=[m.info() for m in registry],
     )
+    if upsampling is not None:
+        upsampling.limits(info.limits)
+        for model in info.models:
+            upsampling.describe(model)
+    return info
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None = None
     http: HTTPEndpoint | None = None
     link: RedisLink | None = None
+    upsampling: UpsampleService | None = field(default=None, init=False)
     _usage_saver: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -139,6 +153,8 @@ class RunningServer:
         # One stop only: overlapping grpc.aio stop() calls crashed the process
         # (segfault inside grpc's shutdown) about one run in three.
         await self.server.stop(0)
+        if self.upsampling is not None:
+            self.upsampling.close()
         self.models.close()
         if self._usage_saver is not None:
             self._usage_saver.cancel()
@@ -290,11 +306,14 @@ async def start_server(
     demo: bool = False,
     security: Security | None = None,
     listeners: Listeners | None = None,
+    upsamplers: dict[str, Upsampler | str] | None = None,
 ) -> RunningServer:
     """Start serving ``models`` (or the one ``backend``); returns once every port is serving.
 
     ``listeners`` are the ports :func:`bind_listeners` bound before the model
-    loaded; without them they are bound here.
+    loaded; without them they are bound here. ``upsamplers`` (per model name, an
+    :class:`~encoder_server.upsampling.Upsampler` or why there is none) replaces
+    what ``config.upsampling`` would build from the backends.
     """
     if models is None:
         models = [LoadedModel(config.served_models()[0].name, backend, model_id, revision, demo)]
@@ -326,8 +345,18 @@ async def start_server(
             for m in models
         ]
     )
-    info = build_info(config, registry, admission, cache_scope=cache_scope)
-    pb2_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(registry, info, config.limits, metrics), server)
+    if upsamplers is None:
+        upsamplers = {
+            m.name: upsampler_for_backend(m.backend, config.upsampling)[0] or m.backend.upsampling_note
+            if config.upsampling.enabled
+            else UNAVAILABLE_WITHOUT_FLAG
+            for m in models
+        }
+    upsampling = UpsampleService(upsamplers, config.upsampling, metrics)
+    info = build_info(config, registry, admission, cache_scope=cache_scope, upsampling=upsampling)
+    pb2_grpc.add_TextEncoderServicer_to_server(
+        TextEncoderServicer(registry, info, config.limits, metrics, upsampling), server
+    )
 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -342,9 +371,11 @@ async def start_server(
             registry, admission, ssl_context=security.tls.ssl_context() if security.tls is not None else None
         )
         await http.start(listeners.http_socket)
-    return RunningServer(
+    running = RunningServer(
         server, listeners.port, health, registry, admission, metrics, listeners.metrics_endpoint, http, listeners.link
     )
+    running.upsampling = upsampling
+    return running
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")

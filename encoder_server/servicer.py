@@ -8,13 +8,21 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from common.config import Limits
-from common.errors import Flux2RemoteError, InvalidRequest, retry_after_ms, retry_metadata, status_of
+from common.errors import (
+    Flux2RemoteError,
+    InvalidRequest,
+    UpsamplingUnavailable,
+    retry_after_ms,
+    retry_metadata,
+    status_of,
+)
 from common.protocol import pb2, pb2_grpc
 from common.wire import WireTensor, dtype_from_wire
 from encoder_server.admission import Refused, Ticket
 from encoder_server.engine import EncodedPrompt
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.models import ModelRegistry, ServedModel
+from encoder_server.upsampling import UpsampleService
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +35,16 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
     and :class:`Refused` messages, instead of raw requests.
     """
 
-    def __init__(self, models: ModelRegistry, info: pb2.GetInfoResponse, limits: Limits, metrics: EncoderMetrics):
+    def __init__(
+        self,
+        models: ModelRegistry,
+        info: pb2.GetInfoResponse,
+        limits: Limits,
+        metrics: EncoderMetrics,
+        upsampling: UpsampleService | None = None,
+    ):
         self._models = models
+        self._upsampling = upsampling
         self._metrics = metrics
         self._info = info
         self._limits = limits
@@ -153,6 +169,39 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    async def Upsample(self, ticket: Ticket, context) -> pb2.UpsampleResponse:
+        t0 = time.perf_counter_ns()
+        request = ticket.request
+        try:
+            with ticket.charging():
+                if self._upsampling is None:
+                    raise UpsamplingUnavailable("the server was started without --upsampling")
+                outcome = await self._upsampling.upsample(
+                    ticket.model,
+                    ticket.prompts,
+                    [list(entry.images) for entry in request.images],
+                    temperature=request.temperature if request.HasField("temperature") else None,
+                    seed=request.seed if request.HasField("seed") else None,
+                    deadline=_deadline_of(context),
+                )
+        except Flux2RemoteError as exc:
+            await context.abort(*status_of(exc), trailing_metadata=retry_metadata(exc))
+        batch = outcome.batch
+        return pb2.UpsampleResponse(
+            request_id=ticket.request_id,
+            results=[
+                pb2.UpsampledPrompt(text=text, generated_tokens=generated, input_tokens=inputs)
+                for text, generated, inputs in zip(batch.texts, batch.generated_tokens, batch.input_tokens, strict=True)
+            ],
+            seed=batch.seed,
+            temperature=outcome.temperature,
+            model_fingerprint=outcome.fingerprint,
+            queue_time_ns=outcome.queue_ns,
+            tokenization_time_ns=batch.tokenization_ns,
+            generation_time_ns=batch.generation_ns,
+            total_time_ns=time.perf_counter_ns() - t0,
+        )
 
     # -- helpers ---------------------------------------------------------
 

@@ -96,6 +96,8 @@ class TextEncoderRecipe:
         backbone_prefixes: regexes for the checkpoint-key prefixes in front of the
             backbone's own names; they are stripped on load, every other key
             (``lm_head``, vision tower, the final norm) stays unexpected and unread.
+        upsampling: the family's pipeline has prompt upsampling (``Flux2Pipeline.upsample_prompt``;
+            [klein]'s pipelines have none), so ``--upsampling`` loads ``checkpoint_class`` whole.
     """
 
     spec: EncoderSpec
@@ -103,6 +105,11 @@ class TextEncoderRecipe:
     checkpoint_class: str
     backbone_class: str
     backbone_prefixes: tuple[str, ...]
+    upsampling: bool = False
+
+    def generator_backbone(self, model):
+        """The decoder stack inside a loaded ``checkpoint_class`` model (for families with upsampling)."""
+        raise NotImplementedError
 
     @property
     def key_mapping(self) -> dict[str, str]:
@@ -151,6 +158,9 @@ class Mistral3Recipe(TextEncoderRecipe):
     ``format_input`` wraps each prompt with the system message (and strips
     literal ``[IMG]``), the chat template tokenizes and pads the whole batch.
     """
+
+    def generator_backbone(self, model):
+        return model.model.language_model
 
     def decoder_config(self, config):
         text_config = getattr(config, "text_config", None)
@@ -216,6 +226,7 @@ MISTRAL3 = Mistral3Recipe(
     # ``language_model.model.*`` (as saved by transformers 4.x and 5.x) or
     # ``model.language_model.*`` (the in-memory layout of transformers >= 4.52).
     backbone_prefixes=(r"^language_model\.model\.", r"^model\.language_model\."),
+    upsampling=True,
 )
 
 QWEN3 = Qwen3Recipe(
@@ -385,6 +396,26 @@ def _register_packed_attention() -> None:
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
+def shared_backbone(backbone, config):
+    """A decoder stack of ``type(backbone)`` built on ``backbone``'s own modules, cut to
+    ``config.num_hidden_layers`` layers: the token embeddings, those layers and the rotary
+    embedding are the very same objects (no weight is copied); the final norm is left out.
+
+    Built on the meta device first, so the layers it replaces never take memory.
+    """
+    config._attn_implementation = backbone.config._attn_implementation
+    with torch.device("meta"):
+        view = type(backbone)(config)
+    view.embed_tokens = backbone.embed_tokens
+    view.layers = torch.nn.ModuleList(backbone.layers[: config.num_hidden_layers])
+    view.rotary_emb = backbone.rotary_emb
+    view.norm = torch.nn.Identity()
+    left = [name for name, t in itertools.chain(view.named_parameters(), view.named_buffers()) if t.is_meta]
+    if left:  # a transformers version with more parts than these: never run on empty tensors
+        raise ConfigError(f"cannot share the {type(backbone).__name__} weights: {left[:3]} have no storage")
+    return view
+
+
 class EmbeddingBackend(Protocol):
     """What the engine and the server need from a model; tests swap in fakes.
 
@@ -491,12 +522,20 @@ class TruncatedTextEncoder:
             as the reference runs it, bit-exact. ``"packed"``: only the real tokens run
             (see :meth:`encode`); **not bit-exact**, within rounding of the reference; needs
             a tokenizer that pads on the left (ConfigError otherwise).
+        upsampling: load the checkpoint's whole model (all layers, ``lm_head``, vision tower) as
+            :attr:`generator`, for prompt upsampling (encoder_server/upsampling.py); the embedding
+            path then runs on its first layers, the same weights (one copy), bit-exact as without.
+            A family without upsampling ([klein]) loads as usual and says why in :attr:`upsampling_note`.
 
     The pad table (:meth:`pad_rows`) is computed at load, in both modes, through the exact path.
     """
 
     compute: str = "exact"  # also for subclasses that skip __init__ (benchmarks/gpu_encoder.py)
     fingerprint: str = ""  # likewise: set by __init__ from the files read
+    # With upsampling=True: the whole checkpoint model, whose first layers the embedding path runs.
+    generator = None
+    upsampling_note: str = ""  # why there is no generator, when upsampling was asked for
+    tokenizer_dir: Path | None = None
     _pad_table: PadTable | None = None
 
     def __init__(
@@ -508,6 +547,7 @@ class TruncatedTextEncoder:
         quantization: str = "none",
         recipe: TextEncoderRecipe | None = None,
         compute: str = "exact",
+        upsampling: bool = False,
     ):
         import transformers
         from transformers import AutoConfig
@@ -523,6 +563,7 @@ class TruncatedTextEncoder:
         te_dir, tok_dir = source.component("text_encoder"), source.component("tokenizer")
 
         self.tokenizer = load_tokenizer(tok_dir)
+        self.tokenizer_dir = tok_dir
         self.padding_side = self.tokenizer.padding_side
 
         # 1. The decoder's config, cut after the deepest requested hidden state:
@@ -548,17 +589,28 @@ class TruncatedTextEncoder:
         # transformers reports every skipped weight; skipping them is the point.
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
-        try:
-            lm, info = getattr(transformers, self.recipe.backbone_class).from_pretrained(
-                te_dir,
-                config=config,
-                dtype=dtype,
-                quantization_config=qconfig,
-                key_mapping=self.recipe.key_mapping,
-                # Straight onto the GPU: no detour through host RAM.
-                device_map={"": device} if device.type == "cuda" else None,
-                output_loading_info=True,
+        if upsampling and not self.recipe.upsampling:
+            upsampling = False
+            self.upsampling_note = (
+                f"{spec.family} ({self.recipe.label}) has no prompt upsampling in diffusers; use a FLUX.2-dev model"
             )
+            log.warning("--upsampling: %s", self.upsampling_note)
+        if upsampling and compute != "exact":
+            raise ConfigError("--upsampling runs with --compute exact only (generation shares the attention setup)")
+        try:
+            if upsampling:
+                lm, info = self._load_generator(te_dir, config, dtype, qconfig, device)
+            else:
+                lm, info = getattr(transformers, self.recipe.backbone_class).from_pretrained(
+                    te_dir,
+                    config=config,
+                    dtype=dtype,
+                    quantization_config=qconfig,
+                    key_mapping=self.recipe.key_mapping,
+                    # Straight onto the GPU: no detour through host RAM.
+                    device_map={"": device} if device.type == "cuda" else None,
+                    output_loading_info=True,
+                )
         finally:
             hf_logging.set_verbosity(previous)
         missing = set(info["missing_keys"]) - _UNUSED_BACKBONE_WEIGHTS
@@ -595,6 +647,23 @@ class TruncatedTextEncoder:
     @property
     def embedding_dim(self) -> int:
         return self.spec.embedding_dim(self.hidden_size)
+
+    def _load_generator(self, te_dir: Path, config, dtype, qconfig, device):
+        """Load the checkpoint's whole model as :attr:`generator`; return ``(backbone, loading info)``, the
+        backbone being a view of its first ``config.num_hidden_layers`` layers (the same modules, no copy)."""
+        import transformers
+
+        generator, info = getattr(transformers, self.recipe.checkpoint_class).from_pretrained(
+            te_dir,
+            dtype=dtype,
+            quantization_config=qconfig,
+            device_map={"": device} if device.type == "cuda" else None,
+            output_loading_info=True,
+        )
+        if generator.device != device and qconfig is None:
+            generator.to(device)
+        self.generator = generator.eval().requires_grad_(False)
+        return shared_backbone(self.recipe.generator_backbone(generator), config), info
 
     def warm_up(self) -> float:
         """One forward pass of the empty prompt, so the first client does not pay for lazy
@@ -834,6 +903,7 @@ class TruncatedMistral3Encoder(TruncatedTextEncoder):
         quantization: str = "none",
         spec: EncoderSpec = FLUX2_DEV,
         compute: str = "exact",
+        upsampling: bool = False,
     ):
         super().__init__(
             source,
@@ -842,6 +912,7 @@ class TruncatedMistral3Encoder(TruncatedTextEncoder):
             quantization=quantization,
             recipe=replace(MISTRAL3, spec=spec),
             compute=compute,
+            upsampling=upsampling,
         )
 
 
@@ -867,12 +938,14 @@ def load_backend(config) -> tuple[TruncatedTextEncoder, ModelSource]:
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {config.dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(config.device)
-    # A hub download skips the shards that hold only weights the server never reads.
+    upsampling = config.upsampling.enabled
+    # A hub download skips the shards that hold only weights the server never reads
+    # (upsampling reads them all).
     source = resolve_model(
         config.model,
         components=("text_encoder", "tokenizer"),
         revision=config.revision,
-        keep_weight_for=keep_weight_for,
+        keep_weight_for=None if upsampling else keep_weight_for,
     )
     backend = TruncatedTextEncoder(
         source,
@@ -880,6 +953,7 @@ def load_backend(config) -> tuple[TruncatedTextEncoder, ModelSource]:
         dtype=DTYPES[config.dtype],
         quantization=config.quantization,
         compute=getattr(config, "compute", "exact"),
+        upsampling=upsampling,
     )
     # Before health says SERVING: a model that cannot run a forward pass fails here, at start.
     log.info("warm-up forward pass: %.2fs", backend.warm_up())
