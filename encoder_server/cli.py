@@ -18,6 +18,7 @@ from common.config import (
     Limits,
     ServerConfig,
     ServerTLSConfig,
+    UpsamplingConfig,
 )
 from common.logs import quiet_third_party_logs
 from common.model_source import DEFAULT_MODEL, ModelNotFound
@@ -299,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--http-host", default="127.0.0.1", help="address the HTTP endpoint binds (loopback only by default)"
     )
+    serve.add_argument(
+        "--upsampling",
+        action="store_true",
+        help="also load what prompt upsampling needs (the whole language model, lm_head, vision tower) and "
+        "serve the Upsample RPC; the embeddings stay bit-exact, on the same weights (docs/upsampling.md). "
+        "FLUX.2-dev models only; costs about 13 GB more in bf16, 5-7 GB quantized (`flux2-encoder memory`)",
+    )
+    serve.add_argument(
+        "--upsampling-max-queue",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_queued,
+        help="Upsample calls waiting for the generator (one generates at a time); more get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--upsampling-max-new-tokens",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_new_tokens,
+        help="tokens generated per prompt at most; 512 is the reference's, a lower cap bounds the cost "
+        "but cuts long answers short",
+    )
     _defaults_from_env(serve)
     memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
     memory.add_argument(
@@ -393,6 +414,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         tls=ServerTLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
         http=HTTPConfig(host=args.http_host, port=args.http_port),
+        upsampling=UpsamplingConfig(
+            # FLUX2_UPSAMPLING=0 (or false, no, off) keeps it off, like an absent flag.
+            enabled=str(args.upsampling).lower() not in ("false", "0", "no", "off", ""),
+            max_queued=args.upsampling_max_queue,
+            max_new_tokens=args.upsampling_max_new_tokens,
+        ),
     )
 
 

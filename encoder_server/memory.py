@@ -194,6 +194,15 @@ class ParameterCounts:
         """What the server keeps: embeddings and the first ``layers`` decoder layers."""
         return self.embeddings + self.kept_layers
 
+    @property
+    def upsampling_extra(self) -> Part:
+        """What ``--upsampling`` loads on top of :attr:`truncated`: the deeper layers, the final
+        norm, ``lm_head`` and the vision tower (the first layers are shared, not loaded twice)."""
+        deeper = Part(
+            *(getattr(self.decoder_layers, f) - getattr(self.kept_layers, f) for f in Part.__dataclass_fields__)
+        )
+        return deeper + self.final_norm + self.lm_head + self.vision
+
 
 def _rest(model: torch.nn.Module, covered: list[torch.nn.Module]) -> Part:
     """The :class:`Part` of ``model``'s parameters outside the ``covered`` modules."""
@@ -299,6 +308,32 @@ def weight_rows(counts: ParameterCounts) -> list[WeightRow]:
             "as nf4, absmax stored 8-bit (bnb_4bit_use_double_quant=True; not the server's default)",
         ),
     ]
+
+
+def upsampling_rows(counts: ParameterCounts) -> list[WeightRow]:
+    """What ``--upsampling`` adds to the truncated weights, per quantization.
+
+    Both transformers quantizers leave the output projection (``lm_head``) unquantized
+    by default, so it is counted bf16 in every row.
+    """
+    extra, head = counts.upsampling_extra, counts.lm_head
+    rest = Part(*(getattr(extra, f) - getattr(head, f) for f in Part.__dataclass_fields__))
+    note = (
+        f"layers {counts.layers + 1}-{counts.num_hidden_layers}, final norm, "
+        f"{'lm_head, ' if head.params else ''}{'vision tower' if counts.vision.params else ''}"
+    ).rstrip(", ")
+    return [
+        WeightRow("+ upsampling, bf16", extra.params, bf16_bytes(extra), note),
+        WeightRow("+ upsampling, fp8", extra.params, fp8_bytes(rest) + bf16_bytes(head), f"{note}; lm_head bf16"),
+        WeightRow("+ upsampling, nf4", extra.params, nf4_bytes(rest) + bf16_bytes(head), f"{note}; lm_head bf16"),
+    ]
+
+
+def kv_cache_bytes(config, tokens: int, bytes_per_el: int = 2) -> int:
+    """Bytes of one prompt's KV cache over every decoder layer at ``tokens`` tokens (bf16 by default)."""
+    tc = decoder_config(config)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * tokens * bytes_per_el
 
 
 # -- compute -------------------------------------------------------------
@@ -433,6 +468,19 @@ def memory_table(
     for batch in batches:
         a = activation_estimate(config, batch)
         lines.append(f"| {batch} | {a.truncated / GB:.2f} | {a.reference / GB:.2f} |")
+    if _recipe(config).upsampling:
+        lines += [
+            "",
+            "`--upsampling` (prompt upsampling, docs/upsampling.md) loads the rest of the model once; "
+            f"layers 1-{layers} are shared with the embedding path:",
+            "",
+            "| extra weights | parameters | GB | what is counted |",
+            "|---|---:|---:|---|",
+            *(f"| {r.name} | {b(r.params)} | {r.bytes / GB:.2f} | {r.note} |" for r in upsampling_rows(counts)),
+            "",
+            f"Plus a KV cache of {kv_cache_bytes(config, 2048 + 512) / GB:.2f} GB per prompt being upsampled "
+            "(2048 prompt tokens + 512 generated, bf16).",
+        ]
     lines.append("")
     lines.append("Activation figures are estimates from tensor shapes (encoder_server/memory.py), not measurements.")
     return "\n".join(lines)

@@ -156,6 +156,15 @@ def test_embeddings_stay_bit_exact_on_the_shared_weights(tiny_model_dir):
     upsampler, why = upsampler_for_backend(backend, UpsamplingConfig(enabled=True, max_new_tokens=4))
     assert why == "" and upsampler.model is backend.generator
     assert not upsampler.takes_images and "processor_config.json" in upsampler.no_images_reason
+    # What `serve --upsampling` wires up from such a backend.
+    from tests.helpers import ServerThread
+
+    config = ServerConfig(upsampling=UpsamplingConfig(enabled=True, max_new_tokens=2))
+    with ServerThread(backend, config) as server, _client(server) as client:
+        assert client.connection.get_info().models[0].upsampling
+        result = client.upsample_with_metadata(["a fox"], seed=3)
+        assert len(result.texts) == 1 and result.generated_tokens[0] <= 2 and result.seed == 3
+        assert client.encode(ENCODE_PROMPTS[:1]).shape == (1, 512, 48)
 
 
 def test_klein_has_no_upsampling_and_says_why(tmp_path):
@@ -464,3 +473,46 @@ def test_upsample_passes_authentication_and_quota(tiny_backend, tmp_path):
             with pytest.raises(EncoderOverloaded, match="quota"):
                 alice.upsample(["c"])
     assert len(upsampler.calls) == 1
+
+
+# -- what it costs, and how it is switched on -------------------------------------------------
+
+
+def test_memory_table_shows_what_upsampling_adds():
+    from encoder_server.memory import (
+        BUNDLED_CONFIGS,
+        bf16_bytes,
+        count_parameters,
+        default_config_path,
+        load_config,
+        memory_table,
+        upsampling_rows,
+    )
+
+    counts = count_parameters()
+    rows = upsampling_rows(counts)
+    # The extra is exactly the full model less the part the embedding path already holds.
+    assert rows[0].params == counts.full.params - counts.truncated.params
+    assert rows[0].bytes == bf16_bytes(counts.full) - bf16_bytes(counts.truncated)
+    assert rows[0].bytes > rows[1].bytes > rows[2].bytes > 0
+    table = memory_table()
+    assert "+ upsampling, bf16 | 6.67B | 13.34" in table and "KV cache of 0.42 GB per prompt" in table
+    klein = default_config_path(BUNDLED_CONFIGS["FLUX.2 [klein] 4B: Qwen3-4B"])
+    assert "upsampling" not in memory_table(klein)  # diffusers has no upsampling for [klein]
+    assert load_config(klein)
+
+
+def test_serve_flags_build_the_upsampling_config(monkeypatch):
+    from encoder_server.cli import build_parser, config_from_args
+
+    def config(argv):
+        return config_from_args(build_parser().parse_args(["serve", *argv])).upsampling
+
+    assert config([]) == UpsamplingConfig()
+    assert not config([]).enabled
+    on = config(["--upsampling", "--upsampling-max-queue", "3", "--upsampling-max-new-tokens", "64"])
+    assert on.enabled and on.max_queued == 3 and on.max_new_tokens == 64
+    monkeypatch.setenv("FLUX2_UPSAMPLING", "1")
+    assert config([]).enabled
+    monkeypatch.setenv("FLUX2_UPSAMPLING", "0")
+    assert not config([]).enabled
