@@ -21,9 +21,10 @@ from dit_client.commands import info as info_cmd
 from dit_client.commands import plan as plan_cmd
 from dit_client.commands import precompute as precompute_cmd
 from dit_client.commands import store as store_cmd
+from dit_client.commands import upsample as upsample_cmd
 
 # Each module adds one sub-command.
-COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd, store_cmd]
+COMMANDS = [encode, generate_cmd, info_cmd, plan_cmd, precompute_cmd, store_cmd, upsample_cmd]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -277,6 +277,7 @@ class DiTClient:
         num_images: int = 1,
         images: Sequence[str | os.PathLike] = (),
         negative_prompt: str | Mapping[str, Any] | None = "",
+        upsample_temperature: float | None = None,
     ) -> GenerationResult:
         """Make ``num_images`` pictures of ``prompt``.
 
@@ -299,6 +300,11 @@ class DiTClient:
                 embedding classifier-free guidance steers away from (fetched from the encoder
                 like the prompt; ``""`` as in diffusers). None refuses such a run. Unused by
                 models without CFG.
+            upsample_temperature: rewrite ``prompt`` on the encoder first (prompt upsampling,
+                FLUX.2-dev's ``caption_upsample_temperature``; the server must run with
+                ``--upsampling``), sampling at this temperature (0.15 is the reference's); the
+                reference images, if any, go with it (image-to-image). The rewritten prompt is
+                what is encoded; the PNG metadata keeps both. None: the prompt as given.
 
         Returns:
             :class:`GenerationResult` with PIL images and the seed and settings used.
@@ -336,7 +342,24 @@ class DiTClient:
             )
         negative_text = self._prompt_text(negative_prompt) if cfg else None
 
-        # 2. Prompt embeddings from the service (or the client cache), after the
+        # 2. Prompt upsampling on the service, when asked, before the prompt is encoded.
+        upsampled = None
+        if upsample_temperature is not None:
+            if not isinstance(prompt, str):
+                raise ClientConfigError(
+                    "prompt upsampling rewrites a text prompt; a structured prompt is detailed already"
+                )
+            refs = [list(images)] if images else None
+            upsampled = call_with_retries(
+                lambda: self.encoder.upsample_with_metadata(
+                    [prompt_text], refs, upsample_temperature, model=self.encoder_model
+                ),
+                self.retry,
+                what="encoder",
+            )
+            prompt_text = upsampled.texts[0]
+
+        # 3. Prompt embeddings from the service (or the client cache), after the
         # cheap checks but before the weights: a refused prompt or quota then
         # costs seconds, not a model download and load. A base [klein] model
         # with CFG needs the negative prompt's as well.
@@ -347,7 +370,7 @@ class DiTClient:
         pipe = self.load()
         device = pipe._execution_device
 
-        # 3. Denoise and decode.
+        # 4. Denoise and decode.
         generator = torch.Generator(device=device).manual_seed(seed)
         extra: dict[str, Any] = {}
         if kind.takes_guidance():
@@ -387,6 +410,12 @@ class DiTClient:
             "encoder_fingerprint": info.fingerprint,
             "encoder_model": self.encoder_model,
         }
+        if upsampled is not None:
+            parameters.update(
+                original_prompt=prompt if isinstance(prompt, str) else None,
+                upsample_temperature=upsampled.temperature,
+                upsample_seed=upsampled.seed,
+            )
         return GenerationResult(
             images=list(output.images),
             seed=seed,

@@ -10,6 +10,7 @@ from dataclasses import replace
 from common.config import ServerConfig
 from common.errors import EncoderOverloaded
 from encoder_server.server import RunningServer, start_server
+from encoder_server.upsampling import GenerationStopped, UpsampledBatch, Upsampler
 
 
 class ServerThread:
@@ -138,3 +139,41 @@ class Serialized(ProxyBackend):
         lock = Serialized._locks.setdefault(id(self._backend), threading.Lock())
         with lock:
             return super().encode(prompts)
+
+
+# -- prompt upsampling ---------------------------------------------------------------
+
+
+class Gate:
+    """A stand-in generation that runs until released or stopped, checking ``should_stop`` like each token does."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.stopped = threading.Event()
+
+    def __call__(self, should_stop):
+        self.started.set()
+        while not self.release.wait(0.01):
+            if should_stop():
+                self.stopped.set()
+                raise GenerationStopped()
+        return "done"
+
+
+class GatedUpsampler(Upsampler):
+    """An upsampler whose generation waits for ``gate``; it answers each prompt with its upper case."""
+
+    def __init__(self, *, takes_images: bool = False):
+        self.gate = Gate()
+        self.processor = object() if takes_images else None
+        self.no_images_reason = "no processor in this test"
+        self.fingerprint = "flux2-dev:gated"
+        self.calls: list[dict] = []
+
+    def upsample(self, prompts, images=None, *, temperature=0.15, seed=None, should_stop=lambda: False):
+        self.calls.append(dict(prompts=prompts, images=images, temperature=temperature, seed=seed))
+        self.gate(should_stop)
+        return UpsampledBatch(
+            [p.upper() for p in prompts], [len(p) + 1 for p in prompts], [9] * len(prompts), seed or 5, 1, 2
+        )

@@ -100,6 +100,19 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--lora", default=None, metavar="PATH", help="LoRA weights (.safetensors file, folder or hub id)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument(
+        "--upsample",
+        action="store_true",
+        help="rewrite the prompt into a detailed one on the encoder first (FLUX.2-dev prompt upsampling; "
+        "the encoder must run with --upsampling); printed, and kept in the PNG metadata beside the original",
+    )
+    p.add_argument(
+        "--upsample-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="sampling temperature of --upsample (default 0.15, the reference's); implies --upsample",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -136,11 +149,14 @@ def run(args: argparse.Namespace) -> int:
                 num_images=args.num_images,
                 images=args.image,
                 negative_prompt=args.negative_prompt,
+                upsample_temperature=_upsample_temperature(args),
             )
             paths = result.save(args.out)
     except ModelNotFound as exc:
         print(f"flux2-dit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if "original_prompt" in result.parameters:
+        print(f"upsampled prompt (seed {result.parameters['upsample_seed']}): {result.prompt_text}")
     for path in paths:
         print(f"wrote {path}")
     model = f" ({result.encoder_model})" if result.encoder_model else ""
@@ -151,3 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if result.demo:
         print("note: DEMO model: its weights are random, so the picture is noise; it only proves the plumbing")
     return 0
+
+
+def _upsample_temperature(args: argparse.Namespace) -> float | None:
+    """The temperature to upsample at, or None without --upsample / --upsample-temperature."""
+    if args.upsample_temperature is not None:
+        return args.upsample_temperature
+    return 0.15 if args.upsample else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 import time
 import types
 
@@ -31,11 +30,11 @@ from encoder_server.text_encoder import TruncatedMistral3Encoder, TruncatedTextE
 from encoder_server.upsampling import (
     DEFAULT_TEMPERATURE,
     GenerationQueue,
-    GenerationStopped,
     Upsampler,
     check_temperature,
     decode_images,
 )
+from tests.helpers import Gate, GatedUpsampler
 
 PROMPTS = [
     "a red fox in fresh snow",
@@ -229,23 +228,6 @@ def test_prompts_longer_than_the_reference_reads_are_refused(shallow_model_dir):
 # -- the queue: one generation at a time, cancellable, bounded -----------------------------
 
 
-class Gate:
-    """A stand-in generation that runs until released or stopped, checking ``should_stop`` like each token does."""
-
-    def __init__(self):
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self.stopped = threading.Event()
-
-    def __call__(self, should_stop):
-        self.started.set()
-        while not self.release.wait(0.01):
-            if should_stop():
-                self.stopped.set()
-                raise GenerationStopped()
-        return "done"
-
-
 def test_a_cancelled_call_stops_its_generation_and_frees_the_generator():
     async def scenario():
         queue = GenerationQueue(max_queued=4)
@@ -320,26 +302,6 @@ def test_upsample_is_in_the_method_registry():
 
 
 # -- through the server -------------------------------------------------------------------
-
-
-class GatedUpsampler(Upsampler):
-    """An upsampler whose generation waits for ``gate``; it answers each prompt with its upper case."""
-
-    def __init__(self, *, takes_images: bool = False):
-        self.gate = Gate()
-        self.processor = object() if takes_images else None
-        self.no_images_reason = "no processor in this test"
-        self.fingerprint = "flux2-dev:gated"
-        self.calls: list[dict] = []
-
-    def upsample(self, prompts, images=None, *, temperature=DEFAULT_TEMPERATURE, seed=None, should_stop=lambda: False):
-        from encoder_server.upsampling import UpsampledBatch
-
-        self.calls.append(dict(prompts=prompts, images=images, temperature=temperature, seed=seed))
-        self.gate(should_stop)
-        return UpsampledBatch(
-            [p.upper() for p in prompts], [len(p) + 1 for p in prompts], [9] * len(prompts), seed or 5, 1, 2
-        )
 
 
 MODEL_NAME = ServerConfig().served_models()[0].name
