@@ -373,7 +373,11 @@ class EncodeEngine:
         if not self._packed or not keys:
             return dict.fromkeys(keys, self._prompt_tokens)
         # Tokenized off the event loop; the backend counts with its own tokenizer (thread-safe).
-        counts = await asyncio.to_thread(self.backend.count_tokens, [prompt_of[k] for k in keys])
+        try:
+            counts = await asyncio.to_thread(self.backend.count_tokens, [prompt_of[k] for k in keys])
+        except Exception as exc:  # the forward pass tokenizes again and reports the error per prompt
+            log.warning("counting tokens failed (%s); these prompts cost their padded length", exc)
+            return dict.fromkeys(keys, self._prompt_tokens)
         return {k: max(1, int(n)) for k, n in zip(keys, counts, strict=True)}
 
     def _join_or_queue(self, missing, prompt_of, costs, user, deadline, waiting) -> None:

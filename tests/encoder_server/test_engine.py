@@ -240,6 +240,27 @@ def test_packed_batches_fill_by_real_tokens_and_exact_ones_by_padded_tokens():
     assert metrics.sample("flux2_encoder_batch_tokens_sum") == 5 + 20 + 24 + 8
 
 
+def test_prompts_that_cannot_be_counted_cost_their_padded_length():
+    """count_tokens raising (a tokenizer error) does not fail the request: the prompts cost their
+    padded length, and the forward pass (which tokenizes again) reports any real error per prompt."""
+
+    class Uncountable(PackedFakeBackend):
+        def count_tokens(self, prompts):
+            raise RuntimeError("tokenizer broke")
+
+    backend = Uncountable()
+    results = run(_encode_on(backend, ["ab", "cd"]))
+    assert [r.token_count for r in results] == [2, 2] and backend.batches == [["ab", "cd"]]
+
+
+async def _encode_on(backend, prompts):
+    engine = engine_for(backend)
+    try:
+        return await engine.encode(prompts)
+    finally:
+        engine.close()
+
+
 def test_a_lone_prompt_waits_at_most_the_queue_delay():
     backend = FakeBackend()
 
