@@ -21,6 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import safetensors.torch
@@ -161,7 +162,18 @@ class Elision:
         return rows
 
 
-def fetch(stub, model_info: pb2.ModelInfo, *, metadata=(), timeout: float = 60.0) -> torch.Tensor:
+class NamesATable(Protocol):
+    """What :func:`fetch` reads of a model's description: ``pb2.ModelInfo`` or the client's ``ModelInfo``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def pad_table(self) -> str: ...
+
+
+def fetch(stub, model_info: NamesATable, *, metadata=(), timeout: float = 60.0) -> torch.Tensor:
     """Download ``model_info``'s pad table through ``stub.GetPadTable`` (raw frames), checked against its id."""
     out = None
     assembler = None

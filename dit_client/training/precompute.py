@@ -81,7 +81,7 @@ def server_pad_table(encoder: RemoteTextEncoder, info: EncoderInfo) -> torch.Ten
     if held is not None:
         return held.rows
     entry = info.described
-    if not getattr(entry, "pad_table", ""):
+    if entry is None or not entry.pad_table:
         return None
     connection = encoder.connection
     try:

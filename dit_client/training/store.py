@@ -175,7 +175,7 @@ class StoreInfo:
             return cls(
                 str(data["fingerprint"]),
                 dtype,
-                shape,  # type: ignore[arg-type]
+                shape,
                 str(data.get("model_id", "")),
                 str(data.get("model_name", "")),
                 str(data.get("family", "")),
@@ -537,7 +537,10 @@ class EmbeddingStore:
         if pad == 0:
             return rows
         out = torch.empty(self.info.shape, dtype=self.info.dtype)
-        out[:pad] = self._tables[self._shard_tables[shard_index]][:pad]
+        table = self._tables[self._shard_tables[shard_index]]
+        if table is None:  # a shard of a folder without a table stores every row (pad 0, returned above)
+            raise IntegrityError(f"{caption[:60]!r} has {pad} pad rows, but its folder holds no pad table")
+        out[:pad] = table[:pad]
         out[pad:] = rows
         return out
 
@@ -1022,6 +1025,7 @@ class StoreWriter:
         if self._pending:
             self._wait_for_commit()  # also frees the buffer it was writing from
             buffer, used, captions, spans = self._filling, self._used, self._pending, self._spans
+            assert buffer is not None  # pending captions live in the filling buffer
             self._commit_future = self._committer.submit(self._commit, buffer[:used], captions, spans)
             self._filling, self._spare = self._spare, buffer
             self._used, self._pending, self._spans = 0, [], []
@@ -1164,7 +1168,10 @@ def convert_store(
         raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
     lock = _lock_folder(path)
     try:
-        version, info, listed = _read_index(path)  # type: ignore[misc]
+        found = _read_index(path)
+        if found is None:  # removed between the check above and the lock
+            raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
+        version, info, listed = found
         staging = path / CONVERT_DIR
         listed_names = {s.file for s in listed}
         if version >= 2:
@@ -1196,7 +1203,10 @@ def convert_store(
                 for caption in tqdm(old, total=len(old), desc="convert", unit="caption", disable=not progress):
                     writer.add(caption, old.get(caption))
             new_info = writer.info
-            new_version, _, new_shards = _read_index(staging)  # type: ignore[misc]
+            written = _read_index(staging)
+            if written is None:
+                raise StoreError(f"{staging}: the converted store has no {INDEX_NAME}")
+            new_version, _, new_shards = written
             # Check before the switch: every embedding rebuilds to the old bytes.
             new = EmbeddingStore(staging)
             for caption in old:
