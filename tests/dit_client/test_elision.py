@@ -111,6 +111,19 @@ def test_the_table_is_fetched_once_and_kept_on_disk(elide_server, tmp_path, fetc
     assert fetches == [table_id]
 
 
+def test_threads_sharing_a_client_fetch_the_table_once(elide_server, tiny_backend, tmp_path, fetches):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = tiny_backend.encode(PROMPTS[:1]).embeddings
+    with RemoteTextEncoder(elide_server.target, pad_table_dir=tmp_path) as enc:
+        enc.info()
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: enc.encode_with_metadata(PROMPTS[:1]), range(4)))
+    assert len(fetches) == 1
+    for embeds, meta in results:
+        assert meta[0].pad_rows_elided > 0 and torch.equal(embeds, expected)
+
+
 def test_stream_items_rebuild_and_expose_their_compact_rows(elide_server, tiny_backend, tmp_path):
     expected = tiny_backend.encode(PROMPTS)
     with RemoteTextEncoder(elide_server.target, pad_table_dir=tmp_path) as enc:
