@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -114,15 +115,19 @@ class Elision:
     is removed) or fetched with ``GetPadTable`` and saved there. Anything that
     goes wrong on the way (the fetch fails, the disk is read-only) is logged
     once and the client asks for whole embeddings: elision saves bytes, it must
-    never fail an encode.
+    never fail an encode. A table that could not be fetched is tried again
+    after ``retry_after_s``, so a long job outlives a replica that was down.
 
     Args:
         tables: the on-disk store; None turns elision off (every answer is whole).
+        retry_after_s: seconds of whole embeddings before a failed table is tried again.
     """
 
-    def __init__(self, tables: PadTables | None):
+    def __init__(self, tables: PadTables | None, *, retry_after_s: float = 300.0):
         self.tables = tables
-        self._held: dict[str, torch.Tensor | None] = {}  # table id -> rows; None: could not get it
+        self.retry_after_s = retry_after_s
+        self._held: dict[str, torch.Tensor] = {}
+        self._failed: dict[str, float] = {}  # table id -> when it could not be got (time.monotonic)
         self._lock = threading.Lock()  # one fetch per table, however many threads encode
 
     def table_for(self, connection, model_info, *, timeout: float = 60.0) -> HeldTable | None:
@@ -133,12 +138,19 @@ class Elision:
         table_id = model_info.pad_table
         with self._lock:
             if table_id not in self._held:
-                self._held[table_id] = self._get(self.tables, connection, model_info, timeout)
-            rows = self._held[table_id]
-        return None if rows is None else HeldTable(table_id, rows)
+                failed_at = self._failed.get(table_id)
+                if failed_at is not None and time.monotonic() - failed_at < self.retry_after_s:
+                    return None
+                rows = self._get(self.tables, connection, model_info, timeout, warn=failed_at is None)
+                if rows is None:
+                    self._failed[table_id] = time.monotonic()
+                    return None
+                self._held[table_id] = rows
+                self._failed.pop(table_id, None)
+        return HeldTable(table_id, self._held[table_id])
 
     @staticmethod
-    def _get(tables: PadTables, connection, model_info, timeout: float) -> torch.Tensor | None:
+    def _get(tables: PadTables, connection, model_info, timeout: float, *, warn: bool) -> torch.Tensor | None:
         try:
             rows = tables.load(model_info.pad_table)
         except OSError as exc:  # an unreadable cache dir: as if the table were absent
@@ -148,12 +160,12 @@ class Elision:
             return rows
         try:
             rows = fetch(connection.stub, model_info, metadata=connection.metadata, timeout=timeout)
-        except grpc.RpcError as err:
-            reason = connection.translate(err)
-            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, reason)
-            return None
-        except Flux2RemoteError as exc:
-            log.warning("could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, exc)
+        except (grpc.RpcError, Flux2RemoteError) as exc:
+            reason = connection.translate(exc) if isinstance(exc, grpc.RpcError) else exc
+            if warn:
+                log.warning(
+                    "could not fetch pad table %s (%s); receiving whole embeddings", model_info.pad_table, reason
+                )
             return None
         try:
             tables.save(model_info.pad_table, rows)

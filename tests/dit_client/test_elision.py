@@ -242,6 +242,27 @@ def test_a_failed_fetch_falls_back_to_full_tensors_and_warns_once(
     assert len(warnings) == 1
 
 
+def test_a_failed_table_is_tried_again_later(elide_server, tiny_backend, tmp_path, monkeypatch):
+    real, calls = pad_table_module.fetch, []
+
+    def down_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("the server sent no pad table")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pad_table_module, "fetch", down_once)
+    with RemoteTextEncoder(elide_server.target, pad_table_dir=tmp_path) as enc:
+        _, whole = enc.encode_with_metadata(PROMPTS[:1])
+        _, still_whole = enc.encode_with_metadata(PROMPTS[:1])  # within retry_after_s: not asked again
+        assert len(calls) == 1
+        enc.elision.retry_after_s = 0.0
+        embeds, elided = enc.encode_with_metadata(PROMPTS[:1])
+    assert len(calls) == 2
+    assert whole[0].pad_rows_elided == still_whole[0].pad_rows_elided == 0 < elided[0].pad_rows_elided
+    assert torch.equal(embeds, tiny_backend.encode(PROMPTS[:1]).embeddings)
+
+
 def test_an_unwritable_table_folder_still_elides(elide_server, tiny_backend, tmp_path):
     """The table could not be kept (here: the folder is a file); this client still uses it, from memory."""
     blocked = tmp_path / "not-a-folder"
