@@ -203,10 +203,12 @@ class Upsampler:
             images = None
         messages = flux2.format_input(prompts=prompts, system_message=system_message, images=images)
         # 2. Refuse what the reference would silently cut, then tokenize as it does.
-        for i, ids in enumerate(self._template(messages)["input_ids"]):
-            if len(ids) > REFERENCE_MAX_LENGTH:
+        # (padded to the longest: a processor returns tensors, which need equal lengths)
+        lengths = self._template(messages, padding=True, return_tensors="pt")["attention_mask"].sum(dim=1).tolist()
+        for i, length in enumerate(lengths):
+            if length > REFERENCE_MAX_LENGTH:
                 raise PayloadTooLarge(
-                    f"prompt {i} is {len(ids)} tokens with the upsampling instructions"
+                    f"prompt {i} is {length} tokens with the upsampling instructions"
                     f"{' and its images' if images else ''}; upsampling reads at most {REFERENCE_MAX_LENGTH}"
                 )
         inputs = self._template(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -53,3 +54,43 @@ def _pad_tables_in_a_temp_folder(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("dit_client.pad_table.default_root", lambda: root)
         yield root
+
+
+@pytest.fixture()
+def pixtral_processor_class():
+    """transformers' PixtralProcessor class, importable without torchvision.
+
+    The processor module imports torchvision at the top, for image work only;
+    torchvision cannot be installed beside the CPU torch build here. Where it is
+    missing, a stand-in module is present just while the class is imported and
+    used for text; the class itself is transformers' own.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    pixtral_modules = (
+        "transformers.models.pixtral.processing_pixtral",
+        "transformers.models.pixtral.image_processing_pixtral",
+    )
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        names = (
+            "torchvision",
+            "torchvision.transforms",
+            "torchvision.transforms.v2",
+            "torchvision.transforms.v2.functional",
+        )
+        stubs = {name: types.ModuleType(name) for name in names}
+        for parent, child in itertools.pairwise(names):
+            setattr(stubs[parent], child.rsplit(".", 1)[1], stubs[child])
+    saved = {name: sys.modules.pop(name) for name in (*stubs, *pixtral_modules) if name in sys.modules}
+    sys.modules.update(stubs)
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+        yield PixtralProcessor
+    finally:
+        for name in (*stubs, *pixtral_modules):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)

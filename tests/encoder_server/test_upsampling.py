@@ -478,3 +478,33 @@ def test_serve_flags_build_the_upsampling_config(monkeypatch):
     assert config([]).enabled
     monkeypatch.setenv("FLUX2_UPSAMPLING", "0")
     assert not config([]).enabled
+
+
+def test_seeded_image_to_image_equals_the_reference(shallow_model_dir, pixtral_processor_class):
+    """I2I: the reference's processor (a PixtralProcessor on the PIL image backend) carries the images."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    model, tokenizer = _load_full(shallow_model_dir)
+    # The tiny vision tower sees 28x28 pixels: 2x2 patches of 14.
+    processor = pixtral_processor_class(
+        image_processor=PixtralImageProcessorPil(patch_size=14, size={"longest_edge": 28}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        spatial_merge_size=1,
+        chat_template=tokenizer.chat_template,
+    )
+    from PIL import Image
+
+    red, blue, green = (Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green"))
+    prompts, images = ["make it night", "put them side by side"], [[red], [blue, green]]
+    upsampler = Upsampler(model, tokenizer, processor=processor)
+    ours = upsampler.upsample(prompts, images, seed=5)
+    theirs = reference_upsample(model, tokenizer, prompts, seed=5, images=images, processor=processor)
+    assert ours.texts == theirs
+    # The pixels reached generate (the bent weights above make the texts hardly depend on the input,
+    # so this is checked on the call rather than on the answer).
+    seen = {}
+    generate = model.generate
+    model.generate = lambda **kwargs: seen.update(kwargs) or generate(**kwargs)
+    upsampler.upsample(prompts, images, seed=5)
+    assert seen["pixel_values"].shape[0] == 2 and seen["pixel_values"].dtype == torch.bfloat16
