@@ -3,6 +3,17 @@
     .venv/bin/python benchmarks/gpu_encoder.py                 # on a CUDA machine (H100 80 GB: < 5 min for dev)
     .venv/bin/python benchmarks/gpu_encoder.py --models klein-4b klein-9b   # FLUX.2 [klein]'s Qwen3 encoders only
     .venv/bin/python benchmarks/gpu_encoder.py --dry-run       # tiny configs on the CPU: checks the logic
+    .venv/bin/python benchmarks/gpu_encoder.py --upsampling [--batches 1 4] [--dry-run]   # prompt upsampling
+
+``--upsampling`` times prompt upsampling instead (docs/upsampling.md): the whole
+FLUX.2-dev text encoder (random weights, bf16) generates through the server's
+``Upsampler`` with a seed, then diffusers' ``Flux2Pipeline.upsample_prompt`` runs
+on the same model and prompts right after ``torch.manual_seed`` of that seed.
+Printed per batch: seconds, generated tokens and tokens/s, peak VRAM, and whether
+the texts are equal. Random weights rarely sample the end-of-sequence token, so
+every answer runs the full 512 tokens (the worst case). With ``--dry-run`` the
+model is 2 layers deep at toy width and bent to end its answers soon
+(``common.demo.end_generation_soon``), so the check takes seconds on a CPU.
 
 ``--models`` (default: all three): ``dev`` is FLUX.2-dev's Mistral-3 encoder (below);
 ``klein-4b`` and ``klein-9b`` are [klein]'s Qwen3-4B and Qwen3-8B
@@ -405,6 +416,63 @@ def run_dev(args) -> list[dict]:
     return rows
 
 
+UPSAMPLE_PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "two cats on a sofa", "a city street, rain"]
+
+
+def run_upsampling(args) -> int:
+    """``--upsampling``: the server's Upsampler against ``Flux2Pipeline.upsample_prompt``, per batch size."""
+    from common.demo import TinyFlux2Spec, build_tiny_flux2, end_generation_soon
+    from encoder_server.memory import load_config
+    from encoder_server.text_encoder import load_tokenizer
+    from encoder_server.upsampling import Upsampler, reference_upsample
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    config = load_config(args.config)
+    if args.dry_run:
+        config.text_config.update({**TINY_TEXT, "num_hidden_layers": 2})
+        config.vision_config.update(TINY_VISION)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_flux2(Path(tmp), TinyFlux2Spec(with_dit=False, text_layers=1))
+        tokenizer = load_tokenizer(folder / "tokenizer")
+    t0 = time.perf_counter()
+    model = build_full_model(config, device, args.seed)
+    if args.dry_run:
+        end_generation_soon(model)
+    weights = param_bytes(model)
+    upsampler = Upsampler(model, tokenizer)
+    rows = []
+    for batch in args.batches:
+        prompts = [UPSAMPLE_PROMPTS[i % len(UPSAMPLE_PROMPTS)] for i in range(batch)]
+        free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        ours = upsampler.upsample(prompts, seed=args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        theirs = reference_upsample(model, tokenizer, prompts, seed=args.seed)
+        tokens = sum(ours.generated_tokens)
+        rows.append(dict(batch=batch, seconds=seconds, tokens=tokens, peak=peak, equal=ours.texts == theirs))
+        print(f"upsampling batch {batch}: {seconds:.2f}s, {tokens} tokens", file=sys.stderr, flush=True)
+    where = "CPU, tiny config (dry run: not a measurement)" if args.dry_run else torch.cuda.get_device_name()
+    print(
+        f"# Prompt upsampling: {where}; torch {torch.__version__}; bf16 weights {weights / 1e9:.2f} GB; "
+        f"seed {args.seed}; 2048-token prompts, up to 512 new tokens; total {time.perf_counter() - t0:.0f}s"
+    )
+    print()
+    print("| batch | s/call | generated tokens | tokens/s | peak GB | equals upsample_prompt |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['seconds']:.2f} | {r['tokens']} | {r['tokens'] / r['seconds']:.1f} | "
+            f"{r['peak'] / 1e9:.2f} | {'yes' if r['equal'] else 'NO'} |"
+        )
+    return 0 if all(r["equal"] for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
@@ -426,12 +494,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help='also run the server\'s forward with compute="packed" and report its fidelity',
     )
+    parser.add_argument(
+        "--upsampling",
+        action="store_true",
+        help="time prompt upsampling (the whole model generating) against upsample_prompt instead",
+    )
     args = parser.parse_args(argv)
-    if args.models is None:
-        args.models = ["dev", "klein-4b"] if args.dry_run else list(MODELS)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_encoder.py needs a CUDA GPU; use --dry-run to check the script on a CPU", file=sys.stderr)
         return 2
+    if args.upsampling:
+        return run_upsampling(args)
+    if args.models is None:
+        args.models = ["dev", "klein-4b"] if args.dry_run else list(MODELS)
 
     t0 = time.perf_counter()
     rows = run(args)

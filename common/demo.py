@@ -208,6 +208,29 @@ def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spe
     return path
 
 
+def end_generation_soon(model) -> None:
+    """Bend a random ``Mistral3ForConditionalGeneration``'s weights so its sampled answers end soon.
+
+    A random model almost never samples its end-of-sequence token, so every answer
+    would run ``max_new_tokens`` (512 for prompt upsampling: a minute on a CPU even at
+    toy size). After this, each step samples EOS with a probability of about one in
+    twenty, whatever came before: the residual stream is dominated by one dimension,
+    the final norm keeps only that one, and EOS's embedding row (tied to ``lm_head``)
+    is a little larger there. For tests and dry runs of the generation path only.
+    """
+    import torch
+
+    backbone = model.model.language_model
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        backbone.embed_tokens.weight[:, 1] += 20.0
+        backbone.embed_tokens.weight[eos, 1] += 0.1
+        backbone.norm.weight.zero_()
+        backbone.norm.weight[1] = 1.0
+        if model.lm_head.weight is not backbone.embed_tokens.weight:
+            model.lm_head.weight.copy_(backbone.embed_tokens.weight)
+
+
 # -- FLUX.2 [klein]: a Qwen3 text encoder --------------------------------------
 
 # Qwen3's control tokens; "<think>"/"</think>" are plain added tokens there, not special ones.

@@ -250,6 +250,33 @@ class Upsampler:
         return counts
 
 
+def reference_upsample(
+    model, tokenizer, prompts, *, seed, temperature=DEFAULT_TEMPERATURE, images=None, processor=None
+):
+    """diffusers' own ``Flux2Pipeline.upsample_prompt``, run right after ``torch.manual_seed(seed)``:
+    the ground truth :class:`Upsampler` is compared with (tests, benchmarks/gpu_encoder.py).
+
+    The method reads four attributes of its pipeline, given here by a stand-in. FLUX.2-dev's
+    ``tokenizer`` is a PixtralProcessor (``apply_chat_template`` and ``.tokenizer``), which
+    ``processor`` is when given; without, the tokenizer's own two methods stand in for it.
+    """
+    import types
+
+    from diffusers import Flux2Pipeline
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    flux2 = _diffusers_flux2()
+    pipe = types.SimpleNamespace(
+        text_encoder=model,
+        tokenizer=processor
+        or types.SimpleNamespace(apply_chat_template=tokenizer.apply_chat_template, tokenizer=tokenizer),
+        image_processor=Flux2ImageProcessor(vae_scale_factor=16),
+        upsampling_max_image_size=flux2.UPSAMPLING_MAX_IMAGE_SIZE,
+    )
+    torch.manual_seed(seed)
+    return Flux2Pipeline.upsample_prompt(pipe, prompts, images=images, temperature=temperature)
+
+
 def load_processor(tokenizer_dir: Path) -> tuple[Any, str]:
     """``(processor, "")`` for a ``tokenizer/`` folder that holds a PixtralProcessor, else ``(None, why not)``."""
     if not any((tokenizer_dir / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):

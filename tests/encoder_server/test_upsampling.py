@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-import types
 
 import grpc
 import pytest
 import torch
-from diffusers import Flux2Pipeline
 from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
 
 from common.config import ServerConfig, UpsamplingConfig
-from common.demo import TinyFlux2Spec, build_tiny_flux2
+from common.demo import TinyFlux2Spec, build_tiny_flux2, end_generation_soon
 from common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -33,6 +31,7 @@ from encoder_server.upsampling import (
     Upsampler,
     check_temperature,
     decode_images,
+    reference_upsample,
 )
 from tests.helpers import Gate, GatedUpsampler
 
@@ -50,47 +49,12 @@ def shallow_model_dir(tmp_path_factory):
 
 
 def _load_full(folder, dtype=torch.bfloat16, *, ends_soon=True):
-    """The tiny text encoder, whole, and its tokenizer.
-
-    A random model almost never samples its end-of-sequence token, so every answer would
-    run the full 512 tokens (a minute on a CPU). With ``ends_soon`` its weights are bent so
-    each step samples EOS with a probability of about one in twenty, whatever came before:
-    the residual stream is dominated by one dimension, the final norm keeps only that one,
-    and EOS's embedding row (tied to ``lm_head``) is a little larger there.
-    """
+    """The tiny text encoder, whole, and its tokenizer; with ``ends_soon``, bent so answers end
+    within tens of tokens (see :func:`common.demo.end_generation_soon`)."""
     model = Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).eval()
     if ends_soon:
-        backbone = model.model.language_model
-        eos = model.generation_config.eos_token_id
-        with torch.no_grad():
-            backbone.embed_tokens.weight[:, 1] += 20.0
-            backbone.embed_tokens.weight[eos, 1] += 0.1
-            backbone.norm.weight.zero_()
-            backbone.norm.weight[1] = 1.0
+        end_generation_soon(model)
     return model, AutoTokenizer.from_pretrained(folder / "tokenizer")
-
-
-def reference_upsample(
-    model, tokenizer, prompts, *, seed, temperature=DEFAULT_TEMPERATURE, images=None, processor=None
-):
-    """diffusers' ``Flux2Pipeline.upsample_prompt``, run right after ``torch.manual_seed(seed)``.
-
-    The method reads four attributes of the pipeline; FLUX.2-dev's ``tokenizer`` is a
-    PixtralProcessor (``apply_chat_template`` plus ``.tokenizer``), which ``processor``
-    is when given; without, a stand-in with the tokenizer's own two methods.
-    """
-    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-    from diffusers.pipelines.flux2.pipeline_flux2 import UPSAMPLING_MAX_IMAGE_SIZE
-
-    pipe = types.SimpleNamespace(
-        text_encoder=model,
-        tokenizer=processor
-        or types.SimpleNamespace(apply_chat_template=tokenizer.apply_chat_template, tokenizer=tokenizer),
-        image_processor=Flux2ImageProcessor(vae_scale_factor=16),
-        upsampling_max_image_size=UPSAMPLING_MAX_IMAGE_SIZE,
-    )
-    torch.manual_seed(seed)
-    return Flux2Pipeline.upsample_prompt(pipe, prompts, images=images, temperature=temperature)
 
 
 # -- the reference's texts -----------------------------------------------------------

@@ -40,6 +40,14 @@ def test_gpu_encoder_dry_run_klein_is_bit_exact_in_bf16_and_nf4():
     assert all(row.rstrip(" |").endswith("yes") for row in klein), klein
 
 
+def test_gpu_encoder_upsampling_dry_run_equals_upsample_prompt():
+    out = run_script("benchmarks/gpu_encoder.py", "--upsampling", "--dry-run", "--batches", "1", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+    assert all(row.rstrip(" |").endswith("yes") for row in rows), rows
+    assert all(int(row.split("|")[3]) > 0 for row in rows)  # tokens were generated and counted
+
+
 def test_gpu_client_dry_run_times_the_steps():
     out = run_script("benchmarks/gpu_client.py", "--dry-run")
     assert "s_per_step" in out and "nf4_linear_layers" in out
