@@ -81,6 +81,7 @@ ENCODE_STREAM = Method("EncodeStream", metered=True, streaming_requests=True)
 # generation itself then waits in its own queue (encoder_server/upsampling.py).
 UPSAMPLE = Method("Upsample", metered=True)
 HTTP_PREDICT = Method("HTTP /predict", metered=True)
+HTTP_UPSAMPLE = Method("HTTP /upsample", metered=True)
 
 # The one registry of gRPC methods. Services not named here (health checks,
 # reflection) stay open: load balancers and grpcurl probe them without keys,

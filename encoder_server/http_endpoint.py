@@ -38,12 +38,14 @@ from common.errors import (
     Flux2RemoteError,
     InvalidRequest,
     PayloadTooLarge,
+    UpsamplingUnavailable,
     http_status_of,
     status_of,
 )
-from encoder_server.admission import HTTP_PREDICT, Admission
+from encoder_server.admission import HTTP_PREDICT, HTTP_UPSAMPLE, Admission, Method
 from encoder_server.identity import ANONYMOUS, current_user
 from encoder_server.models import DEV_FAMILY, ModelRegistry
+from encoder_server.upsampling import parse_http_upsample
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,9 @@ class HTTPEndpoint:
         ssl_context: TLS (and mutual TLS) policy; ``None`` for plain HTTP.
     """
 
-    def __init__(self, models: ModelRegistry, admission: Admission, *, ssl_context=None):
+    def __init__(self, models: ModelRegistry, admission: Admission, *, ssl_context=None, upsampling=None):
         self._models = models
+        self._upsampling = upsampling  # an encoder_server.upsampling.UpsampleService, or None
         self._admission = admission
         self._limits = admission.limits
         self._ssl_context = ssl_context
@@ -161,6 +164,8 @@ class HTTPEndpoint:
         self.app.router.add_post("/models/{name:.+}/predict", self._predict)
         self.app.router.add_route("*", "/models/{name:.+}/predict", self._wrong_method)
         self.app.router.add_get("/health", self._health)
+        self.app.router.add_post("/upsample", self._upsample)
+        self.app.router.add_post("/models/{name:.+}/upsample", self._upsample)
 
     async def start(self, sock: socket.socket) -> int:
         """Serve on ``sock``, bound before the model loaded (encoder_server/ports.py); returns its port."""
@@ -197,44 +202,83 @@ class HTTPEndpoint:
         )
 
     async def _predict(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, HTTP_PREDICT, self._predict_admitted)
+
+    async def _upsample(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, HTTP_UPSAMPLE, self._upsample_admitted)
+
+    async def _answer(self, request: web.Request, method: Method, handle) -> web.StreamResponse:
+        """Run ``handle`` for one request: counted until answered, every refusal a JSON error."""
         tracker = self._admission.track()
         # Reset per request: aiohttp may run several keep-alive requests in one context.
         user_token = current_user.set(ANONYMOUS)
         try:
-            return await self._predict_admitted(request)
+            return await handle(request)
         except Flux2RemoteError as exc:
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
-                log.info("POST /predict from %s (user %s): %s", request.remote, current_user.get(), exc)
+                log.info("POST %s from %s (user %s): %s", request.path, request.remote, current_user.get(), exc)
             return _error_response(exc)
         except Exception:
-            log.exception("POST /predict failed")
+            log.exception("%s failed", method.name)
             return _error(500, "internal error; see the server log", grpc.StatusCode.INTERNAL.name)
         finally:
             current_user.reset(user_token)
             tracker.done()
 
-    async def _predict_admitted(self, request: web.Request) -> web.StreamResponse:
+    async def _admit(self, request: web.Request, method: Method, parse):
+        """Steps 1-6 for one HTTP request; ``parse(body)`` gives the prompts. Returns ``(ticket, body)``."""
         admission = self._admission
         # 1-2. Draining, then who is calling (before reading a body a stranger may have sent).
         if request.query_string:
             exc = InvalidRequest(
-                "POST /predict takes no query parameters; an API key goes in the 'Authorization: Bearer KEY' "
+                f"POST {request.path} takes no query parameters; an API key goes in the 'Authorization: Bearer KEY' "
                 "header, never in the URL (URLs end up in logs)"
             )
-            admission.refused(HTTP_PREDICT, ANONYMOUS, exc)
+            admission.refused(method, ANONYMOUS, exc)
             raise exc
-        user = admission.admit_call(HTTP_PREDICT, request.headers.getall("Authorization", []))
+        user = admission.admit_call(method, request.headers.getall("Authorization", []))
         current_user.set(user)
         # 3. The rate, before the body costs anything.
-        await admission.admit_rate(HTTP_PREDICT, user)
+        await admission.admit_rate(method, user)
         try:
             name = self._model_of(request)
-            prompts = parse_prompts(await self._read_json(request), self._limits)
+            body = await self._read_json(request)
+            prompts = parse(body)
         except Flux2RemoteError as exc:
-            admission.refused(HTTP_PREDICT, user, exc)
+            admission.refused(method, user, exc)
             raise
         # 4-6. Validation, slots, quota.
-        ticket = await admission.admit_request(HTTP_PREDICT, user, prompts, model=name, rate_checked=True)
+        ticket = await admission.admit_request(method, user, prompts, model=name, rate_checked=True)
+        return ticket, body
+
+    async def _upsample_admitted(self, request: web.Request) -> web.Response:
+        """``POST /upsample``: ``{"prompt": str | [str], "temperature"?: float, "seed"?: int,
+        "images"?: [[base64 PNG/JPEG, ...] per prompt]}`` -> ``{"upsampled": [str], "seed": int, ...}``."""
+        ticket, body = await self._admit(request, HTTP_UPSAMPLE, lambda b: parse_http_upsample(b, self._limits)[0])
+        try:
+            with ticket.charging():
+                if self._upsampling is None:
+                    raise UpsamplingUnavailable("the server was started without --upsampling")
+                _, images, temperature, seed = parse_http_upsample(body, self._limits)
+                outcome = await self._upsampling.upsample(
+                    ticket.model, ticket.prompts, images, temperature=temperature, seed=seed, deadline=None
+                )
+            batch = outcome.batch
+            return web.json_response(
+                {
+                    "upsampled": batch.texts,
+                    "seed": batch.seed,
+                    "temperature": outcome.temperature,
+                    "generated_tokens": batch.generated_tokens,
+                    "fingerprint": outcome.fingerprint,
+                }
+            )
+        finally:
+            ticket.release()
+
+    async def _predict_admitted(self, request: web.Request) -> web.StreamResponse:
+        ticket, _ = await self._admit(request, HTTP_PREDICT, lambda body: parse_prompts(body, self._limits))
+        user = ticket.user
         try:
             model = self._models.get(ticket.model)
             with ticket.charging():

@@ -368,7 +368,10 @@ async def start_server(
     http = None
     if listeners.http_socket is not None:
         http = HTTPEndpoint(
-            registry, admission, ssl_context=security.tls.ssl_context() if security.tls is not None else None
+            registry,
+            admission,
+            ssl_context=security.tls.ssl_context() if security.tls is not None else None,
+            upsampling=upsampling,
         )
         await http.start(listeners.http_socket)
     running = RunningServer(

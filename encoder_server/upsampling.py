@@ -359,6 +359,46 @@ def check_temperature(temperature: float | None, config: UpsamplingConfig) -> fl
     return temperature
 
 
+def parse_http_upsample(body: object, limits) -> tuple[list[str], list[list[bytes]] | None, float | None, int | None]:
+    """``(prompts, images, temperature, seed)`` of a ``POST /upsample`` JSON body (shape and types only).
+
+    ``{"prompt": str | [str], "temperature"?: number, "seed"?: int, "images"?: [[base64, ...], ...]}``,
+    the images one list per prompt, each a base64 PNG or JPEG file. Values are checked as gRPC's are.
+    """
+    import base64
+    import binascii
+
+    if not isinstance(body, dict):
+        raise InvalidRequest('the body must be a JSON object {"prompt": str | list[str], ...}')
+    unknown = sorted(set(body) - {"prompt", "temperature", "seed", "images"})
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; the body takes prompt, temperature, seed, images"
+        )
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest('"prompt" must be a string or a list of strings')
+    if len(prompts) > limits.max_prompts_per_request:
+        raise PayloadTooLarge(f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}")
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise InvalidRequest('"temperature" must be a number')
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise InvalidRequest('"seed" must be an integer in [0, 2**64)')
+    images = body.get("images")
+    decoded = None
+    if images is not None:
+        if not isinstance(images, list) or not all(isinstance(i, list) for i in images):
+            raise InvalidRequest('"images" must be one list of base64 PNG/JPEG strings per prompt')
+        try:
+            decoded = [[base64.b64decode(b, validate=True) for b in entry] for entry in images]
+        except (binascii.Error, TypeError, ValueError):
+            raise InvalidRequest('"images" holds a value that is not base64 text') from None
+    return prompts, decoded, None if temperature is None else float(temperature), seed
+
+
 # -- the queue ---------------------------------------------------------------------
 
 

@@ -472,3 +472,42 @@ def test_seeded_image_to_image_equals_the_reference(shallow_model_dir, pixtral_p
     model.generate = lambda **kwargs: seen.update(kwargs) or generate(**kwargs)
     upsampler.upsample(prompts, images, seed=5)
     assert seen["pixel_values"].shape[0] == 2 and seen["pixel_values"].dtype == torch.bfloat16
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+def test_http_upsample_has_the_json_conventions_of_predict(tiny_backend):
+    import base64
+
+    import requests
+
+    from common.config import HTTPConfig
+    from tests.helpers import ServerThread
+
+    upsampler = GatedUpsampler(takes_images=True)
+    upsampler.gate.release.set()
+    config = ServerConfig(http=HTTPConfig(port=0))
+    with ServerThread(tiny_backend, config, upsamplers={MODEL_NAME: upsampler}) as server:
+        url = f"http://127.0.0.1:{server.running.http.port}"
+        ok = requests.post(f"{url}/upsample", json={"prompt": "a fox", "seed": 3, "temperature": 0.5}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["upsampled"] == ["A FOX"] and ok.json()["seed"] == 3 and ok.json()["temperature"] == 0.5
+        image = base64.b64encode(_png()).decode()
+        named = requests.post(f"{url}/models/{MODEL_NAME}/upsample", json={"prompt": ["edit"], "images": [[image]]})
+        assert named.json()["upsampled"] == ["EDIT"] and upsampler.calls[-1]["images"][0][0].size == (32, 24)
+        for body, status, says in [
+            ({"prompt": "a", "temperature": 0}, 400, "temperature"),
+            ({"prompt": "a", "temperature": "hot"}, 400, '"temperature" must be a number'),
+            ({"prompt": "a", "seed": -1}, 400, '"seed"'),
+            ({"prompt": "a", "images": [["not base64!"]]}, 400, "not base64"),
+            ({"prompt": "a", "images": [[base64.b64encode(b"garbage").decode()]]}, 400, "cannot be decoded"),
+            ({"prompt": "a", "extra": 1}, 400, "unknown field"),
+        ]:
+            refused = requests.post(f"{url}/upsample", json=body, timeout=30)
+            assert refused.status_code == status and says in refused.json()["error"], (body, refused.text)
+    with ServerThread(tiny_backend, config) as plain:
+        url = f"http://127.0.0.1:{plain.running.http.port}"
+        off = requests.post(f"{url}/upsample", json={"prompt": "a fox"}, timeout=30)
+        assert off.status_code == 400 and off.json()["code"] == "FAILED_PRECONDITION"
+        assert "--upsampling" in off.json()["error"]
