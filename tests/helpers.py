@@ -65,11 +65,15 @@ class ServerThread:
 
 
 class ProxyBackend:
-    """Delegates to a real backend; subclasses add delays, failures or another fingerprint."""
+    """Delegates to a real backend; subclasses add delays, failures or another fingerprint.
+
+    ``calls``: forward passes asked for; ``prompts``: every prompt they held, in order.
+    """
 
     def __init__(self, backend):
         self._backend = backend
         self.calls = 0
+        self.prompts: list[str] = []
         self._lock = threading.Lock()
 
     def __getattr__(self, name):
@@ -78,6 +82,7 @@ class ProxyBackend:
     def encode(self, prompts):
         with self._lock:
             self.calls += 1
+            self.prompts.extend(prompts)
         return self._backend.encode(prompts)
 
 

@@ -33,22 +33,9 @@ def klein_backend(tmp_path_factory):
     return TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
 
 
-class Recording(ProxyBackend):
-    """Remembers every batch, to show batches never mix models."""
-
-    def __init__(self, backend):
-        super().__init__(backend)
-        self.prompts: list[str] = []
-
-    def encode(self, prompts):
-        with self._lock:
-            self.prompts.extend(prompts)
-        return super().encode(prompts)
-
-
 @pytest.fixture()
 def two_models(tiny_backend, klein_backend):
-    dev, klein = Recording(tiny_backend), Recording(klein_backend)
+    dev, klein = ProxyBackend(tiny_backend), ProxyBackend(klein_backend)  # each remembers its prompts
     config = ServerConfig(
         models=(ModelConfig("dev", "tiny-dev"), ModelConfig("klein", "tiny-klein")), http=HTTPConfig(port=0)
     )

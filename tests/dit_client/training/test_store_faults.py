@@ -20,19 +20,6 @@ from tests.helpers import ProxyBackend, ServerThread
 REPO = Path(__file__).resolve().parents[3]
 
 
-class Recording(ProxyBackend):
-    """Remembers every prompt it was asked to encode."""
-
-    def __init__(self, backend):
-        super().__init__(backend)
-        self.prompts: list[str] = []
-
-    def encode(self, prompts):
-        with self._lock:
-            self.prompts.extend(prompts)
-        return super().encode(prompts)
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
@@ -104,7 +91,7 @@ def test_precompute_re_encodes_exactly_the_damaged_captions(tiny_backend, tmp_pa
     report = capsys.readouterr().out
     assert flipped in report and edited.replace("number", "NUMBER") in report and "2 damaged captions" in report
 
-    backend = Recording(tiny_backend)  # a fresh server: no cache to hide a request
+    backend = ProxyBackend(tiny_backend)  # remembers its prompts; a fresh server: no cache to hide a request
     with ServerThread(backend, model_id="tiny-test", pad_table=True) as s:
         args = ["precompute", "--encoder", s.target, "--captions", str(source), "--out", str(out), "--no-progress"]
         assert cli.main(args) == 0
