@@ -938,7 +938,8 @@ def load_backend(config) -> tuple[TruncatedTextEncoder, ModelSource]:
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {config.dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(config.device)
-    upsampling = config.upsampling.enabled
+    # Like compute: a config from before the field (a plain namespace in tests) means off.
+    upsampling = getattr(getattr(config, "upsampling", None), "enabled", False)
     # A hub download skips the shards that hold only weights the server never reads
     # (upsampling reads them all).
     source = resolve_model(
