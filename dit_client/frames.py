@@ -40,6 +40,10 @@ class ModelInfo:
     revision: str = ""
     pad_table: str = ""  # the id of the model's pad table; "": it never leaves pad rows out
     pad_table_rows: int = 0
+    # Upsample serves it (the server runs --upsampling; FLUX.2-dev only); with images too.
+    upsampling: bool = False
+    upsampling_images: bool = False
+    upsampling_unavailable: str = ""  # why it, or its image form, is unavailable
 
     @classmethod
     def from_proto(cls, m: pb2.ModelInfo) -> ModelInfo:
@@ -62,6 +66,9 @@ class ModelInfo:
             revision=m.revision,
             pad_table=m.pad_table,
             pad_table_rows=m.pad_table_rows,
+            upsampling=m.upsampling,
+            upsampling_images=m.upsampling_images,
+            upsampling_unavailable=m.upsampling_unavailable,
         )
 
 

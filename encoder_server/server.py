@@ -29,7 +29,7 @@ from encoder_server.ports import describe_bind_error, listen_socket
 from encoder_server.servicer import TextEncoderServicer
 from encoder_server.text_encoder import DTYPES, EmbeddingBackend, load_backend
 from encoder_server.tls import ServerTLS, load_server_tls
-from encoder_server.upsampling import UNAVAILABLE_WITHOUT_FLAG, Upsampler, UpsampleService, upsampler_for_backend
+from encoder_server.upsampling import Upsampler, UpsampleService, upsampler_for_backend
 from encoder_server.usage import UsageLimiter
 
 log = logging.getLogger(__name__)
@@ -346,12 +346,7 @@ async def start_server(
         ]
     )
     if upsamplers is None:
-        upsamplers = {
-            m.name: upsampler_for_backend(m.backend, config.upsampling)[0] or m.backend.upsampling_note
-            if config.upsampling.enabled
-            else UNAVAILABLE_WITHOUT_FLAG
-            for m in models
-        }
+        upsamplers = {m.name: upsampler_for_backend(m.backend, config.upsampling) for m in models}
     upsampling = UpsampleService(upsamplers, config.upsampling, metrics)
     info = build_info(config, registry, admission, cache_scope=cache_scope, upsampling=upsampling)
     pb2_grpc.add_TextEncoderServicer_to_server(

@@ -62,6 +62,7 @@ DEFAULT_TEMPERATURE = 0.15
 REFERENCE_MAX_LENGTH = 2048
 """Tokens every templated prompt is padded (and cut) to, as the reference does."""
 REFERENCE_MAX_NEW_TOKENS = 512
+UNAVAILABLE_WITHOUT_FLAG = "the server was started without --upsampling"
 # PNG and JPEG only: every other format PIL can open is attack surface nobody asked for.
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -289,24 +290,27 @@ def load_processor(tokenizer_dir: Path) -> tuple[Any, str]:
         return None, f"its image processor cannot be loaded here ({type(exc).__name__}: {str(exc).strip()[:200]})"
 
 
-def upsampler_for_backend(backend, config: UpsamplingConfig) -> tuple[Upsampler | None, str]:
-    """The :class:`Upsampler` on a backend loaded with ``upsampling=True``, or ``(None, why not)``."""
+def upsampler_for_backend(backend, config: UpsamplingConfig) -> Upsampler | str:
+    """The :class:`Upsampler` on a backend loaded with ``upsampling=True``, or why there is none.
+
+    ``backend`` is a :class:`~encoder_server.text_encoder.TruncatedTextEncoder`; other backends
+    (test fakes) have no generator, and so no upsampling.
+    """
+    if not config.enabled:
+        return UNAVAILABLE_WITHOUT_FLAG
     generator = getattr(backend, "generator", None)
     if generator is None:
-        return None, backend.upsampling_note or "this model was loaded without --upsampling"
+        return getattr(backend, "upsampling_note", "") or "this model was loaded without its generator"
     processor, no_images = load_processor(backend.tokenizer_dir)
     if processor is None:
         log.warning("%s: image-to-image upsampling is off: %s", backend.spec.family, no_images)
-    return (
-        Upsampler(
-            generator,
-            backend.tokenizer,
-            processor=processor,
-            max_new_tokens=config.max_new_tokens,
-            fingerprint=backend.fingerprint,
-            no_images_reason=no_images,
-        ),
-        "",
+    return Upsampler(
+        generator,
+        backend.tokenizer,
+        processor=processor,
+        max_new_tokens=config.max_new_tokens,
+        fingerprint=backend.fingerprint,
+        no_images_reason=no_images,
     )
 
 
@@ -599,6 +603,3 @@ class UpsampleService:
 
     def close(self) -> None:
         self.queue.close()
-
-
-UNAVAILABLE_WITHOUT_FLAG = "the server was started without --upsampling"

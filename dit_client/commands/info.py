@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
                 f"    {m['name']:<18} {m['family']:<12} {m['embedding_dim']:>6} wide  {m['dtype']:<9} "
                 f"{m['fingerprint']}  {m['model_id']}"
             )
+            upsampling = ("yes, with images" if m["upsampling_images"] else "yes") if m["upsampling"] else "no"
+            why = f" ({m['upsampling_unavailable']})" if m["upsampling_unavailable"] else ""
+            print(f"    {'':<18} prompt upsampling: {upsampling}{why}")
     if info.demo:
         print("note: the DEMO model: random weights, the embeddings are noise")
     return 0

@@ -88,3 +88,14 @@ def test_generate_upsample_encodes_the_rewritten_prompt_and_keeps_both(
     assert cli.main(args[:-2]) == 0
     assert "original_prompt" not in json.loads(Image.open(plain).text["flux2-remote"])
     assert len(upsampling_server.upsampler.calls) == 1
+
+
+def test_info_says_which_models_upsample(upsampling_server, f32_backend, capsys):
+    with RemoteTextEncoder(upsampling_server.target) as client:
+        described = client.info().described
+        assert described.upsampling and described.upsampling_images and described.upsampling_unavailable == ""
+    assert cli.main(["info", "--encoder", upsampling_server.target]) == 0
+    assert "prompt upsampling: yes, with images" in capsys.readouterr().out
+    with ServerThread(f32_backend) as plain:
+        assert cli.main(["info", "--encoder", plain.target]) == 0
+    assert "prompt upsampling: no (the server was started without --upsampling)" in capsys.readouterr().out

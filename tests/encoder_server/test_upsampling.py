@@ -116,8 +116,10 @@ def test_embeddings_stay_bit_exact_on_the_shared_weights(tiny_model_dir):
     plain = TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
     assert backend.fingerprint == plain.fingerprint
     assert plain.generator is None
-    upsampler, why = upsampler_for_backend(backend, UpsamplingConfig(enabled=True, max_new_tokens=4))
-    assert why == "" and upsampler.model is backend.generator
+    upsampler = upsampler_for_backend(backend, UpsamplingConfig(enabled=True, max_new_tokens=4))
+    assert upsampler.model is backend.generator
+    assert upsampler_for_backend(backend, UpsamplingConfig()) == "the server was started without --upsampling"
+    assert "without its generator" in upsampler_for_backend(plain, UpsamplingConfig(enabled=True))
     assert not upsampler.takes_images and "processor_config.json" in upsampler.no_images_reason
     # What `serve --upsampling` wires up from such a backend.
     from tests.helpers import ServerThread
