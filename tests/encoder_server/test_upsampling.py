@@ -513,3 +513,22 @@ def test_http_upsample_has_the_json_conventions_of_predict(tiny_backend):
         off = requests.post(f"{url}/upsample", json={"prompt": "a fox"}, timeout=30)
         assert off.status_code == 400 and off.json()["code"] == "FAILED_PRECONDITION"
         assert "--upsampling" in off.json()["error"]
+
+
+def test_a_deadline_that_passes_mid_generation_stops_it(gated_server):
+    gate = gated_server.upsampler.gate
+    with _client(gated_server) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.upsample(["slow"], timeout=1.5)
+        assert gate.stopped.wait(10)  # the generation itself stopped, not only the call
+        gate.release.set()
+        assert client.upsample(["next"]) == ["NEXT"]
+
+
+def test_serve_loads_the_generator_for_upsampling(tiny_model_dir):
+    from encoder_server.server import load_models
+
+    config = ServerConfig(model=str(tiny_model_dir), device="cpu", upsampling=UpsamplingConfig(enabled=True))
+    (loaded,) = load_models(config)
+    assert loaded.backend.generator is not None
+    assert loaded.backend._lm.layers[0] is loaded.backend.generator.model.language_model.layers[0]
