@@ -99,3 +99,16 @@ def test_info_says_which_models_upsample(upsampling_server, f32_backend, capsys)
     with ServerThread(f32_backend) as plain:
         assert cli.main(["info", "--encoder", plain.target]) == 0
     assert "prompt upsampling: no (the server was started without --upsampling)" in capsys.readouterr().out
+
+
+def test_flux2_encoder_serve_upsampling_end_to_end(tmp_path, capsys):
+    """The real commands: `flux2-encoder serve --model demo --upsampling` in a process, `flux2-dit upsample` here."""
+    from tests.replica_procs import ReplicaProcess
+
+    with ReplicaProcess(tmp_path, extra_args=("--upsampling", "--upsampling-max-new-tokens", "3")) as server:
+        assert cli.main(["upsample", "--encoder", server.target, "--prompt", "a fox", "--seed", "11"]) == 0
+        first = capsys.readouterr().out
+        assert cli.main(["upsample", "--encoder", server.target, "--prompt", "a fox", "--seed", "11"]) == 0
+        assert capsys.readouterr().out == first  # the same seed, the same text
+        assert 0 < server.metric("flux2_encoder_generated_tokens_total") <= 6
+        assert server.metric("flux2_encoder_requests_total", method="Upsample", status="OK") == 2
