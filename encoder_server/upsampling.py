@@ -465,7 +465,10 @@ class GenerationQueue:
 
         def finished(_):
             self._stops.discard(stop)
-            loop.call_soon_threadsafe(self._free.release)
+            try:
+                loop.call_soon_threadsafe(self._free.release)
+            except RuntimeError:  # the loop is closed: the server is gone, nobody waits for the generator
+                pass
 
         future.add_done_callback(finished)
         try:
