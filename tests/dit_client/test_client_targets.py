@@ -7,7 +7,6 @@ handshake fails or succeeds before any method is looked up).
 
 from __future__ import annotations
 
-import errno
 import http.server
 import os
 import socket
@@ -266,29 +265,3 @@ def test_generate_out_naming_a_folder_is_refused(tmp_path, closed_port, capfd):
     )
     assert rc == 2
     assert "is a folder" in _one_line(capfd.readouterr().err)
-
-
-def test_precompute_on_a_full_disk_is_one_line(server, tmp_path, capfd, monkeypatch):
-    from dit_client.training import store
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(store, "save_file", disk_full)
-    captions = tmp_path / "captions.txt"
-    captions.write_text("a red fox\na blue bird\n")
-    rc = cli.main(
-        [
-            "precompute",
-            "--encoder",
-            server.target,
-            "--captions",
-            str(captions),
-            "--out",
-            str(tmp_path / "store"),
-            "--no-progress",
-        ]
-    )
-    assert rc == 1
-    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("flux2-dit")]
-    assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0]
