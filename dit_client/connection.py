@@ -169,7 +169,9 @@ def _resolve_names(addresses: list[tuple[str, int]], target: str) -> list[tuple[
         per_address.append(found)
     for version in (4, 6):  # one family for the whole list, IPv4 when every address has one
         if all(found.get(version) for found in per_address):
-            resolved = [(ip, port) for found, (_, port) in zip(per_address, addresses, strict=True) for ip in found[version]]
+            resolved = [
+                (ip, port) for found, (_, port) in zip(per_address, addresses, strict=True) for ip in found[version]
+            ]
             return list(dict.fromkeys(resolved))
     raise TargetError(f"--encoder {target!r}: the names do not all resolve to addresses of one family (IPv4 or IPv6)")
 
@@ -345,12 +347,12 @@ class Connection:
         else:
             self.channel = grpc.insecure_channel(self.target, options=list(options.items()))
         self.stub = pb2_grpc.TextEncoderStub(self.channel)
-        self.encode_raw = self.channel.unary_stream(
+        self.encode_raw: grpc.UnaryStreamMultiCallable[pb2.EncodeRequest, bytes] = self.channel.unary_stream(
             f"/{SERVICE_NAME}/Encode",
             request_serializer=pb2.EncodeRequest.SerializeToString,
             response_deserializer=None,
         )
-        self.encode_stream_raw = self.channel.stream_stream(
+        self.encode_stream_raw: grpc.StreamStreamMultiCallable[pb2.EncodeRequest, bytes] = self.channel.stream_stream(
             f"/{SERVICE_NAME}/EncodeStream",
             request_serializer=pb2.EncodeRequest.SerializeToString,
             response_deserializer=None,

@@ -70,7 +70,7 @@ from dit_client.loading import (  # noqa: F401
     set_attention_backend,
 )
 from dit_client.model_match import EncoderMismatch, PipelineKind, choose_encoder_model, read_pipeline_kind  # noqa: F401
-from dit_client.remote import RemoteTextEncoder
+from dit_client.remote import DEFAULT_TIMEOUT_S, RemoteTextEncoder
 from dit_client.retry import RetryPolicy, call_with_retries
 from dit_client.structured_prompt import render_structured_prompt, validate_structured_prompt
 
@@ -148,8 +148,9 @@ class DiTClient:
         self.progress = progress
         self.retry = retry
         if isinstance(encoder, str):
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            self.encoder = RemoteTextEncoder(encoder, api_key=api_key, tls=tls, **kwargs)
+            self.encoder = RemoteTextEncoder(
+                encoder, api_key=api_key, tls=tls, timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout
+            )
             self._owns_encoder = True
         else:
             self.encoder = encoder
@@ -240,6 +241,7 @@ class DiTClient:
         when the model named by ``config.encoder_model`` is not one.
         """
         kind = self.kind  # set by prepare(), which calls this
+        assert kind is not None
         wanted = self.config.encoder_model or self.encoder.model
         self.encoder_model = choose_encoder_model(
             self.encoder.info(model=""), kind, wanted=wanted, target=self.encoder.target, dit_model=self.config.model
@@ -321,10 +323,10 @@ class DiTClient:
         check_int("seed", seed, 0, 2**64 - 1)
         references = load_reference_images(images) if images else None
         self.prepare()  # configs only: the size rule below comes from the VAE's config
-        multiple = self.pixel_multiple
+        multiple, kind = self.pixel_multiple, self.kind
+        assert multiple is not None and kind is not None  # both known after prepare()
         check_int("height", height, multiple, MAX_SIDE, multiple_of=multiple)
         check_int("width", width, multiple, MAX_SIDE, multiple_of=multiple)
-        kind = self.kind
         if steps is None:
             steps = kind.default_steps()
         if guidance is None:
@@ -340,7 +342,7 @@ class DiTClient:
                 "classifier-free guidance, which needs a negative prompt's embedding; give a negative prompt "
                 "(the empty string is diffusers' default), or guidance 1 to turn CFG off"
             )
-        negative_text = self._prompt_text(negative_prompt) if cfg else None
+        negative_text = self._prompt_text(negative_prompt) if cfg and negative_prompt is not None else None
 
         # 2. Prompt upsampling on the service, when asked, before the prompt is encoded.
         upsampled = None
@@ -365,7 +367,7 @@ class DiTClient:
         # with CFG needs the negative prompt's as well.
         t0 = time.perf_counter()
         embeds, _ = self.prompt_embeds(prompt_text)
-        negative_embeds = self.prompt_embeds(negative_text)[0] if cfg else None
+        negative_embeds = self.prompt_embeds(negative_text)[0] if negative_text is not None else None
         encode_s = time.perf_counter() - t0
         pipe = self.load()
         device = pipe._execution_device
@@ -375,7 +377,7 @@ class DiTClient:
         extra: dict[str, Any] = {}
         if kind.takes_guidance():
             extra["guidance_scale"] = float(guidance)
-        if cfg:
+        if negative_embeds is not None:  # CFG
             extra["negative_prompt_embeds"] = negative_embeds.to(device=device, dtype=self.dtype)
         t1 = time.perf_counter()
         output = pipe(

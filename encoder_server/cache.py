@@ -184,7 +184,9 @@ class CachedEmbedding:
         when they equal ``table`` (``[P, D]``, same dtype) bit for bit; otherwise, and
         without a table, the entry keeps the whole embedding. Owns exactly its storage.
         """
-        pad = 0 if table is None else min(embedding.shape[0] - token_count, table.shape[0])
+        if table is None:
+            return cls.owning(embedding, token_count, truncated)
+        pad = min(embedding.shape[0] - token_count, table.shape[0])
         if pad > 0 and embedding.dtype == table.dtype and torch.equal(embedding[:pad], table[:pad]):
             return cls.owning(embedding[pad:], token_count, truncated, pad, table_id)
         return cls.owning(embedding, token_count, truncated)

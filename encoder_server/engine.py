@@ -33,6 +33,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,6 +61,11 @@ log = logging.getLogger(__name__)
 # Disk writes queued behind a slow disk hold whole embeddings in memory; past
 # this many, new results are not written (they stay in the memory cache).
 _MAX_PENDING_WRITES = 64
+
+
+def _bytes_of(cache: MemoryCache | DiskCache) -> Callable[[], int]:
+    """Reads the cache's current size in bytes (a gauge's callback; one per cache, so no loop variable is shared)."""
+    return lambda: cache.nbytes
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class EncodedPrompt:
         """``[max_sequence_length, embedding_dim]``: the pad table's rows put back in front of
         ``rows``, bit for bit what the model computed (built on first read; ``rows`` itself
         when nothing was left out, shared with the cache: never modify it in place)."""
+        if self.pad_table is None:  # nothing was left out
+            return self.rows
         return rebuild_rows(self.rows, self.pad_count, self.pad_table)
 
 
@@ -322,12 +330,30 @@ class EncodeEngine:
                 out.append(self._answer(c.entry, c.queue_ns, c.tokenization_ns, c.inference_ns, c.batch_size, False))
         return out
 
-    def _answer(self, entry: CachedEmbedding, *timings_and_hit) -> EncodedPrompt:
+    def _answer(
+        self,
+        entry: CachedEmbedding,
+        queue_ns: int,
+        tokenization_ns: int,
+        inference_ns: int,
+        batch_size: int,
+        cache_hit: bool,
+    ) -> EncodedPrompt:
         """The answer for one entry: its stored rows as they are, the pad count, the table to rebuild with."""
         table = self.pad_table if entry.pad_count else None
         table_id = self.pad_table_id if entry.pad_count else ""
         return EncodedPrompt(
-            entry.embedding, entry.token_count, entry.truncated, *timings_and_hit, entry.pad_count, table, table_id
+            entry.embedding,
+            entry.token_count,
+            entry.truncated,
+            queue_ns,
+            tokenization_ns,
+            inference_ns,
+            batch_size,
+            cache_hit,
+            entry.pad_count,
+            table,
+            table_id,
         )
 
     def _usable(self, entry: CachedEmbedding | None, stored: bool = False) -> CachedEmbedding | None:
@@ -409,8 +435,9 @@ class EncodeEngine:
         for fut in done:
             if fut.cancelled():
                 raise Cancelled("the shared computation was cancelled")
-            if fut.exception() is not None:
-                raise fut.exception()
+            failure = fut.exception()
+            if failure is not None:
+                raise failure
         if pending:
             raise DeadlineExceeded("the deadline passed before the embeddings were ready")
         return {key: item.future.result() for key, (item, _) in waiting.items()}
@@ -440,11 +467,24 @@ class EncodeEngine:
         if lookup is None:
             lookup = asyncio.ensure_future(self._lookup_cluster(key, deadline))
             self._cluster_lookups[key] = lookup
-            lookup.add_done_callback(lambda _done, k=key: self._cluster_lookups.pop(k, None))
+            lookup.add_done_callback(functools.partial(self._forget_lookup, key))
         return await asyncio.shield(lookup)
 
+    def _forget_lookup(self, key: str, _done: asyncio.Future) -> None:
+        self._cluster_lookups.pop(key, None)
+
+    def _shared(self) -> SharedCache:
+        """The shared cache; only called on the paths that run when there is one."""
+        assert self.shared_cache is not None
+        return self.shared_cache
+
+    def _disk(self) -> DiskCache:
+        """The disk cache; only called on the paths that run when there is one."""
+        assert self.disk_cache is not None
+        return self.disk_cache
+
     async def _lookup_cluster(self, key: str, deadline: float | None) -> CachedEmbedding | None:
-        shared = self.shared_cache
+        shared = self._shared()
         entry = await shared.get(key)
         while entry is None:
             if await shared.try_lease(key):
@@ -465,8 +505,8 @@ class EncodeEngine:
 
         async def publish() -> None:
             if entry is not None:
-                await self.shared_cache.put(key, entry)
-            await self.shared_cache.release(key)
+                await self._shared().put(key, entry)
+            await self._shared().release(key)
 
         task = asyncio.get_running_loop().create_task(publish())
         self._background.add(task)
@@ -481,13 +521,14 @@ class EncodeEngine:
 
     async def _renew_leases(self) -> None:
         """While this replica holds leases (queued or computing prompts), keep them alive."""
-        period = self.shared_cache.lease_ms / 3000
+        period = self._shared().lease_ms / 3000
         while self._leases and not self._closed:
             await asyncio.sleep(period)
-            await self.shared_cache.renew(list(self._leases))
+            await self._shared().renew(list(self._leases))
 
     def _read_disk(self, keys: list[str]) -> list[CachedEmbedding | None]:
-        return [self.disk_cache.get(k) for k in keys]
+        disk = self._disk()
+        return [disk.get(k) for k in keys]
 
     # -- model side ------------------------------------------------------
 
@@ -512,7 +553,7 @@ class EncodeEngine:
                 for item in batch:
                     self._finish(item, ServerError("internal error while encoding"), t_start)
 
-    def _compute(self, prompts: list[str]) -> list[tuple | BaseException]:
+    def _compute(self, prompts: list[str]) -> Sequence[tuple | BaseException]:
         """Run on the model thread: one forward pass; if it fails, each prompt alone, so one
         bad prompt (or an out-of-memory batch) fails only itself."""
         try:
@@ -583,7 +624,7 @@ class EncodeEngine:
 
         def write() -> None:
             try:
-                self.disk_cache.put(key, entry)
+                self._disk().put(key, entry)
             except Exception as exc:  # a full or read-only disk must not fail requests
                 log.warning("disk cache write failed: %s", exc)
                 self.metrics.cache_write_errors.inc()
@@ -600,8 +641,8 @@ class EncodeEngine:
         for tier, cache in (("memory", self.memory_cache), ("disk", self.disk_cache)):
             if cache is None:
                 continue
-            m.bind_gauge(m.cache_bytes.labels(tier=tier), lambda c=cache: c.nbytes)
-            m.bind_gauge(m.cache_entries.labels(tier=tier), lambda c=cache: len(c))
+            m.bind_gauge(m.cache_bytes.labels(tier=tier), _bytes_of(cache))
+            m.bind_gauge(m.cache_entries.labels(tier=tier), cache.__len__)
             cache.on_evict = m.cache_evictions.labels(tier=tier).inc
         for cache in (self.memory_cache, self.disk_cache):
             if cache is not None:

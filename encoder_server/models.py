@@ -63,7 +63,7 @@ class ServedModel:
         equal it bit for bit: the check runs on every answer, so a batch that
         happened to compute a pad row differently is sent whole, never wrong.
         """
-        if not client_table or client_table != self.pad_table_id:
+        if not client_table or client_table != self.pad_table_id or self.pad_table is None:
             return embedding, 0
         pad = min(embedding.shape[0] - token_count, self.pad_table.shape[0])
         if pad <= 0 or not torch.equal(embedding[:pad], self.pad_table[:pad]):

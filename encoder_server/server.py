@@ -316,6 +316,8 @@ async def start_server(
     what ``config.upsampling`` would build from the backends.
     """
     if models is None:
+        if backend is None:
+            raise ValueError("start_server needs a backend or models")
         models = [LoadedModel(config.served_models()[0].name, backend, model_id, revision, demo)]
     listeners = listeners or await bind_listeners(config, security, [m.name for m in models])
     security, metrics, admission, server = listeners.security, listeners.metrics, listeners.admission, listeners.server

@@ -90,7 +90,9 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
         except Flux2RemoteError as exc:
             await context.abort(*status_of(exc))
         metadata = pb2.PromptMetadata(model_fingerprint=model.backend.fingerprint)
-        for msg in WireTensor.from_tensor(model.pad_table).frames(
+        table = model.pad_table
+        assert table is not None  # refused above
+        for msg in WireTensor.from_tensor(table).frames(
             request_id="",
             prompt_index=0,
             metadata=metadata,

@@ -456,6 +456,11 @@ class EmbeddingBackend(Protocol):
         """``[P, embedding_dim]``: row ``i`` is every prompt's row at pad position ``i``; None with right padding."""
         ...
 
+    @property
+    def pad_rows_shared(self) -> bool:
+        """True when the pad rows were found the same for every prompt and batch size (so they may be elided)."""
+        ...
+
 
 def resolve_device(device: str) -> torch.device:
     """:func:`common.devices.resolve_device`, with its refusal as a :class:`ConfigError` (exit code 2)."""
@@ -717,15 +722,17 @@ class TruncatedTextEncoder:
         return None if rows is None else rows.clone()
 
     def _pad_rows(self) -> torch.Tensor | None:
+        return self._table().rows
+
+    def _table(self) -> PadTable:
         if self._pad_table is None:  # a subclass that skipped __init__
             self._pad_table = self._compute_pad_table()
-        return self._pad_table.rows
+        return self._pad_table
 
     @property
     def pad_rows_shared(self) -> bool:
         """True when the load-time check found the pad rows bit-identical across prompts and batch sizes."""
-        self._pad_rows()
-        return self._pad_table.shared
+        return self._table().shared
 
     def _compute_pad_table(self) -> PadTable:
         """The empty prompt's pad rows (batch 1), checked against the empty prompt and
@@ -770,8 +777,9 @@ class TruncatedTextEncoder:
 
     def _use_packed_attention(self) -> None:
         """Switch the backbone to :data:`PACKED_ATTENTION` (ConfigError where packing cannot match the reference)."""
-        if self._pad_table.rows is None:
-            raise ConfigError(f"--compute packed needs left padding: {self._pad_table.reason}; use --compute exact")
+        table = self._table()
+        if table.rows is None:
+            raise ConfigError(f"--compute packed needs left padding: {table.reason}; use --compute exact")
         config = self._lm.config
         if config._attn_implementation != "sdpa":
             raise ConfigError(
@@ -821,11 +829,11 @@ class TruncatedTextEncoder:
         inputs, truncated = self.tokenize(prompts)
         mask = inputs["attention_mask"].bool()  # [B, L]
         batch, length = mask.shape
-        table = self._pad_rows()  # [P, D]
+        table = self._pad_rows()  # [P, D]; packed runs only where there is one (_use_packed_attention)
         counts = mask.sum(dim=1)  # [B]
         positions = torch.arange(length).expand(batch, length)  # [B, L]
         left_padded = torch.equal(mask, positions >= (length - counts)[:, None])
-        if not left_padded or int((length - counts).max()) > table.shape[0]:
+        if table is None or not left_padded or int((length - counts).max()) > table.shape[0]:
             log.warning("packed compute: a prompt has pads the table does not cover; this batch runs exact")
             return self._encode_exact(prompts)
         # 1. One packed row of real tokens, each at the position the padded reference gives it.
