@@ -1,16 +1,67 @@
-"""Test helpers: in-process servers on port 0, driven from a background event loop."""
+"""Test helpers: in-process servers on port 0, driven from a background event loop; engines for one
+``async with``; waiting for a condition instead of sleeping."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from common.config import ServerConfig
 from common.errors import EncoderOverloaded
+from encoder_server.engine import EncodeEngine
 from encoder_server.server import RunningServer, start_server
 from encoder_server.upsampling import GenerationStopped, UpsampledBatch, Upsampler
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``predicate()`` (every 10 ms) until it is true; after ``timeout`` seconds fail naming ``what``.
+
+    For conditions no event announces (a metric, a file on disk, another process);
+    where the code under test can set a ``threading.Event``, wait on that instead.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+async def wait_until_async(predicate: Callable[[], object], timeout: float = 30.0, what: str = "the condition") -> None:
+    """:func:`wait_until` inside an event loop: yields to the loop between looks, so tasks it waits on run."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def run_async(coro, timeout: float = 60.0):
+    """``asyncio.run(coro)``, failing after ``timeout`` seconds instead of hanging the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    backend, config: ServerConfig | None = None, /, **engine_kwargs
+) -> AsyncIterator[EncodeEngine]:
+    """An :class:`EncodeEngine` on ``backend`` for the body of an ``async with``, closed on the way out
+    (model loop stopped, queued work failed, disk writes finished).
+
+    With ``config``, built as a server builds it (``EncodeEngine.from_config(config, backend)``:
+    its batching, memory and disk caches); otherwise ``EncodeEngine(backend, **engine_kwargs)``.
+    """
+    if config is not None:
+        engine = EncodeEngine.from_config(config, backend, **engine_kwargs)
+    else:
+        engine = EncodeEngine(backend, **engine_kwargs)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 class ServerThread:
