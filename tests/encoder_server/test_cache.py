@@ -20,10 +20,9 @@ from common.errors import NotCached
 from common.pad_table import pad_table_id
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES, CachedEmbedding, DiskCache, MemoryCache, cache_key
-from encoder_server.engine import EncodeEngine
 from encoder_server.models import ServedModel, served_pad_table
-from tests.encoder_server.test_engine import FakeBackend, embedding_of, run
-from tests.helpers import ServerThread
+from tests.encoder_server.test_engine import FakeBackend, embedding_of
+from tests.helpers import ServerThread, run_async, running_engine, wait_until_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,16 +94,19 @@ def test_engine_entries_own_exactly_their_bytes_whatever_the_backend_returns():
             return replace(out, embeddings=padded[: len(prompts)])
 
     backend = PaddedBackend()
-    engine = EncodeEngine(backend, batching=BatchingConfig(), memory_cache=MemoryCache(2**20))
-    for prompts in (["one alone"], ["a", "batch", "of four"]):
-        for entry, *_ in engine._forward(prompts):  # noqa: SLF001 - what the model thread hands the caches
-            t = entry.embedding
-            assert storage_bytes(t) == t.numel() * t.element_size(), prompts
-            assert entry.nbytes == storage_bytes(t) + ENTRY_OVERHEAD_BYTES
-    results = run(engine.encode(["x", "y"]))
+
+    async def main():
+        async with running_engine(backend, batching=BatchingConfig(), memory_cache=MemoryCache(2**20)) as engine:
+            for prompts in (["one alone"], ["a", "batch", "of four"]):
+                for entry, *_ in engine._forward(prompts):  # noqa: SLF001 - what the model thread hands the caches
+                    t = entry.embedding
+                    assert storage_bytes(t) == t.numel() * t.element_size(), prompts
+                    assert entry.nbytes == storage_bytes(t) + ENTRY_OVERHEAD_BYTES
+            return await engine.encode(["x", "y"])
+
+    results = run_async(main())
     assert all(torch.equal(r.embedding, embedding_of(p)) for r, p in zip(results, ["x", "y"], strict=True))
     assert all(storage_bytes(r.embedding) == 8 * 4 * 4 for r in results)
-    engine.close()
 
 
 def test_memory_cache_counted_bytes_are_what_it_costs_in_rss():
@@ -181,13 +183,13 @@ def test_damaged_disk_entries_are_dropped_not_served(tmp_path, damage):
 def test_a_writer_killed_mid_write_leaves_no_entry_that_is_served(tmp_path):
     """SIGKILL a process while it writes an entry: the entry is absent, never half there."""
     script = textwrap.dedent(f"""
-        import os, sys, time, torch
+        import os, signal, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         from encoder_server.cache import CachedEmbedding, DiskCache
         real_fsync = os.fsync
-        def stall(fd):  # the data is written but not yet renamed into place
+        def stall(fd):  # the data is written but not yet renamed into place: held there until killed
             print("writing", flush=True)
-            time.sleep(60)
+            signal.pause()
         os.fsync = stall
         DiskCache({str(tmp_path)!r}, 10**9).put("c" * 64, CachedEmbedding(torch.ones(512, 48, dtype=torch.bfloat16), 5, False))
     """)
@@ -249,9 +251,11 @@ def _encoded_size_probe(tmp_path) -> bytes:
 # -- through the engine ----------------------------------------------------
 
 
-def _engine(backend, cache_dir, memory: bool = False) -> EncodeEngine:
-    return EncodeEngine.from_config(
-        ServerConfig(cache=CacheConfig(memory_mb=1 if memory else 0, dir=str(cache_dir), max_gb=1)), backend
+def _engine(backend, cache_dir, memory: bool = False):
+    """``async with _engine(...) as engine``: a server's engine with a disk cache in ``cache_dir``;
+    leaving the block waits for its background disk writes."""
+    return running_engine(
+        backend, ServerConfig(cache=CacheConfig(memory_mb=1 if memory else 0, dir=str(cache_dir), max_gb=1))
     )
 
 
@@ -259,14 +263,11 @@ def test_engine_serves_from_disk_after_a_restart(tmp_path):
     backend = FakeBackend()
 
     async def session(prompts):
-        engine = _engine(backend, tmp_path)
-        try:
+        async with _engine(backend, tmp_path) as engine:  # leaving it waits for the background disk writes
             return await engine.encode(prompts), engine.metrics
-        finally:
-            engine.close()  # waits for the background disk writes
 
-    first, _ = asyncio.run(session(["persist me", "me too"]))
-    second, metrics = asyncio.run(session(["persist me", "me too", "new"]))
+    first, _ = run_async(session(["persist me", "me too"]))
+    second, metrics = run_async(session(["persist me", "me too", "new"]))
     assert backend.computed == ["persist me", "me too", "new"]
     assert [r.cache_hit for r in first] == [False, False]
     assert [r.cache_hit for r in second] == [True, True, False]
@@ -280,19 +281,16 @@ def test_engine_recomputes_a_corrupted_entry_and_rewrites_it(tmp_path):
     backend = FakeBackend()
 
     async def session():
-        engine = _engine(backend, tmp_path)
-        try:
+        async with _engine(backend, tmp_path) as engine:
             return await engine.encode(["fragile"]), engine.metrics
-        finally:
-            engine.close()
 
-    asyncio.run(session())
+    run_async(session())
     path = DiskCache(tmp_path, 10**9).path_of(cache_key(backend.fingerprint, "fragile"))
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    result, metrics = asyncio.run(session())
+    result, metrics = run_async(session())
     assert backend.computed == ["fragile", "fragile"]
     assert not result[0].cache_hit and torch.equal(result[0].embedding, embedding_of("fragile"))
     assert metrics.sample("flux2_encoder_cache_corrupt_total") == 1
@@ -303,15 +301,12 @@ def test_memory_hits_skip_the_disk(tmp_path):
     backend = FakeBackend()
 
     async def main():
-        engine = _engine(backend, tmp_path, memory=True)
-        try:
+        async with _engine(backend, tmp_path, memory=True) as engine:
             await engine.encode(["hot"])
             again = await engine.encode(["hot", "hot"])
             return again, engine.metrics
-        finally:
-            engine.close()
 
-    again, metrics = asyncio.run(main())
+    again, metrics = run_async(main())
     assert [r.cache_hit for r in again] == [True, True] and backend.computed == ["hot"]
     assert metrics.sample("flux2_encoder_cache_hits_total", {"tier": "memory"}) == 1  # one distinct prompt
     assert metrics.sample("flux2_encoder_cache_hits_total", {"tier": "disk"}) == 0
@@ -338,27 +333,23 @@ def test_work_finished_during_a_disk_read_is_not_computed_again(tmp_path):
     reads = []
 
     async def main():
-        engine = _engine(backend, tmp_path, memory=True)
-        real_read = engine._read_disk
+        async with _engine(backend, tmp_path, memory=True) as engine:
+            real_read = engine._read_disk
 
-        def slow_read(keys):  # the first lookup is still reading while another request computes
-            reads.append(keys)
-            if len(reads) == 1:
-                assert first_done.wait(30)
-            return real_read(keys)
+            def slow_read(keys):  # the first lookup is still reading while another request computes
+                reads.append(keys)
+                if len(reads) == 1:
+                    assert first_done.wait(30)
+                return real_read(keys)
 
-        engine._read_disk = slow_read
-        try:
+            engine._read_disk = slow_read
             slow = asyncio.create_task(engine.encode(["raced"]))
-            while not reads:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: reads, what="the first request to start its disk read")
             fast = await engine.encode(["raced"])
             first_done.set()
             return fast, await slow
-        finally:
-            engine.close()
 
-    fast, slow = asyncio.run(main())
+    fast, slow = run_async(main())
     assert backend.computed == ["raced"]
     assert not fast[0].cache_hit and slow[0].cache_hit
     assert torch.equal(slow[0].embedding, embedding_of("raced"))
@@ -390,8 +381,8 @@ def dev_right_backend(tiny_model_dir_right):
     return TruncatedMistral3Encoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
 
 
-def _compact_engine(backend, cache_dir, memory_bytes: int = 2**30) -> EncodeEngine:
-    return EncodeEngine(
+def _compact_engine(backend, cache_dir, memory_bytes: int = 2**30):
+    return running_engine(
         backend,
         memory_cache=MemoryCache(memory_bytes) if memory_bytes else None,
         disk_cache=DiskCache(cache_dir, 2**30),
@@ -403,13 +394,10 @@ def _encode_once(backend, cache_dir, prompts, memory_bytes: int = 2**30):
     """Encode ``prompts`` twice on a fresh engine (computed, then memory hits); its caches after."""
 
     async def main():
-        engine = _compact_engine(backend, cache_dir, memory_bytes)
-        try:
+        async with _compact_engine(backend, cache_dir, memory_bytes) as engine:  # leaving it waits for the disk writes
             return await engine.encode(prompts), await engine.encode(prompts), engine
-        finally:
-            engine.close()  # waits for the disk writes
 
-    return asyncio.run(main())
+    return run_async(main())
 
 
 @pytest.mark.parametrize("family", ["dev", "klein"])
@@ -581,13 +569,10 @@ def test_a_compact_entry_of_another_pad_table_is_recomputed_not_rebuilt(tiny_bac
     DiskCache(tmp_path, 2**30).put(key, foreign)
 
     async def without_table():
-        engine = EncodeEngine(tiny_backend, disk_cache=DiskCache(tmp_path, 2**30))
-        try:
+        async with running_engine(tiny_backend, disk_cache=DiskCache(tmp_path, 2**30)) as engine:
             return await engine.encode([prompt])
-        finally:
-            engine.close()
 
-    result = asyncio.run(without_table())
+    result = run_async(without_table())
     assert not result[0].cache_hit and torch.equal(result[0].embedding, expected.embeddings[0])
 
 

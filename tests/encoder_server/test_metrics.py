@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import urllib.request
 from dataclasses import replace
@@ -16,9 +15,8 @@ from common.errors import InvalidRequest, NotCached
 from common.protocol import pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import ENTRY_OVERHEAD_BYTES
-from encoder_server.engine import EncodeEngine
 from tests.encoder_server.test_engine import FakeBackend
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, run_async, running_engine
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -132,15 +130,12 @@ def test_users_label_the_prompt_counters():
     backend = FakeBackend()
 
     async def main():
-        engine = EncodeEngine(backend)
-        try:
+        async with running_engine(backend) as engine:
             await engine.encode(["x"], user="alice")
             await engine.encode(["y", "z"], user="bob")
             return engine.metrics
-        finally:
-            engine.close()
 
-    metrics = asyncio.run(main())
+    metrics = run_async(main())
     assert metrics.sample("flux2_encoder_prompts_served_total", {"user": "alice", "source": "computed"}) == 1
     assert metrics.sample("flux2_encoder_prompts_served_total", {"user": "bob", "source": "computed"}) == 2
     text = metrics.exposition().decode()
