@@ -22,16 +22,9 @@ from dit_client.connection import Connection, TargetError, can_name_several, par
 from dit_client.demo import free_port
 from dit_client.remote import RemoteTextEncoder
 from dit_client.retry import RetryPolicy
-from tests.helpers import ProxyBackend, ServerThread
+from tests.helpers import ProxyBackend, ServerThread, wait_until
 
 PROMPTS = [f"prompt number {i}" for i in range(12)]
-
-
-def wait_for(condition, what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def ports_of(*servers: ServerThread) -> str:
@@ -143,10 +136,12 @@ def test_a_replica_whose_health_says_not_serving_gets_no_calls(three):
         assert backends[1].calls == 0 and backends[0].calls and backends[2].calls
         # Back to SERVING: it gets calls again, without a new client.
         sick.call(sick.running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING))
-        deadline = time.monotonic() + 20
-        while backends[1].calls == 0:
-            assert time.monotonic() < deadline, "the recovered replica never got a call"
+
+        def recovered() -> bool:
             enc.encode([f"after recovery {time.monotonic()}"])
+            return backends[1].calls > 0
+
+        wait_until(recovered, timeout=20, what="the recovered replica to get a call")
 
 
 def test_calls_keep_succeeding_while_replicas_stop(three, tiny_backend):
@@ -188,14 +183,16 @@ def test_encode_stream_moves_to_a_live_replica_when_its_replica_stops(tiny_backe
                 done.set()
 
             threading.Thread(target=consume, daemon=True).start()
-            wait_for(lambda: any(g.waiting for g in gated), "the stream's replica to hold a request")
+            wait_until(lambda: any(g.waiting for g in gated), what="the stream's replica to hold a request")
             holder = next(i for i, g in enumerate(gated) if g.waiting)
             other = gated[1 - holder]
             other.gate.set()  # the other replica answers everything it gets
             # The stream's replica goes away with requests in flight (stop() waits for the
             # gated forward pass, so it runs on a thread and the gate opens once it began).
+            running = [a, b][holder].running
             stopping = threading.Thread(target=[a, b][holder].stop, args=(0,))
             stopping.start()
+            wait_until(lambda: running.admission.closing, what="the stop to begin")
             gated[holder].gate.set()
             stopping.join(30)
             assert done.wait(30), "the stream never finished"

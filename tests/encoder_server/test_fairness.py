@@ -18,7 +18,7 @@ from common.config import AuthConfig, CacheConfig, HTTPConfig, Limits, ServerCon
 from common.errors import NotCached
 from common.protocol import pb2, pb2_grpc
 from dit_client.remote import RemoteTextEncoder
-from tests.helpers import GatedBackend, ServerThread
+from tests.helpers import GatedBackend, ServerThread, wait_until
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdefgh"
@@ -35,13 +35,6 @@ def keys_file(tmp_path):
 
 def bearer(key: str):
     return (("authorization", f"Bearer {key}"),)
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_a_user_who_never_reads_holds_only_their_share_and_loses_it_after_the_write_timeout(tiny_backend, keys_file):
@@ -255,7 +248,8 @@ def test_calls_arriving_during_a_stop_get_unavailable_never_cancelled(tiny_backe
                         if err.code() == grpc.StatusCode.UNAVAILABLE:
                             if "shutting down" not in (err.details() or ""):
                                 return  # the port is closed: nothing more to learn
-                            time.sleep(0.3)  # as a real client does: back off, or go to another replica
+                            # The back-off is the behaviour: a real client waits, or goes to another replica.
+                            time.sleep(0.3)
 
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
