@@ -16,6 +16,18 @@ from common.errors import IntegrityError
 from common.wire import crc32c, tensor_bytes
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` hold the same dtype, shape and bytes.
+
+    ``torch.equal`` compares values: it calls -0.0 equal to +0.0 (and NaN unequal to
+    itself), so a row it passes may still rebuild to other bits. Elision promises
+    bits, so every "may this row be left out" check asks this instead.
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
 def pad_table_id(fingerprint: str, table: torch.Tensor | None) -> str:
     """``"<model fingerprint>/pad:<rows>:<crc32c>"``, or ``""`` when there is no table."""
     if table is None:

@@ -45,7 +45,7 @@ import safetensors.torch
 import torch
 
 from common.atomic import TMP_SUFFIX, atomic_write
-from common.pad_table import rebuild
+from common.pad_table import rebuild, same_bits
 from common.wire import crc32c, tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class CachedEmbedding:
         if table is None:
             return cls.owning(embedding, token_count, truncated)
         pad = min(embedding.shape[0] - token_count, table.shape[0])
-        if pad > 0 and embedding.dtype == table.dtype and torch.equal(embedding[:pad], table[:pad]):
+        if pad > 0 and same_bits(embedding[:pad], table[:pad]):
             return cls.owning(embedding[pad:], token_count, truncated, pad, table_id)
         return cls.owning(embedding, token_count, truncated)
 

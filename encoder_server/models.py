@@ -19,7 +19,7 @@ import torch
 
 from common.config import ModelConfig, ServerConfig
 from common.errors import InvalidRequest
-from common.pad_table import pad_table_id
+from common.pad_table import pad_table_id, same_bits
 from common.protocol import pb2
 from common.wire import dtype_to_wire
 from encoder_server.engine import EncodedPrompt, EncodeEngine
@@ -66,7 +66,7 @@ class ServedModel:
         if not client_table or client_table != self.pad_table_id or self.pad_table is None:
             return embedding, 0
         pad = min(embedding.shape[0] - token_count, self.pad_table.shape[0])
-        if pad <= 0 or not torch.equal(embedding[:pad], self.pad_table[:pad]):
+        if pad <= 0 or not same_bits(embedding[:pad], self.pad_table[:pad]):
             return embedding, 0
         return embedding[pad:], pad
 

@@ -52,6 +52,7 @@ from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN, EncoderSpec, spec_for_pi
 from common.errors import InvalidRequest
 from common.fingerprint import fingerprint
 from common.model_source import WEIGHTS_INDEX, ModelSource
+from common.pad_table import same_bits
 
 log = logging.getLogger(__name__)
 
@@ -750,7 +751,7 @@ class TruncatedTextEncoder:
         rows = alone.embeddings[0, :pads].clone()  # [P, D]
         pair = self._encode_exact(["", self._PAD_PROBE])
         probe_pads = length - pair.token_counts[1]
-        shared = torch.equal(pair.embeddings[0, :pads], rows) and torch.equal(
+        shared = same_bits(pair.embeddings[0, :pads], rows) and same_bits(
             pair.embeddings[1, :probe_pads], rows[:probe_pads]
         )
         reason = "" if shared else "pad rows differed between two prompts or batch sizes 1 and 2"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.config import ServerConfig
-from common.pad_table import pad_table_id, rebuild
+from common.pad_table import pad_table_id, rebuild, same_bits
 from common.protocol import pb2, pb2_grpc
 from dit_client.pad_table import PadTables, fetch
 from encoder_server.server import LoadedModel
@@ -44,7 +44,9 @@ def test_right_padding_has_no_table(tiny_model_dir_right):
 
 @pytest.fixture()
 def elide_server(tiny_backend):
-    model = LoadedModel("dev", tiny_backend, "tiny", pad_table=tiny_backend.pad_rows())
+    model = LoadedModel(
+        "dev", tiny_backend, "tiny", pad_table=tiny_backend.pad_rows().clone()
+    )  # tests change it: not the shared backend's
     with ServerThread(None, ServerConfig(), models=[model]) as s:
         yield s
 
@@ -119,6 +121,32 @@ def test_rows_that_differ_from_the_table_are_sent_whole(elide_server):
     model.pad_table[0, 0] += 1  # the id still names the old content
     ((meta, whole),) = encode_raw(elide_server.target, ["a red fox"], pad_table=claimed)
     assert meta.pad_rows_elided == 0 and whole.shape[0] == 512
+
+
+def test_same_bits_tells_minus_zero_from_zero():
+    plus, minus = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3, dtype=torch.bfloat16)
+    minus[1, 2] = -0.0
+    assert torch.equal(plus, minus)  # what a value comparison would let through
+    assert not same_bits(plus, minus)
+    assert same_bits(plus, plus.clone()) and not same_bits(plus, plus.float())
+
+
+def test_rows_equal_in_value_but_not_in_bits_are_kept(elide_server):
+    """-0.0 in the answer where the table holds +0.0: leaving the row out would rebuild other bits."""
+    from encoder_server.cache import CachedEmbedding
+
+    model = next(iter(elide_server.running.models))
+    batch = model.backend.encode(["a red fox"])
+    embedding, tokens = batch.embeddings[0].clone(), batch.token_counts[0]
+    table = model.pad_table.clone()
+    rows, elided = model.elide(embedding, tokens, model.pad_table_id)
+    assert elided > 0  # as computed, the pad rows are the table's
+    table[0, 0], embedding[0, 0] = 0.0, -0.0
+    model.pad_table[0, 0] = 0.0
+    rows, elided = model.elide(embedding, tokens, model.pad_table_id)
+    assert elided == 0 and same_bits(rows, embedding)
+    entry = CachedEmbedding.compact(embedding, tokens, False, table, model.pad_table_id)
+    assert entry.pad_count == 0 and same_bits(entry.embedding, embedding)
 
 
 def test_a_model_without_a_table_says_so(tiny_backend):
