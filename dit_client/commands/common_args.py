@@ -9,10 +9,10 @@ from dit_client.connection import DEFAULT_PORT, DEFAULT_TIMEOUT_S, TLSConfig
 from dit_client.remote import RemoteTextEncoder
 
 
-def add_encoder_args(p: argparse.ArgumentParser) -> None:
+def add_encoder_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument(
         "--encoder",
-        required=True,
+        required=required,
         metavar="HOST:PORT",
         help=f"gRPC address of the flux2-encoder service (port {DEFAULT_PORT} if left out; "
         "not the --http-port, not a URL). Several replicas: a comma list (HOST:PORT,HOST:PORT; "

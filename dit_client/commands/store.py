@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dit_client.commands.common_args import add_encoder_args, encoder_from_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -15,13 +17,21 @@ def add_parser(sub) -> None:
     actions = p.add_subparsers(dest="store_command", required=True)
     verify = actions.add_parser(
         "verify",
-        help="check every shard and every embedding's CRC-32C; list the damaged captions",
-        description="Read the whole store once and check every shard and every embedding's CRC-32C. Exit 0 when "
-        "all is well, 1 with one line per damaged shard (and its captions) otherwise; `flux2-dit precompute` "
-        "on the same store encodes exactly those captions again.",
+        help="check the pad table's two copies, every shard and every embedding's CRC-32C; list the damaged captions",
+        description="Read the whole store once and check both copies of its pad table, every shard and every "
+        "embedding's CRC-32C. Exit 0 when all is well, 1 with one line per damaged shard (and its captions) or "
+        "pad table copy otherwise; `flux2-dit precompute` on the same store encodes exactly those captions "
+        "again, and --repair restores the pad table.",
     )
     verify.add_argument("dir", metavar="DIR", help="the store directory")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="first rewrite a damaged or missing pad table copy from the sound one; when both are unsound, "
+        "fetch the table again from --encoder (a server whose model has the store's table id)",
+    )
+    add_encoder_args(verify, required=False)
     verify.set_defaults(run=run_verify)
     convert = actions.add_parser(
         "convert",
@@ -36,13 +46,37 @@ def add_parser(sub) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from dit_client.training.store import verify_store
+    from dit_client.training.store import PadTableLost, verify_store
 
-    report = verify_store(args.dir, progress=not args.no_progress)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fetch_table = None
+    if args.repair and args.encoder:
+
+        def fetch_table(lost: PadTableLost):
+            from dit_client.training.precompute import pad_table_from_server
+
+            with encoder_from_args(args) as enc:
+                return pad_table_from_server(enc, lost)
+
+    report = verify_store(args.dir, progress=not args.no_progress, repair=args.repair, fetch_table=fetch_table)
+    for name in report.pad_table_restored:
+        print(f"{report.path}: {name}: restored")
     checked = "structure only: version 1 has no checksums" if report.version == 1 else "every CRC-32C"
     if report.ok:
         print(f"{report.path}: {report.captions} captions in {report.shards} shards, all sound ({checked})")
         return 0
+    for name, fault in report.pad_table_faults:
+        print(f"{report.path}: {name}: {fault}")
+    if report.pad_table_lost:
+        print(
+            f"{report.path}: no sound copy of the pad table: no embedding can be rebuilt; "
+            f"`flux2-dit store verify --repair {report.path} --encoder HOST:PORT` fetches it again from a server "
+            "with the store's model"
+        )
+    elif report.pad_table_faults:
+        print(f"{report.path}: the other pad table copy is sound; `flux2-dit store verify --repair` restores this one")
+    if not report.damaged:
+        return 1
     for damaged in report.damaged:
         shown = ", ".join(repr(c[:60]) for c in damaged.captions[:10])
         more = f" and {len(damaged.captions) - 10} more" if len(damaged.captions) > 10 else ""

@@ -22,7 +22,7 @@ from dit_client.pad_table import fetch as fetch_pad_table
 from dit_client.remote import RemoteTextEncoder
 from dit_client.retry import RetryPolicy
 from dit_client.training.captions import iter_captions
-from dit_client.training.store import DEFAULT_SHARD_BYTES, INDEX_NAME, StoreInfo, StoreWriter
+from dit_client.training.store import DEFAULT_SHARD_BYTES, INDEX_NAME, PadTableLost, StoreInfo, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,43 @@ def server_pad_table(encoder: RemoteTextEncoder, info: EncoderInfo) -> torch.Ten
         return None
 
 
+def pad_table_from_server(encoder: RemoteTextEncoder, lost: PadTableLost) -> torch.Tensor:
+    """The table a store lost (both copies unsound), fetched again with ``GetPadTable``.
+
+    Only from a model of the server whose ``ModelInfo.pad_table`` is the store's table id
+    (fingerprint, rows and CRC-32C: the very table); :func:`~dit_client.pad_table.fetch`
+    checks the rows received against that id.
+
+    Raises:
+        PadTableLost: the server serves no model with that table, or the fetch failed
+            (the message says which, and what to do).
+    """
+    info = encoder.info()
+    entry = next((m for m in info.models if m.pad_table == lost.table_id), None)
+    if entry is None:
+        served = ", ".join(f"{m.name or m.model_id}: {m.pad_table or 'no table'}" for m in info.models) or "none"
+        raise PadTableLost(
+            lost.path,
+            lost.table_id,
+            lost.faults,
+            f"The encoder at {encoder.target} does not serve that table (it serves {served}); point --encoder "
+            "at a server with the model the store was made with, or precompute again into a new --out",
+        ) from None
+    connection = encoder.connection
+    try:
+        table = fetch_pad_table(connection.stub, entry, metadata=connection.metadata, timeout=connection.timeout)
+    except (grpc.RpcError, IntegrityError) as exc:
+        reason = connection.translate(exc) if isinstance(exc, grpc.RpcError) else exc
+        raise PadTableLost(
+            lost.path,
+            lost.table_id,
+            lost.faults,
+            f"Fetching it from the encoder at {encoder.target} failed ({reason}); run the command again",
+        ) from None
+    log.warning("%s: fetched pad table %s again from %s", lost.path, lost.table_id, encoder.target)
+    return table
+
+
 def precompute(
     encoder: RemoteTextEncoder,
     captions: str | os.PathLike | Iterable[str],
@@ -114,7 +151,9 @@ def precompute(
     refused. On opening the store it checks every stored embedding's CRC-32C
     (``verify``): the ones that fail are dropped and encoded again, and nothing else.
     A new store fetches the model's pad table (``GetPadTable``) and keeps only each
-    embedding's real rows (see :mod:`dit_client.training.store`).
+    embedding's real rows (see :mod:`dit_client.training.store`). An existing store
+    whose two pad table copies are both unsound gets its table fetched again, when
+    the server has a model with that table id (:func:`pad_table_from_server`).
 
     Args:
         encoder: client of the encoder service.
@@ -145,6 +184,7 @@ def precompute(
         FileNotFoundError, CaptionSourceError: the caption source cannot be read.
         InvalidRequest: a caption the service would refuse (too long, NUL); nothing is encoded.
         IntegrityError: ``out`` holds another model's embeddings.
+        PadTableLost: no sound copy of ``out``'s pad table, and the server cannot give it back.
         StoreError: ``out`` is locked by another writer, is not a store, or is a version 1
             store (convert it with ``flux2-dit store convert``).
         StoreWriteError: the disk filled up (or went read-only); what the store lists stays valid.
@@ -174,9 +214,14 @@ def precompute(
     # An existing store keeps the table it was made with: fetch one for a new store only.
     table = None if (Path(out) / INDEX_NAME).is_file() else server_pad_table(encoder, info)
 
-    with StoreWriter(
-        out, store_info, shard_bytes=shard_bytes, pad_table=table, verify=verify, progress=progress
-    ) as writer:
+    def open_store(table: torch.Tensor | None) -> StoreWriter:
+        return StoreWriter(out, store_info, shard_bytes=shard_bytes, pad_table=table, verify=verify, progress=progress)
+
+    try:
+        writer = open_store(table)
+    except PadTableLost as lost:  # both copies unsound: the server's table, when it is the same one
+        writer = open_store(pad_table_from_server(encoder, lost))
+    with writer:
         # 2. Distinct captions (of this shard) the store lacks, in source order.
         max_chars = int(info.limits.get("max_prompt_chars") or 0)
         seen: set[str] = set()

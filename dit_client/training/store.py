@@ -3,7 +3,8 @@
 Layout of a store directory (format version 2)::
 
     index.json                         format, version, model fingerprint, dtype, row shape, pad table id, shards
-    pad-table.safetensors              "pad_rows" [P, D]: the pad table the store was compacted with (once)
+    pad-table.safetensors              "pad_rows" [P, D]: the pad table the store was compacted with
+    pad-table.copy.safetensors         the same file again: either copy that passes its check serves
     shard-000000-1a2b3c4d.safetensors  "rows" [sum_n, D] + metadata: captions, entries, fingerprint, pad table id
     shard-000001-....safetensors
     .lock                              held by the one process writing (flock)
@@ -20,9 +21,13 @@ the table's first ``pad`` rows (cast to the store's dtype) followed by those
 rows. The writer leaves out only leading rows that are bit-identical to the
 table's rows at the same positions (bytes compared), so the rebuilt tensor is
 the one the service sent, bit for bit; a model without a table (right padding)
-is stored with ``pad = 0``. The table itself is kept once per store, named by
-its :func:`~common.pad_table.pad_table_id` (fingerprint, rows, CRC-32C); the
-index and every shard name it, and a shard naming another table is refused.
+is stored with ``pad = 0``. The table itself is kept twice per store (each copy
+written atomically), named by its :func:`~common.pad_table.pad_table_id`
+(fingerprint, rows, CRC-32C) and checked against it on opening; the index and
+every shard name it, and a shard naming another table is refused. A reader uses
+whichever copy is sound; :class:`StoreWriter` and :func:`repair_pad_table`
+rewrite an unsound copy from the other (or from the server's table, fetched by
+the caller, when both are lost: :class:`PadTableLost`).
 
 **Checksums.** ``crc32c`` of an entry is CRC-32C (:func:`common.wire.crc32c`)
 over ``f"{n}:{pad}:{caption}"`` (UTF-8) followed by the entry's row bytes, so a
@@ -65,7 +70,7 @@ import shutil
 import struct
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +96,9 @@ LOCK_NAME = ".lock"
 TENSOR_KEY = "embeddings"  # version 1: [N, 512, D]
 ROWS_KEY = "rows"  # version 2: [sum_n, D]
 PAD_TABLE_NAME = "pad-table.safetensors"
+# A second copy, written and checked like the first: one damaged file must not make the store unusable.
+PAD_TABLE_COPY_NAME = "pad-table.copy.safetensors"
+PAD_TABLE_NAMES = (PAD_TABLE_NAME, PAD_TABLE_COPY_NAME)
 PAD_TABLE_KEY = "pad_rows"
 PAD_TABLE_FORMAT = "flux2-remote-store-pad-table/1"
 SHARD_PREFIX = "shard-"
@@ -338,33 +346,168 @@ def _read_shard_header(file: Path, info: StoreInfo, version: int = VERSION) -> _
     return _Shard(captions, spans)
 
 
-def _load_pad_table(path: Path, info: StoreInfo) -> torch.Tensor | None:
-    """The store's pad table, checked against the id the index names; None when the store has none."""
-    if not info.pad_table:
-        return None
-    file = path / PAD_TABLE_NAME
+class PadTableLost(IntegrityError):
+    """No copy of a store's pad table passes its check: no embedding of the store can be rebuilt until one is restored.
+
+    Attributes:
+        path: the store folder.
+        table_id: the id of the table the store was made with (:func:`~common.pad_table.pad_table_id`).
+        faults: what is wrong with each copy, by file name.
+    """
+
+    def __init__(self, path: Path, table_id: str, faults: dict[str, str], remedy: str | None = None):
+        self.path, self.table_id, self.faults = path, table_id, dict(faults)
+        reasons = "; ".join(f"{name}: {why}" for name, why in faults.items())
+        remedy = remedy or (
+            f"Restore it from a server that serves the store's model: flux2-dit store verify --repair {path} "
+            "--encoder HOST:PORT (flux2-dit precompute on this store does the same)"
+        )
+        super().__init__(
+            f"{path}: no sound copy of the store's pad table {table_id} ({reasons}); without it no embedding "
+            f"can be rebuilt. {remedy}"
+        )
+
+
+_reported_copies: set[str] = set()  # damaged copies already logged by this process
+_reported_lock = threading.Lock()
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_pad_table_copy(file: Path, info: StoreInfo) -> tuple[torch.Tensor | None, str]:
+    """One copy of the store's table and ``""``, or None and what is wrong with it (``"missing"``, ...).
+
+    A copy is sound when its metadata names the store's table id and its rows
+    hash to that id (fingerprint, row count, CRC-32C of the bytes).
+    """
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
             table = f.get_tensor(PAD_TABLE_KEY)
     except FileNotFoundError:
-        raise IntegrityError(
-            f"{path}: the store's pad table {PAD_TABLE_NAME} is missing; without it no embedding can be rebuilt"
-        ) from None
+        return None, "missing"
     except Exception as exc:  # safetensors raises its own error type for damaged files
-        raise IntegrityError(f"{file}: unreadable pad table ({exc})") from None
+        return None, f"unreadable ({_one_line(exc)})"
     if meta.get("table") != info.pad_table or pad_table_id(info.fingerprint, table) != info.pad_table:
-        raise IntegrityError(
-            f"{file}: this is not the pad table {info.pad_table} the store was made with (damaged or replaced)"
+        return None, "not the table the store was made with (damaged or replaced)"
+    return table, ""
+
+
+def _pad_table_copies(path: Path, info: StoreInfo, *, all_copies: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """The store's table from the first sound copy, and what is wrong with the others, by file name.
+
+    ``all_copies=False`` stops at the first sound copy (what a reader needs); the writer and
+    ``verify`` check both.
+    """
+    table = None
+    faults: dict[str, str] = {}
+    for name in PAD_TABLE_NAMES:
+        loaded, fault = _read_pad_table_copy(path / name, info)
+        if fault:
+            faults[name] = fault
+        elif table is None:
+            table = loaded
+            if not all_copies:
+                break
+    return table, faults
+
+
+def _load_pad_table(path: Path, info: StoreInfo) -> torch.Tensor | None:
+    """The store's pad table from whichever copy passes its check; None when the store has none.
+
+    A damaged copy is logged once per process (a store written before the second copy,
+    whose copy is just absent, is not). Raises :class:`PadTableLost` when no copy is sound.
+    """
+    if not info.pad_table:
+        return None
+    table, faults = _pad_table_copies(path, info, all_copies=False)
+    if table is None:
+        raise PadTableLost(path, info.pad_table, faults)
+    for name, fault in faults.items():
+        key = f"{path / name}: {fault}"
+        with _reported_lock:
+            if key in _reported_copies:
+                continue
+            _reported_copies.add(key)
+        log.warning(
+            "%s: the pad table copy %s is %s; reading the other copy (flux2-dit store verify --repair %s restores it)",
+            path,
+            name,
+            fault,
+            path,
         )
     return table
 
 
-def _save_pad_table(path: Path, table_id: str, table: torch.Tensor) -> None:
+def _restore_pad_table(
+    path: Path, info: StoreInfo, source: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, list[str]]:
+    """Check both copies and rewrite the unsound ones (the caller holds the store's lock).
+
+    They are rewritten from the sound copy, else from ``source`` (a table got elsewhere,
+    e.g. ``GetPadTable``) when its id is the store's. Returns the table and the names
+    rewritten; raises :class:`PadTableLost` when there is nothing sound to restore from.
+    """
+    if not info.pad_table:
+        return None, []
+    table, faults = _pad_table_copies(path, info)
+    if table is None:
+        if source is None:
+            raise PadTableLost(path, info.pad_table, faults)
+        offered = pad_table_id(info.fingerprint, source)
+        if offered != info.pad_table:
+            raise PadTableLost(
+                path,
+                info.pad_table,
+                faults,
+                f"The table offered to restore it is another one ({offered}); restore it from a server that "
+                "serves the store's model, or precompute again into a new --out",
+            )
+        table = source
+    for name, fault in faults.items():
+        _save_pad_table(path, info.pad_table, table, name)
+        if fault != "missing" or name != PAD_TABLE_COPY_NAME:
+            log.warning("%s: pad table copy %s was %s; restored", path, name, fault)
+    return table, list(faults)
+
+
+def repair_pad_table(path: str | os.PathLike, source: torch.Tensor | None = None) -> list[str]:
+    """Rewrite the damaged or missing copies of a store's pad table; the file names rewritten.
+
+    From the sound copy, else from ``source`` (``[P, D]``, e.g. fetched with
+    ``GetPadTable``) when its id is the store's. Holds the store's lock meanwhile.
+
+    Raises:
+        StoreError: not a store, or being written by another process.
+        PadTableLost: no sound copy, and no ``source`` (or another table).
+    """
+    path = Path(path)
+    if _read_index(path) is None:
+        raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
+    lock = _lock_folder(path)
+    try:
+        found = _read_index(path)
+        if found is None:
+            raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
+        version, info, _ = found
+        if version < 2:
+            return []
+        try:
+            return _restore_pad_table(path, info, source)[1]
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+    finally:
+        os.close(lock)
+
+
+def _save_pad_table(path: Path, table_id: str, table: torch.Tensor, name: str = PAD_TABLE_NAME) -> None:
     body = safetensors.torch.save(
         {PAD_TABLE_KEY: table.contiguous()}, metadata={"format": PAD_TABLE_FORMAT, "table": table_id}
     )
-    atomic_write(path / PAD_TABLE_NAME, lambda tmp: tmp.write_bytes(body))
+    atomic_write(path / name, lambda tmp: tmp.write_bytes(body))
 
 
 def _write_error(path: Path, exc: OSError) -> StoreWriteError:
@@ -624,6 +767,10 @@ class VerifyReport:
         shards: shards the index lists.
         captions: captions the index lists.
         damaged: the shards with faults, each with the captions it holds that are affected.
+        pad_table_faults: ``(file name, what is wrong)`` per unsound copy of the pad table
+            (after ``repair``: those it could not restore, none).
+        pad_table_restored: copies ``repair`` rewrote.
+        pad_table_lost: no copy of the pad table is sound: no embedding can be rebuilt.
     """
 
     path: Path
@@ -631,10 +778,15 @@ class VerifyReport:
     shards: int
     captions: int
     damaged: tuple[DamagedShard, ...] = field(default_factory=tuple)
+    pad_table_faults: tuple[tuple[str, str], ...] = ()
+    pad_table_restored: tuple[str, ...] = ()
+    pad_table_lost: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.damaged
+        """No damaged shard and both pad table copies sound (a store written before the second copy:
+        its copy is missing, which ``repair`` or the next precompute writes)."""
+        return not self.damaged and not self.pad_table_faults
 
     @property
     def bad_captions(self) -> list[str]:
@@ -653,20 +805,50 @@ def _bad_entries(file: Path, shard: _Shard) -> list[int]:
     return bad
 
 
-def verify_store(path: str | os.PathLike, *, progress: bool = False) -> VerifyReport:
-    """Check every shard the index of ``path`` lists, and every embedding's CRC-32C (version 2).
+def verify_store(
+    path: str | os.PathLike,
+    *,
+    progress: bool = False,
+    repair: bool = False,
+    fetch_table: Callable[[PadTableLost], torch.Tensor] | None = None,
+) -> VerifyReport:
+    """Check both copies of the pad table, every shard the index of ``path`` lists, and every embedding's CRC-32C.
 
     Reads the whole store once. Returns a :class:`VerifyReport` naming each faulty
-    shard and the captions it affects; raises :class:`StoreError` when ``path`` is not a
-    store and :class:`~common.errors.IntegrityError` when its pad table is damaged.
+    shard and the captions it affects, and each unsound pad table copy.
+
+    Args:
+        repair: first rewrite unsound pad table copies (:func:`repair_pad_table`): from the
+            sound copy, else from ``fetch_table``. Damaged embeddings are only reported
+            (``flux2-dit precompute`` encodes them again).
+        fetch_table: called with the :class:`PadTableLost` when no copy is sound; returns the
+            table (e.g. ``GetPadTable`` from a server whose model has that table id) or raises.
+
+    Raises:
+        StoreError: not a store (or, with ``repair``, being written by another process).
+        PadTableLost: with ``repair``, no copy is sound and ``fetch_table`` is None.
+        StoreWriteError: with ``repair``, a copy could not be written.
     """
     path = Path(path)
     loaded = _read_index(path)
     if loaded is None:
         raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
     version, info, shards = loaded
-    if version >= 2:
-        _load_pad_table(path, info)
+    restored: list[str] = []
+    if repair and version >= 2 and info.pad_table:
+        try:
+            restored = repair_pad_table(path)
+        except PadTableLost as unsound:
+            if fetch_table is None:
+                raise
+            restored = repair_pad_table(path, fetch_table(unsound))
+    faults: dict[str, str] = {}
+    lost = False
+    if version >= 2 and info.pad_table:
+        table, faults = _pad_table_copies(path, info)
+        lost = table is None
+        if not lost and faults.get(PAD_TABLE_COPY_NAME) == "missing":
+            del faults[PAD_TABLE_COPY_NAME]  # a store written before the second copy: not damage
     damaged: list[DamagedShard] = []
     for entry in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         file = path / entry.file
@@ -691,7 +873,16 @@ def verify_store(path: str | os.PathLike, *, progress: bool = False) -> VerifyRe
                         False,
                     )
                 )
-    return VerifyReport(path, version, len(shards), sum(s.count for s in shards), tuple(damaged))
+    return VerifyReport(
+        path,
+        version,
+        len(shards),
+        sum(s.count for s in shards),
+        tuple(damaged),
+        tuple(faults.items()),
+        tuple(restored),
+        lost,
+    )
 
 
 def _captions_anyway(file: Path) -> list[str]:
@@ -765,7 +956,8 @@ class StoreWriter:
             filling while the other is written, plus its serialised bytes.
         pad_table: ``[P, D]``, the model's pad table (``GetPadTable``; any dtype): a new
             store keeps it and stores each embedding without the leading rows equal to it.
-            An existing store keeps the table it was made with; None: rows are stored whole.
+            An existing store keeps the table it was made with (this one only restores its copies
+            when neither is sound and it is the same table); None: rows are stored whole.
         verify: check every stored embedding's CRC-32C on opening (reads the whole store)
             and drop those that fail, so they count as missing and get encoded again;
             :attr:`dropped` lists them. Without it only the shards' structure is checked.
@@ -776,7 +968,8 @@ class StoreWriter:
     Raises:
         StoreError: another process is writing to ``path``, ``path`` is not a store, or
             it is a version 1 store (the message names ``flux2-dit store convert``).
-        IntegrityError: the store holds another model's embeddings, or its pad table is damaged.
+        IntegrityError: the store holds another model's embeddings.
+        PadTableLost: neither copy of its pad table is sound (and ``pad_table`` is not that table).
         StoreWriteError: the disk is full (or read-only) while repairing.
     """
 
@@ -851,14 +1044,16 @@ class StoreWriter:
                 self.info = existing
             # The store keeps the table it was made with: every shard names it.
             self.info = StoreInfo(**{**self.info.__dict__, "pad_table": existing.pad_table})
-            table = _load_pad_table(self.path, existing)
+            # Both copies checked; an unsound one is rewritten from the other (a store written before the
+            # second copy gets it here), or from pad_table when neither is sound and it is the same table.
+            table = _restore_pad_table(self.path, self.info, pad_table)[0]
         else:
             listed = []
             # Refuse to scatter shards among someone else's files.
             strangers = [
                 p.name
                 for p in self.path.iterdir()
-                if p.name not in (LOCK_NAME, PAD_TABLE_NAME) and not p.name.startswith(SHARD_PREFIX)
+                if p.name not in (LOCK_NAME, *PAD_TABLE_NAMES) and not p.name.startswith(SHARD_PREFIX)
             ]
             if strangers:
                 raise StoreError(
@@ -869,7 +1064,8 @@ class StoreWriter:
             table_id = pad_table_id(self.info.fingerprint, table)
             self.info = StoreInfo(**{**self.info.__dict__, "pad_table": table_id})
             if table is not None:
-                _save_pad_table(self.path, table_id, table)
+                for name in PAD_TABLE_NAMES:
+                    _save_pad_table(self.path, table_id, table, name)
         changed = loaded is None
         # 2. Listed shards must be there and whole (and, with verify, every embedding must pass its CRC).
         repairs: list[tuple[int, _Shard, list[int]]] = []
@@ -1213,7 +1409,7 @@ def convert_store(
                 if not torch.equal(new.get(caption).view(torch.uint8), old.get(caption).view(torch.uint8)):
                     raise IntegrityError(f"{caption[:60]!r} does not rebuild bit for bit; the store is left as it was")
             del new
-            moved = [s.file for s in new_shards] + ([PAD_TABLE_NAME] if new_info.pad_table else [])
+            moved = [s.file for s in new_shards] + (list(PAD_TABLE_NAMES) if new_info.pad_table else [])
             for name in moved:
                 os.replace(staging / name, path / name)
             _write_index(path, new_info, new_shards, version=VERSION)  # the switch

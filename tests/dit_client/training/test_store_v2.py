@@ -18,6 +18,7 @@ from dit_client.training.store import (
     FORMAT,
     INDEX_NAME,
     PAD_TABLE_NAME,
+    PAD_TABLE_NAMES,
     EmbeddingStore,
     StoreError,
     StoreInfo,
@@ -135,15 +136,17 @@ def test_store_keeps_the_table_it_was_made_with(tmp_path):
     assert json.loads((tmp_path / INDEX_NAME).read_text())["pad_table"] == index["pad_table"]
 
 
-def test_damaged_or_replaced_pad_table_is_refused(tmp_path):
+def test_damaged_or_replaced_pad_table_is_refused_when_both_copies_are(tmp_path):
+    # One unsound copy is covered by test_store_pad_table; here neither is left.
     _write(tmp_path, ["a"], _embedding(5, 0)[None])
-    table_file = tmp_path / PAD_TABLE_NAME
-    good = table_file.read_bytes()
-    _flip_byte(table_file, len(good) - 3)
-    with pytest.raises(IntegrityError, match="not the pad table"):
+    for name in PAD_TABLE_NAMES:
+        _flip_byte(tmp_path / name, (tmp_path / name).stat().st_size - 3)
+    with pytest.raises(IntegrityError, match="pad-table.safetensors: not the table the store was made with"):
         EmbeddingStore(tmp_path)
-    table_file.unlink()
-    with pytest.raises(IntegrityError, match="pad table .* is missing"):
+    (tmp_path / PAD_TABLE_NAME).unlink()
+    with pytest.raises(
+        IntegrityError, match=r"no sound copy of the store's pad table .*pad-table.safetensors: missing"
+    ):
         EmbeddingStore(tmp_path)
 
 
@@ -154,7 +157,7 @@ def test_model_without_a_table_stores_whole_rows(tmp_path):
     rows, pad = store.get("right-padded", compact=True)
     assert pad == 0 and torch.equal(_bits(rows), _bits(e))
     assert json.loads((tmp_path / INDEX_NAME).read_text())["pad_table"] == ""
-    assert not (tmp_path / PAD_TABLE_NAME).exists()
+    assert not any((tmp_path / name).exists() for name in PAD_TABLE_NAMES)
 
 
 def test_shard_of_another_pad_table_is_refused(tmp_path):
