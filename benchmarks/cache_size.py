@@ -2,11 +2,14 @@
 
     PYTHONPATH=/tmp/tekken .venv/bin/python benchmarks/cache_size.py [--dim 15360] [--repeats 20]
 
+mistral-common (the Tekken tokenizer) is installed beside the project as the docstring of
+benchmarks/realistic_prompts.py says; without it rows are estimated, and the output says so.
+
 What is measured and what is computed:
 
 1. Rows per prompt (measured): every prompt of benchmarks/realistic_prompts.py counted
-   with the Tekken tokenizer (see that module; without mistral-common, an estimate that
-   says so). The median and p90 prompt of the whole set are the ones reported.
+   with the Tekken tokenizer (its :func:`row_counter`). The median and p90 prompt of the
+   whole set are the ones reported.
 2. Entry sizes (measured): for each of those row counts, one entry made as the engine
    makes it (:meth:`CachedEmbedding.compact`) from a ``[512, dim]`` bf16 embedding whose
    first ``512 - rows`` rows are a random pad table's, once without a table (whole, as a

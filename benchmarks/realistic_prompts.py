@@ -12,7 +12,8 @@ Four kinds, written for this benchmark in the styles FLUX.2 users write:
 Rows are counted with the Tekken tokenizer that the ``mistral-common`` package ships
 (``tekken_240911.json``, the Mistral-Small family's; FLUX.2-dev's own tokenizer cannot
 be downloaded here). It is a benchmark-only dependency, installed beside the project
-(its requirements would downgrade numpy in the project's environment):
+(its requirements would downgrade numpy in the project's environment); this is the one
+install line every benchmark that counts rows (wire.py, cache_size.py, store_size.py) refers to:
 
     .venv/bin/pip install --no-deps --target /tmp/tekken mistral-common==1.13.1 tiktoken pydantic-extra-types pycountry
     PYTHONPATH=/tmp/tekken .venv/bin/python benchmarks/wire.py --elision
