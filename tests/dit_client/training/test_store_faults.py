@@ -14,7 +14,7 @@ import torch
 from dit_client import cli
 from dit_client.remote import RemoteTextEncoder
 from dit_client.training import EmbeddingStore, precompute
-from dit_client.training.store import INDEX_NAME, _read_header, verify_store
+from dit_client.training.store import INDEX_NAME, PAD_TABLE_NAMES, PadTableLost, _read_header, verify_store
 from tests.helpers import ProxyBackend, ServerThread
 
 REPO = Path(__file__).resolve().parents[3]
@@ -100,6 +100,49 @@ def test_precompute_re_encodes_exactly_the_damaged_captions(tiny_backend, tmp_pa
         with RemoteTextEncoder(s.target) as enc:
             _assert_matches_service(out, enc, captions)
     assert verify_store(out).ok
+
+
+# -- both pad table copies lost ---------------------------------------------------
+
+
+def test_both_pad_table_copies_lost_are_fetched_again_from_a_server_with_that_table(tiny_backend, tmp_path, capsys):
+    captions = _captions(4)
+    source = tmp_path / "captions.txt"
+    source.write_text("\n".join(captions) + "\n")
+    out = tmp_path / "store"
+
+    def lose_both() -> None:
+        for name in PAD_TABLE_NAMES:
+            (out / name).write_bytes(b"not a table")
+        with pytest.raises(PadTableLost):
+            EmbeddingStore(out)
+
+    with ServerThread(tiny_backend, model_id="tiny-test", pad_table=True) as s:
+        args = ["precompute", "--encoder", s.target, "--captions", str(source), "--out", str(out), "--no-progress"]
+        assert cli.main(args) == 0
+        lose_both()
+        assert cli.main(args) == 0  # precompute restores it (and has nothing to encode)
+        assert "0 encoded" in capsys.readouterr().out
+        assert verify_store(out).ok
+        with RemoteTextEncoder(s.target) as enc:
+            _assert_matches_service(out, enc, captions)
+
+        lose_both()
+        verify = ["store", "verify", "--repair", str(out), "--encoder", s.target, "--no-progress"]
+        assert cli.main(verify) == 0
+        assert "pad-table.safetensors: restored" in capsys.readouterr().out
+        assert verify_store(out).ok
+
+    # A server whose model has no table (or another one) cannot give it back: one line, the store untouched.
+    lose_both()
+    with ServerThread(tiny_backend, model_id="tiny-test") as s:
+        args = ["precompute", "--encoder", s.target, "--captions", str(source), "--out", str(out), "--no-progress"]
+        capsys.readouterr()
+        assert cli.main(args) == cli.EXIT_ERROR
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flux2-dit: ") and "\n" not in err and "Traceback" not in err
+        assert f"The encoder at {s.target} does not serve that table" in err and "new --out" in err
+    assert all((out / name).read_bytes() == b"not a table" for name in PAD_TABLE_NAMES)
 
 
 # -- a full disk ---------------------------------------------------------------
