@@ -20,13 +20,27 @@ from dit_client.remote import RemoteTextEncoder
 from encoder_server.cache import cache_key, decode_entry
 from encoder_server.cluster import RedisLink, SharedCache
 from encoder_server.metrics import EncoderMetrics
-from tests.helpers import GatedBackend, Serialized, ServerThread
+from tests.helpers import GatedBackend, Serialized, ServerThread, wait_until
 
 ALICE = "alice-key-0123456789abcdef"
 
 
 def computed(*servers: ServerThread) -> float:
     return sum(s.running.metrics.sample("flux2_encoder_prompts_computed_total") for s in servers)
+
+
+def waits_on_a_lease(server: ServerThread) -> threading.Event:
+    """An event set once ``server`` starts waiting for another replica's lease on a prompt."""
+    shared = server.running.engine.shared_cache
+    waiting = threading.Event()
+    real_wait_for = shared.wait_for
+
+    async def wait_for(key, deadline):
+        waiting.set()
+        return await real_wait_for(key, deadline)
+
+    shared.wait_for = wait_for
+    return waiting
 
 
 def replica_config(url: str, **auth) -> ServerConfig:
@@ -65,15 +79,13 @@ def test_concurrent_identical_prompts_on_two_replicas_are_computed_once(tiny_bac
             with RemoteTextEncoder(server.target, timeout=60) as enc:
                 results[name] = enc.encode(["the same prompt"])
 
+        b_waits = waits_on_a_lease(b)
         on_a = threading.Thread(target=encode, args=("a", a))
         on_a.start()
-        deadline = time.monotonic() + 30
-        while not gated.seen:  # A holds the lease and computes (held at the gate)
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: gated.seen, what="A to take the lease and compute (held at the gate)")
         on_b = threading.Thread(target=encode, args=("b", b))
         on_b.start()
-        time.sleep(0.3)  # B is waiting on A's lease, not computing (checked below by the counts)
+        assert b_waits.wait(30), "B never waited on A's lease"  # and does not compute (the counts below)
         gated.gate.set()
         on_a.join(60)
         on_b.join(60)
@@ -167,15 +179,16 @@ def test_a_live_holder_renews_its_lease_so_a_long_computation_is_not_done_twice(
             with RemoteTextEncoder(server.target, timeout=60) as enc:
                 results[name] = enc.encode(["a long computation"])
 
+        b_waits = waits_on_a_lease(b)
         on_a = threading.Thread(target=encode, args=("a", a))
         on_a.start()
-        deadline = time.monotonic() + 30
-        while not gated.seen:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: gated.seen, what="A to take the lease and compute (held at the gate)")
         on_b = threading.Thread(target=encode, args=("b", b))
         on_b.start()
-        time.sleep(1.2)  # four lease lengths: without renewal B would have taken the lease and computed
+        assert b_waits.wait(30), "B never waited on A's lease"
+        # Time passing is the behaviour under test: four lease lengths, after which B would have
+        # taken the lease and computed had A not renewed it.
+        time.sleep(1.2)
         gated.gate.set()
         on_a.join(60)
         on_b.join(60)
