@@ -552,7 +552,8 @@ class EmbeddingStore:
         StoreError: not a store directory.
         IntegrityError: a listed shard is missing, damaged, made by another fingerprint or
             compacted against another pad table; or the store was made for another model
-            than the expected one.
+            than the expected one; or (:class:`PadTableLost`) neither copy of its pad table
+            is sound (one sound copy is enough: the other is logged once).
     """
 
     def __init__(
