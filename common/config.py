@@ -175,22 +175,50 @@ class UpsamplingConfig:
             (each holds a KV cache of up to 2048 + ``max_new_tokens`` tokens).
         max_new_tokens: tokens generated per prompt at most. 512 is the reference's; a lower
             cap bounds the cost, but then long answers differ from ``upsample_prompt``'s.
+        max_per_user: ``Upsample`` calls one user may have queued or generating at once; more
+            get RESOURCE_EXHAUSTED. 0 means automatic: a quarter of ``max_queued`` + 1 (at least 1)
+            when an API key file names several users, no cap otherwise (as
+            ``Limits.max_concurrent_calls_per_user`` shares the slots).
         max_images_per_prompt: reference images per prompt (I2I).
         max_image_bytes: encoded size of one image (PNG or JPEG).
-        max_image_pixels: width x height of one decoded image (a decompression-bomb guard).
+        max_request_image_bytes: encoded size of every image of one request together. The default
+            leaves room in one 4 MiB gRPC message (``Limits.max_receive_message_bytes``) for
+            ``max_prompts_per_request`` prompts of ``Limits.max_prompt_chars`` characters.
+        max_image_pixels: width x height of one image, read from its header before decoding
+            (a decompression-bomb guard).
+        max_request_image_pixels: width x height of every image of one request together, read from the
+            headers: bounds the decoding work of one request. Each image is shrunk right after decoding
+            to the area the model sees (768x768), so a queued or running request holds little.
+        max_image_aspect_ratio: longer side / shorter side of one image at most; a thinner image would be
+            resized to a side of 0 pixels by the pipeline's area cap.
         max_temperature: highest sampling temperature accepted (the reference's default is 0.15).
         min_deadline_ms: a shorter deadline cannot see a generation through; refused at once.
+        timeout_s: the server's own deadline on one ``Upsample`` call (waiting and generating), for HTTP
+            calls, which carry none, and gRPC calls with none or a longer one.
     """
 
     enabled: bool = False
     max_queued: int = 8
     max_prompts_per_request: int = 8
     max_new_tokens: int = 512
+    max_per_user: int = 0
     max_images_per_prompt: int = 4
     max_image_bytes: int = 3 * 1024 * 1024
+    max_request_image_bytes: int = 3 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_request_image_pixels: int = 2 * 4096 * 4096
+    max_image_aspect_ratio: float = 32.0
     max_temperature: float = 5.0
     min_deadline_ms: int = 1000
+    timeout_s: float = 300.0
+
+    def per_user_share(self, users: int) -> int:
+        """Calls one user may have queued or generating: ``max_per_user``, or the automatic share when 0."""
+        if self.max_per_user > 0:
+            return self.max_per_user
+        if users > 1:
+            return max(1, (self.max_queued + 1) // 4)
+        return self.max_queued + 1
 
 
 @dataclass(frozen=True)

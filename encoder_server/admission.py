@@ -44,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from common.config import Limits
+from common.config import Limits, UpsamplingConfig
 from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError, Unauthenticated
 from common.protocol import SERVICE_NAME
 from encoder_server.auth import Authenticator
@@ -53,7 +53,7 @@ from encoder_server.identity import ANONYMOUS
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.models import resolve_model_name
 from encoder_server.usage import QuotaExhausted, Reservation, UsageLimiter
-from encoder_server.validation import validate_request
+from encoder_server.validation import UpsampleArgs, validate_request, validate_upsample
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Method:
     name: str
     metered: bool
     streaming_requests: bool = False
+    upsample: bool = False
 
 
 GET_INFO = Method("GetInfo", metered=False)
@@ -79,9 +80,9 @@ ENCODE = Method("Encode", metered=True)
 ENCODE_STREAM = Method("EncodeStream", metered=True, streaming_requests=True)
 # Prompt upsampling: the same steps as Encode (its prompts count against the quota); the
 # generation itself then waits in its own queue (encoder_server/upsampling.py).
-UPSAMPLE = Method("Upsample", metered=True)
+UPSAMPLE = Method("Upsample", metered=True, upsample=True)
 HTTP_PREDICT = Method("HTTP /predict", metered=True)
-HTTP_UPSAMPLE = Method("HTTP /upsample", metered=True)
+HTTP_UPSAMPLE = Method("HTTP /upsample", metered=True, upsample=True)
 
 # The one registry of gRPC methods. Services not named here (health checks,
 # reflection) stay open: load balancers and grpcurl probe them without keys,
@@ -125,6 +126,7 @@ class Ticket:
         request: the transport's own request object (the protobuf on gRPC), for
             fields the policy does not look at (dtype, cache_only).
         model: the name of the served model that encodes it.
+        upsample: an ``Upsample`` request's validated images, temperature and seed (``None`` for others).
     """
 
     admission: Admission
@@ -134,6 +136,7 @@ class Ticket:
     request_id: str = ""
     request: Any = None
     model: str = ""
+    upsample: UpsampleArgs | None = None
     slot: Slot | None = None
     reservation: Reservation | ClusterReservation | None = None
     # Called once by release(): a stream forgets the ticket then, so a long
@@ -190,6 +193,7 @@ class Admission:
         limiter: per-user rate and daily quota.
         limits: request bounds, concurrency and timeouts.
         metrics: where outcomes are counted.
+        upsampling: the bounds of ``Upsample`` requests (validation, step 4).
     """
 
     def __init__(
@@ -201,7 +205,9 @@ class Admission:
         cluster: ClusterLimits | None = None,
         *,
         model_names: list[str] | None = None,
+        upsampling: UpsamplingConfig | None = None,
     ):
+        self.upsampling = upsampling or UpsamplingConfig()
         self.model_names = list(model_names or [""])
         self.authenticator = authenticator
         self.limiter = limiter
@@ -300,6 +306,13 @@ class Admission:
         """Step 4 (see :func:`encoder_server.validation.validate_request`)."""
         return validate_request(prompts, self.limits, request_id=request_id, time_remaining_s=time_remaining_s)
 
+    def validate_upsample(
+        self, prompts: list[str], request: Any, *, time_remaining_s: float | None = None
+    ) -> UpsampleArgs:
+        """Step 4 for ``Upsample`` (see :func:`encoder_server.validation.validate_upsample`); ``request``
+        is the ``pb2.UpsampleRequest`` or the HTTP handler's :class:`UpsampleArgs`."""
+        return validate_upsample(prompts, UpsampleArgs.of(request), self.upsampling, time_remaining_s=time_remaining_s)
+
     def resolve_model(self, name: str) -> str:
         """Step 4 too: the served model a request names (``""``: the only one); InvalidRequest listing them."""
         return resolve_model_name(name, self.model_names)
@@ -397,6 +410,9 @@ class Admission:
             if not rate_checked:
                 await self.check_rate(user)
             prompts = self.validate(prompts, request_id=request_id, time_remaining_s=time_remaining_s)
+            upsample = None
+            if method.upsample:
+                upsample = self.validate_upsample(prompts, request, time_remaining_s=time_remaining_s)
             model = self.resolve_model(model)
             if slot is None:
                 slot = taken = self.acquire_slot(user)
@@ -407,7 +423,16 @@ class Admission:
             self.refused(method, user, exc)
             raise
         return Ticket(
-            self, method, user, prompts, request_id, request, model=model, slot=taken, reservation=reservation
+            self,
+            method,
+            user,
+            prompts,
+            request_id,
+            request,
+            model=model,
+            upsample=upsample,
+            slot=taken,
+            reservation=reservation,
         )
 
     def refused(self, method: Method, user: str, exc: Flux2RemoteError) -> None:

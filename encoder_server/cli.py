@@ -320,6 +320,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens generated per prompt at most; 512 is the reference's, a lower cap bounds the cost "
         "but cuts long answers short",
     )
+    serve.add_argument(
+        "--upsampling-max-per-user",
+        type=_number(int, 0),
+        default=UpsamplingConfig.max_per_user,
+        help="Upsample calls one user may have waiting or generating; 0: automatic (a quarter of the queue "
+        "when the key file names several users, no cap otherwise)",
+    )
+    serve.add_argument(
+        "--upsampling-timeout",
+        type=_number(float, 1),
+        default=UpsamplingConfig.timeout_s,
+        help="seconds one Upsample call may wait and generate at most (HTTP calls carry no deadline; a "
+        "gRPC deadline longer than this is shortened to it)",
+    )
+    serve.add_argument(
+        "--upsampling-max-image-bytes",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_image_bytes,
+        help="encoded size of one reference image (PNG or JPEG)",
+    )
+    serve.add_argument(
+        "--upsampling-max-request-image-bytes",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_request_image_bytes,
+        help="encoded size of every image of one Upsample request together; keep it under the 4 MiB gRPC "
+        "message less the prompts",
+    )
+    serve.add_argument(
+        "--upsampling-max-image-pixels",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_image_pixels,
+        help="width x height of one reference image, read from its header before decoding",
+    )
+    serve.add_argument(
+        "--upsampling-max-request-image-pixels",
+        type=_number(int, 1),
+        default=UpsamplingConfig.max_request_image_pixels,
+        help="width x height of every image of one Upsample request together (bounds decoding work)",
+    )
     _defaults_from_env(serve)
     memory = sub.add_parser("memory", help="print the encoder's memory table (counted from the config, no weights)")
     memory.add_argument(
@@ -419,6 +458,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             enabled=str(args.upsampling).lower() not in ("false", "0", "no", "off", ""),
             max_queued=args.upsampling_max_queue,
             max_new_tokens=args.upsampling_max_new_tokens,
+            max_per_user=args.upsampling_max_per_user,
+            timeout_s=args.upsampling_timeout,
+            max_image_bytes=args.upsampling_max_image_bytes,
+            max_request_image_bytes=args.upsampling_max_request_image_bytes,
+            max_image_pixels=args.upsampling_max_image_pixels,
+            max_request_image_pixels=args.upsampling_max_request_image_pixels,
         ),
     )
 

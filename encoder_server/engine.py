@@ -43,6 +43,7 @@ from common.config import BatchingConfig
 from common.errors import (
     Cancelled,
     DeadlineExceeded,
+    EncoderOverloaded,
     EncoderUnavailable,
     Flux2RemoteError,
     NotCached,
@@ -290,6 +291,10 @@ class EncodeEngine:
 
         # 2-3. Share running work or queue new work; admitted all at once or not at all.
         waiting: dict[str, tuple[WorkItem, str]] = {}
+        if self._packed and not wait_for_capacity:
+            # Refused before its tokens are counted: counting takes the model's tokenizer lock,
+            # and a request that cannot be queued must not delay the ones that can.
+            self._batcher.check_space(len([k for k in missing if k not in self._inflight]))
         costs = await self._costs(missing, prompt_of)
         # After any await (the disk read, counting tokens, waiting for room), work that
         # finished meanwhile is in the memory cache and must not be computed again.
@@ -560,14 +565,14 @@ class EncodeEngine:
             return self._forward(prompts)
         except Exception as exc:
             if len(prompts) == 1:
-                return [_as_reportable(exc)]
+                return [as_reportable(exc)]
             log.warning("batch of %d failed (%s); retrying prompts one by one", len(prompts), exc)
         out: list[tuple | BaseException] = []
         for p in prompts:
             try:
                 out.extend(self._forward([p]))
             except Exception as exc:
-                out.append(_as_reportable(exc))
+                out.append(as_reportable(exc))
         return out
 
     def _forward(self, prompts: list[str]) -> list[tuple]:
@@ -649,10 +654,19 @@ class EncodeEngine:
                 cache.on_corrupt = m.cache_corrupt.inc
 
 
-def _as_reportable(exc: Exception) -> Flux2RemoteError:
-    """What a caller is told when a forward pass fails: our own errors as they are; anything
-    else (CUDA out of memory, a bug) as a ServerError naming only its type, details in the log."""
+def as_reportable(exc: Exception, work: str = "forward pass") -> Flux2RemoteError:
+    """What a caller is told when model work (``work``: "forward pass", "upsampling") fails.
+
+    Our own errors as they are; running out of memory (CUDA or host) as EncoderOverloaded
+    (RESOURCE_EXHAUSTED: smaller or fewer requests, or later, may fit); anything else (a bug)
+    as a ServerError naming only its type, never its text: details go to the log.
+    """
     if isinstance(exc, Flux2RemoteError):
         return exc
-    log.error("forward pass failed", exc_info=exc)
-    return ServerError(f"the forward pass failed ({type(exc).__name__}); the server log has details")
+    log.error("%s failed", work, exc_info=exc)
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return EncoderOverloaded(
+            f"the server ran out of memory during {work}; retry later, or with fewer prompts or images",
+            retry_after_s=5.0,
+        )
+    return ServerError(f"internal error during {work} ({type(exc).__name__}); the server log has details")

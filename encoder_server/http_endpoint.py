@@ -20,6 +20,8 @@ FLUX.2-dev's; every served model, [klein] included, is also at
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import io
 import json
 import logging
@@ -31,7 +33,7 @@ import torch
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from common.config import Limits
+from common.config import Limits, UpsamplingConfig
 from common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -45,7 +47,7 @@ from common.errors import (
 from encoder_server.admission import HTTP_PREDICT, HTTP_UPSAMPLE, Admission, Method
 from encoder_server.identity import ANONYMOUS, current_user
 from encoder_server.models import DEV_FAMILY, ModelRegistry
-from encoder_server.upsampling import parse_http_upsample
+from encoder_server.validation import UpsampleArgs
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,15 @@ def embeddings_to_torch_save(embeddings: list[torch.Tensor]) -> bytes:
 def max_body_bytes(limits: Limits) -> int:
     """Largest request body accepted: every prompt at full length, JSON-escaped at worst (``\\uXXXX``), plus slack."""
     return limits.max_prompts_per_request * limits.max_prompt_chars * 6 + 64 * 1024
+
+
+def max_upsample_body_bytes(limits: Limits, upsampling: UpsamplingConfig) -> int:
+    """Largest ``POST /upsample`` body: its prompts as :func:`max_body_bytes` counts them, plus every
+    image a request may carry in base64 (4 characters per 3 bytes) with its JSON quotes and commas."""
+    prompts = upsampling.max_prompts_per_request * limits.max_prompt_chars * 6
+    images = 4 * -(-upsampling.max_request_image_bytes // 3)
+    separators = 4 * upsampling.max_prompts_per_request * (upsampling.max_images_per_prompt + 1)
+    return prompts + images + separators + 64 * 1024
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -127,6 +138,48 @@ def parse_prompts(body: object, limits: Limits) -> list[str]:
     return prompts
 
 
+def parse_upsample(body: object, limits: Limits) -> tuple[list[str], UpsampleArgs]:
+    """The prompts and the rest of a decoded ``POST /upsample`` body (shape and types only).
+
+    ``{"prompt": str | [str], "temperature"?: number, "seed"?: int, "images"?: [[base64, ...], ...]}``,
+    the images one list per prompt, each a base64 PNG or JPEG file. The values are checked by the
+    request policy's validation step, as gRPC's are.
+
+    Raises:
+        InvalidRequest: wrong shape or types, text that is not base64 (HTTP 400).
+        PayloadTooLarge: more prompts than a request may hold (HTTP 413).
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest('the body must be a JSON object {"prompt": str | list[str], ...}')
+    unknown = sorted(set(body) - {"prompt", "temperature", "seed", "images"})
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; the body takes prompt, temperature, seed, images"
+        )
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest('"prompt" must be a string or a list of strings')
+    if len(prompts) > limits.max_prompts_per_request:
+        raise PayloadTooLarge(f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}")
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise InvalidRequest('"temperature" must be a number')
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise InvalidRequest('"seed" must be an integer in [0, 2**64)')
+    images = body.get("images")
+    decoded = None
+    if images is not None:
+        if not isinstance(images, list) or not all(isinstance(i, list) for i in images):
+            raise InvalidRequest('"images" must be one list of base64 PNG/JPEG strings per prompt')
+        try:
+            decoded = [[base64.b64decode(b, validate=True) for b in entry] for entry in images]
+        except (binascii.Error, TypeError, ValueError):
+            raise InvalidRequest('"images" holds a value that is not base64 text') from None
+    return prompts, UpsampleArgs(decoded, None if temperature is None else float(temperature), seed)
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request, without the query string: a key pasted into a URL must never reach a log."""
 
@@ -157,7 +210,9 @@ class HTTPEndpoint:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
-        self.app = web.Application(client_max_size=max_body_bytes(self._limits))
+        # The larger of the two bodies; each route then holds its own to its limit (_read_json).
+        self._upsample_body_bytes = max_upsample_body_bytes(self._limits, admission.upsampling)
+        self.app = web.Application(client_max_size=max(max_body_bytes(self._limits), self._upsample_body_bytes))
         self.app.router.add_post("/predict", self._predict)
         self.app.router.add_route("*", "/predict", self._wrong_method)
         # Model names may be hub ids, with a '/'.
@@ -225,8 +280,9 @@ class HTTPEndpoint:
             current_user.reset(user_token)
             tracker.done()
 
-    async def _admit(self, request: web.Request, method: Method, parse):
-        """Steps 1-6 for one HTTP request; ``parse(body)`` gives the prompts. Returns ``(ticket, body)``."""
+    async def _admit(self, request: web.Request, method: Method, parse, *, body_limit: int):
+        """Steps 1-6 for one HTTP request of at most ``body_limit`` bytes; ``parse(body)`` gives
+        ``(prompts, the transport's request object)``. Returns the ticket."""
         admission = self._admission
         # 1-2. Draining, then who is calling (before reading a body a stranger may have sent).
         if request.query_string:
@@ -242,26 +298,30 @@ class HTTPEndpoint:
         await admission.admit_rate(method, user)
         try:
             name = self._model_of(request)
-            body = await self._read_json(request)
-            prompts = parse(body)
+            body = await self._read_json(request, body_limit)
+            prompts, parsed = parse(body)
         except Flux2RemoteError as exc:
             admission.refused(method, user, exc)
             raise
         # 4-6. Validation, slots, quota.
-        ticket = await admission.admit_request(method, user, prompts, model=name, rate_checked=True)
-        return ticket, body
+        return await admission.admit_request(method, user, prompts, request=parsed, model=name, rate_checked=True)
 
     async def _upsample_admitted(self, request: web.Request) -> web.Response:
         """``POST /upsample``: ``{"prompt": str | [str], "temperature"?: float, "seed"?: int,
         "images"?: [[base64 PNG/JPEG, ...] per prompt]}`` -> ``{"upsampled": [str], "seed": int, ...}``."""
-        ticket, body = await self._admit(request, HTTP_UPSAMPLE, lambda b: parse_http_upsample(b, self._limits)[0])
+        ticket = await self._admit(
+            request,
+            HTTP_UPSAMPLE,
+            lambda body: parse_upsample(body, self._limits),
+            body_limit=self._upsample_body_bytes,
+        )
         try:
             with ticket.charging():
                 if self._upsampling is None:
                     raise UpsamplingUnavailable("the server was started without --upsampling")
-                _, images, temperature, seed = parse_http_upsample(body, self._limits)
+                # No client deadline over HTTP: the service holds the call to --upsampling-timeout.
                 outcome = await self._upsampling.upsample(
-                    ticket.model, ticket.prompts, images, temperature=temperature, seed=seed, deadline=None
+                    ticket.model, ticket.prompts, ticket.upsample or UpsampleArgs(), user=ticket.user, deadline=None
                 )
             batch = outcome.batch
             return web.json_response(
@@ -277,7 +337,12 @@ class HTTPEndpoint:
             ticket.release()
 
     async def _predict_admitted(self, request: web.Request) -> web.StreamResponse:
-        ticket, _ = await self._admit(request, HTTP_PREDICT, lambda body: parse_prompts(body, self._limits))
+        ticket = await self._admit(
+            request,
+            HTTP_PREDICT,
+            lambda body: (parse_prompts(body, self._limits), None),
+            body_limit=max_body_bytes(self._limits),
+        )
         user = ticket.user
         try:
             model = self._models.get(ticket.model)
@@ -306,8 +371,7 @@ class HTTPEndpoint:
             )
         return dev.name
 
-    async def _read_json(self, request: web.Request) -> object:
-        limit = max_body_bytes(self._limits)
+    async def _read_json(self, request: web.Request, limit: int) -> object:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the body has {request.content_length} bytes; the limit is {limit}")
         try:
@@ -321,6 +385,8 @@ class HTTPEndpoint:
             raise BodyTimeout(
                 f"the request body did not arrive within {self._limits.body_timeout_s:.0f} s; send it at once"
             ) from None
+        if len(raw) > limit:  # a chunked body, read up to the larger route's limit
+            raise PayloadTooLarge(f"the body has {len(raw)} bytes; the limit is {limit}")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -250,7 +250,13 @@ async def bind_listeners(
     if model_names is None:
         model_names = [m.name for m in model_configs(config)]
     admission = Admission(
-        security.authenticator, security.limiter, config.limits, metrics, cluster_limits, model_names=model_names
+        security.authenticator,
+        security.limiter,
+        config.limits,
+        metrics,
+        cluster_limits,
+        model_names=model_names,
+        upsampling=config.upsampling,
     )
     server = grpc.aio.server(interceptors=[PolicyInterceptor(admission)], options=server_options(config))
     http_socket = metrics_socket = None
@@ -349,7 +355,7 @@ async def start_server(
     )
     if upsamplers is None:
         upsamplers = {m.name: upsampler_for_backend(m.backend, config.upsampling) for m in models}
-    upsampling = UpsampleService(upsamplers, config.upsampling, metrics)
+    upsampling = UpsampleService(upsamplers, config.upsampling, metrics, users=admission.authenticator.users)
     info = build_info(config, registry, admission, cache_scope=cache_scope, upsampling=upsampling)
     pb2_grpc.add_TextEncoderServicer_to_server(
         TextEncoderServicer(registry, info, config.limits, metrics, upsampling), server

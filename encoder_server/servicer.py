@@ -23,6 +23,7 @@ from encoder_server.engine import EncodedPrompt
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.models import ModelRegistry, ServedModel
 from encoder_server.upsampling import UpsampleService
+from encoder_server.validation import UpsampleArgs
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +175,17 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
 
     async def Upsample(self, ticket: Ticket, context) -> pb2.UpsampleResponse:
         t0 = time.perf_counter_ns()
-        request = ticket.request
         try:
             with ticket.charging():
                 if self._upsampling is None:
                     raise UpsamplingUnavailable("the server was started without --upsampling")
+                # The upsampling service reports its own failures as our errors (INTERNAL without
+                # details for a bug, RESOURCE_EXHAUSTED for out of memory): nothing else escapes.
                 outcome = await self._upsampling.upsample(
                     ticket.model,
                     ticket.prompts,
-                    [list(entry.images) for entry in request.images],
-                    temperature=request.temperature if request.HasField("temperature") else None,
-                    seed=request.seed if request.HasField("seed") else None,
+                    ticket.upsample or UpsampleArgs(),
+                    user=ticket.user,
                     deadline=_deadline_of(context),
                 )
         except Flux2RemoteError as exc:

@@ -24,6 +24,12 @@ Invariants:
 - **Cancellation stops the work.** A stopping criterion checked after every token
   reads the call's cancel flag and deadline, so a cancelled or expired call stops
   generating within one token, and frees the generator for the next.
+- **Waiting costs little.** A request's images are only looked at (their headers) before
+  it queues; they are decoded on the generation thread once the generator is its, and
+  shrunk at once to the area the model sees, so waiting calls hold their encoded bytes
+  only, and the running one a few MB of pixels.
+- **Fair.** One user may have at most ``UpsamplingConfig.per_user_share`` calls queued or
+  generating; the others' calls find room.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +55,19 @@ from common.errors import (
     Cancelled,
     DeadlineExceeded,
     EncoderOverloaded,
+    Flux2RemoteError,
     InvalidRequest,
     PayloadTooLarge,
     UpsamplingUnavailable,
 )
 from common.protocol import pb2
+from encoder_server.engine import as_reportable
 from encoder_server.metrics import EncoderMetrics
+from encoder_server.validation import DEFAULT_UPSAMPLE_TEMPERATURE, UpsampleArgs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURE = 0.15
-"""``upsample_prompt``'s default temperature (and ``caption_upsample_temperature``'s recommended value)."""
+DEFAULT_TEMPERATURE = DEFAULT_UPSAMPLE_TEMPERATURE
 REFERENCE_MAX_LENGTH = 2048
 """Tokens every templated prompt is padded (and cut) to, as the reference does."""
 REFERENCE_MAX_NEW_TOKENS = 512
@@ -317,14 +326,79 @@ def upsampler_for_backend(backend, config: UpsamplingConfig) -> Upsampler | str:
 # -- requests ----------------------------------------------------------------------
 
 
-def decode_images(blobs: list[bytes], config: UpsamplingConfig, *, prompt_index: int) -> list[Any]:
-    """PIL images (RGB) from one prompt's encoded PNG/JPEG bytes, within ``config``'s limits.
-
-    The size is read from the header before any pixel is decoded, so an image that
-    would decompress to gigabytes is refused for what it claims to be.
-    """
+def _open_image(blob: bytes, where: str):
+    """``Image.open`` on PNG/JPEG bytes: reads the header only; InvalidRequest when it is neither."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        return Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"{where} cannot be decoded as PNG or JPEG ({type(exc).__name__})") from None
+
+
+def inspect_images(images: list[list[bytes]], config: UpsamplingConfig) -> None:
+    """Check every image of a request from its header alone (no pixel is decoded).
+
+    Each image: PNG or JPEG, at most ``max_image_pixels``, its sides within
+    ``max_image_aspect_ratio``; all of them at most ``max_request_image_pixels``; each
+    prompt's images, side by side as the pipeline concatenates them, still at least
+    one pixel high and wide once capped to the area the model sees.
+
+    Raises:
+        InvalidRequest: not PNG or JPEG, too thin, or concatenated to a strip the model cannot see.
+        PayloadTooLarge: too many pixels in one image or in the request.
+    """
+    target = _diffusers_flux2().UPSAMPLING_MAX_IMAGE_SIZE
+    total = 0
+    for i, blobs in enumerate(images):
+        sizes = []
+        for j, blob in enumerate(blobs):
+            where = f"image {j} of prompt {i}"
+            with _open_image(blob, where) as image:
+                width, height = image.size
+            if width * height > config.max_image_pixels:
+                raise PayloadTooLarge(
+                    f"{where} is {width}x{height} pixels; the limit is {config.max_image_pixels} pixels "
+                    "(the model sees at most 768x768 anyway)"
+                )
+            if min(width, height) < 1 or max(width, height) > config.max_image_aspect_ratio * min(width, height):
+                raise InvalidRequest(
+                    f"{where} is {width}x{height} pixels; its longer side may be at most "
+                    f"{config.max_image_aspect_ratio:g} times its shorter one"
+                )
+            total += width * height
+            sizes.append((width, height))
+        if total > config.max_request_image_pixels:
+            raise PayloadTooLarge(
+                f"the images of this request have {total} pixels together; the limit is "
+                f"{config.max_request_image_pixels} (the model sees at most 768x768 pixels of each prompt's images)"
+            )
+        # The pipeline puts a prompt's images side by side, then caps the area (Flux2ImageProcessor).
+        width, height = sum(w for w, _ in sizes), max(h for _, h in sizes)
+        scale = min(1.0, (target / (width * height)) ** 0.5)
+        if int(width * scale) < 1 or int(height * scale) < 1:
+            raise InvalidRequest(
+                f"the {len(sizes)} images of prompt {i} make a {width}x{height} strip side by side, which the "
+                "pipeline would shrink to nothing; send fewer or less elongated images"
+            )
+
+
+def decode_images(blobs: list[bytes], config: UpsamplingConfig, *, prompt_index: int) -> list[Any]:
+    """PIL images (RGB) from one prompt's encoded PNG/JPEG bytes, each shrunk to what the model sees.
+
+    The size is read from the header before any pixel is decoded, so an image that
+    would decompress to gigabytes is refused for what it claims to be. Right after
+    decoding, an image over the pipeline's ``UPSAMPLING_MAX_IMAGE_SIZE`` (768x768) of area
+    is resized to it with the pipeline's own ``_resize_if_exceeds_area``: for a prompt with
+    one image that is exactly what ``upsample_prompt`` does next (it then leaves the image
+    as it is), so the result is the reference's; a prompt's several images are each
+    capped before the pipeline concatenates them (it would cap the concatenation only),
+    so large ones differ slightly from the reference.
+    """
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+    from PIL import Image
+
+    target = _diffusers_flux2().UPSAMPLING_MAX_IMAGE_SIZE
     if len(blobs) > config.max_images_per_prompt:
         raise PayloadTooLarge(
             f"prompt {prompt_index} has {len(blobs)} images; the limit is {config.max_images_per_prompt}"
@@ -336,8 +410,8 @@ def decode_images(blobs: list[bytes], config: UpsamplingConfig, *, prompt_index:
             raise InvalidRequest(f"{where} is empty; send PNG or JPEG bytes")
         if len(blob) > config.max_image_bytes:
             raise PayloadTooLarge(f"{where} is {len(blob)} bytes; the limit is {config.max_image_bytes}")
+        image = _open_image(blob, where)
         try:
-            image = Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > config.max_image_pixels:
                 raise PayloadTooLarge(
@@ -345,62 +419,13 @@ def decode_images(blobs: list[bytes], config: UpsamplingConfig, *, prompt_index:
                     "(the model sees at most 768x768 anyway)"
                 )
             image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            rgb = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidRequest(f"{where} cannot be decoded as PNG or JPEG ({type(exc).__name__})") from None
-        images.append(image.convert("RGB"))
+        finally:
+            image.close()
+        images.append(Flux2ImageProcessor._resize_if_exceeds_area(rgb, target))
     return images
-
-
-def check_temperature(temperature: float | None, config: UpsamplingConfig) -> float:
-    """The temperature to sample with: the default when unset; InvalidRequest outside (0, max]."""
-    if temperature is None:
-        return DEFAULT_TEMPERATURE
-    if not (0 < temperature <= config.max_temperature):  # also refuses NaN
-        raise InvalidRequest(
-            f"temperature {temperature} is outside (0, {config.max_temperature}]; "
-            f"{DEFAULT_TEMPERATURE} is the reference's (low: close to the prompt, high: inventive)"
-        )
-    return temperature
-
-
-def parse_http_upsample(body: object, limits) -> tuple[list[str], list[list[bytes]] | None, float | None, int | None]:
-    """``(prompts, images, temperature, seed)`` of a ``POST /upsample`` JSON body (shape and types only).
-
-    ``{"prompt": str | [str], "temperature"?: number, "seed"?: int, "images"?: [[base64, ...], ...]}``,
-    the images one list per prompt, each a base64 PNG or JPEG file. Values are checked as gRPC's are.
-    """
-    import base64
-    import binascii
-
-    if not isinstance(body, dict):
-        raise InvalidRequest('the body must be a JSON object {"prompt": str | list[str], ...}')
-    unknown = sorted(set(body) - {"prompt", "temperature", "seed", "images"})
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; the body takes prompt, temperature, seed, images"
-        )
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequest('"prompt" must be a string or a list of strings')
-    if len(prompts) > limits.max_prompts_per_request:
-        raise PayloadTooLarge(f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}")
-    temperature = body.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        raise InvalidRequest('"temperature" must be a number')
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise InvalidRequest('"seed" must be an integer in [0, 2**64)')
-    images = body.get("images")
-    decoded = None
-    if images is not None:
-        if not isinstance(images, list) or not all(isinstance(i, list) for i in images):
-            raise InvalidRequest('"images" must be one list of base64 PNG/JPEG strings per prompt')
-        try:
-            decoded = [[base64.b64decode(b, validate=True) for b in entry] for entry in images]
-        except (binascii.Error, TypeError, ValueError):
-            raise InvalidRequest('"images" holds a value that is not base64 text') from None
-    return prompts, decoded, None if temperature is None else float(temperature), seed
 
 
 # -- the queue ---------------------------------------------------------------------
@@ -412,13 +437,20 @@ class GenerationQueue:
     Cancelling a caller (the client went away, its deadline passed) sets the
     generation's stop flag; the generator stays busy until ``generate`` notices it
     (after the current token), and only then is the next generation started.
+
+    Args:
+        max_queued: calls that may wait for the generator.
+        metrics: where the queue's length is shown.
+        max_per_user: calls one user may have waiting or generating at once (``None``: no cap).
     """
 
-    def __init__(self, max_queued: int, metrics: EncoderMetrics | None = None):
+    def __init__(self, max_queued: int, metrics: EncoderMetrics | None = None, *, max_per_user: int | None = None):
         self.max_queued = max_queued
+        self.max_per_user = max_per_user
         self._metrics = metrics
         self._free = asyncio.Semaphore(1)
         self._waiting = 0
+        self._held: Counter[str] = Counter()  # per user: calls waiting or generating
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsample")
         self._stops: set[threading.Event] = set()
 
@@ -426,27 +458,47 @@ class GenerationQueue:
     def waiting(self) -> int:
         return self._waiting
 
-    async def run(self, work: Callable[[Callable[[], bool]], Any], *, deadline: float | None = None):
+    def held_by(self, user: str) -> int:
+        """Calls ``user`` has waiting or generating now."""
+        return self._held[user]
+
+    def _let_go(self, user: str) -> None:
+        self._held[user] -= 1
+        if self._held[user] <= 0:
+            del self._held[user]
+
+    async def run(self, work: Callable[[Callable[[], bool]], Any], *, user: str = "", deadline: float | None = None):
         """``work(should_stop)`` on the generation thread, once the generator is free; returns its result.
 
         Raises:
-            EncoderOverloaded: ``max_queued`` calls already wait.
+            EncoderOverloaded: ``user`` already has ``max_per_user`` calls here, or ``max_queued`` calls wait.
             DeadlineExceeded: the deadline passed while waiting or generating.
             Cancelled: the server is stopping.
         """
+        if self.max_per_user is not None and self._held[user] >= self.max_per_user:
+            raise EncoderOverloaded(
+                f"user {user!r} already has {self._held[user]} upsampling calls waiting or generating, the "
+                "per-user share (--upsampling-max-per-user); wait for their answers. Encode is not affected.",
+                retry_after_s=5.0,
+            )
         if self._waiting >= self.max_queued:
             raise EncoderOverloaded(
                 f"{self._waiting} upsampling calls are already waiting for the generator, its queue's limit "
                 "(--upsampling-max-queue); retry in a few seconds. Encode is not affected.",
                 retry_after_s=5.0,
             )
+        self._held[user] += 1
         self._waiting += 1
         self._gauge()
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait_for(self._free.acquire(), timeout)
         except TimeoutError:
+            self._let_go(user)
             raise DeadlineExceeded("the deadline passed while waiting for the generator") from None
+        except BaseException:
+            self._let_go(user)
+            raise
         finally:
             self._waiting -= 1
             self._gauge()
@@ -461,12 +513,17 @@ class GenerationQueue:
             future = self._executor.submit(work, should_stop)
         except RuntimeError:  # shut down
             self._free.release()
+            self._let_go(user)
             raise Cancelled("the server is stopping") from None
+
+        def freed() -> None:
+            self._let_go(user)
+            self._free.release()
 
         def finished(_):
             self._stops.discard(stop)
             try:
-                loop.call_soon_threadsafe(self._free.release)
+                loop.call_soon_threadsafe(freed)
             except RuntimeError:  # the loop is closed: the server is gone, nobody waits for the generator
                 pass
 
@@ -509,21 +566,30 @@ class UpsampleOutcome:
 
 
 class UpsampleService:
-    """Upsampling for every served model: availability, request checks, the queue, metrics.
+    """Upsampling for every served model: availability, the images' headers, the queue, metrics.
+
+    The request's cheap checks (counts, sizes, temperature, deadline) ran before, in the
+    request policy's validation step (encoder_server/validation.py), on every transport.
 
     Args:
         upsamplers: per model name, its :class:`Upsampler`, or why it has none.
         config: the server's upsampling settings.
         metrics: where generated tokens and latencies are counted.
+        users: users the API key file names (for the automatic per-user share of the queue).
     """
 
     def __init__(
-        self, upsamplers: dict[str, Upsampler | str], config: UpsamplingConfig, metrics: EncoderMetrics | None
+        self,
+        upsamplers: dict[str, Upsampler | str],
+        config: UpsamplingConfig,
+        metrics: EncoderMetrics | None,
+        *,
+        users: int = 0,
     ):
         self._upsamplers = upsamplers
         self.config = config
         self._metrics = metrics
-        self.queue = GenerationQueue(config.max_queued, metrics)
+        self.queue = GenerationQueue(config.max_queued, metrics, max_per_user=config.per_user_share(users))
 
     def upsampler(self, model: str) -> Upsampler:
         """The model's upsampler; :class:`UpsamplingUnavailable` saying why it has none."""
@@ -545,11 +611,15 @@ class UpsampleService:
             info.upsampling_unavailable = found or UNAVAILABLE_WITHOUT_FLAG
 
     def limits(self, limits: pb2.ServerLimits) -> None:
-        """Fill the upsampling fields of ``limits``."""
+        """Fill the upsampling fields of ``limits``.
+
+        ``max_image_bytes`` is what one image may really be: no more than every image of a
+        request together may be (``max_request_image_bytes``, which one gRPC message holds).
+        """
         c = self.config
         limits.max_upsample_prompts_per_request = c.max_prompts_per_request
         limits.max_images_per_prompt = c.max_images_per_prompt
-        limits.max_image_bytes = c.max_image_bytes
+        limits.max_image_bytes = min(c.max_image_bytes, c.max_request_image_bytes)
         limits.max_image_pixels = c.max_image_pixels
         limits.max_upsample_temperature = c.max_temperature
         limits.max_upsample_new_tokens = c.max_new_tokens
@@ -558,49 +628,59 @@ class UpsampleService:
         self,
         model: str,
         prompts: list[str],
-        images: list[list[bytes]] | None,
+        args: UpsampleArgs,
         *,
-        temperature: float | None,
-        seed: int | None,
+        user: str = "",
         deadline: float | None,
     ) -> UpsampleOutcome:
-        """Check, queue and run one request (prompts already passed the admission's checks)."""
+        """Queue and run one request that passed the policy (``args`` as validation returned them).
+
+        ``deadline`` (``time.monotonic()``; ``None``: the client set none) is capped at
+        ``config.timeout_s`` from now. Anything but our own errors that the generation raises
+        is reported as INTERNAL (or RESOURCE_EXHAUSTED when out of memory) without its text.
+        """
         upsampler = self.upsampler(model)
         c = self.config
-        if len(prompts) > c.max_prompts_per_request:
-            raise PayloadTooLarge(
-                f"{len(prompts)} prompts in one Upsample call; the limit is {c.max_prompts_per_request} "
-                "(they are generated as one batch)"
-            )
-        temperature = check_temperature(temperature, c)
-        if deadline is not None and (deadline - time.monotonic()) * 1000 < c.min_deadline_ms:
-            raise DeadlineExceeded(
-                f"a deadline under {c.min_deadline_ms} ms cannot see a generation through; upsampling takes seconds"
-            )
-        decoded = None
-        if images:
-            if len(images) != len(prompts) or not all(images):
-                raise InvalidRequest(
-                    f"{len(prompts)} prompts but {sum(1 for i in images if i)} with images: give every prompt at "
-                    "least one image (image-to-image), or none (text-to-image), in one call"
-                )
+        temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+        images = args.images or None
+        if images is not None:
             if not upsampler.takes_images:
                 raise UpsamplingUnavailable(
                     f"model {model!r} cannot upsample with images: {upsampler.no_images_reason}; send prompts only"
                 )
-            decoded = await asyncio.to_thread(
-                lambda: [decode_images(blobs, c, prompt_index=i) for i, blobs in enumerate(images)]
-            )
+            inspect_images(images, c)
+        cap = time.monotonic() + c.timeout_s
+        capped = deadline is None or cap < deadline
+        if capped:
+            deadline = cap
         t0 = time.perf_counter_ns()
         started: list[int] = []
 
         def work(should_stop):
             started.append(time.perf_counter_ns())
-            return upsampler.upsample(prompts, decoded, temperature=temperature, seed=seed, should_stop=should_stop)
+            # Decoded here, once the generator is this call's: waiting calls hold only bytes.
+            decoded = None if images is None else [decode_images(b, c, prompt_index=i) for i, b in enumerate(images)]
+            return upsampler.upsample(
+                prompts, decoded, temperature=temperature, seed=args.seed, should_stop=should_stop
+            )
 
-        batch = await self.queue.run(work, deadline=deadline)
+        try:
+            batch = await self.queue.run(work, user=user, deadline=deadline)
+        except DeadlineExceeded:
+            if capped:
+                raise DeadlineExceeded(
+                    f"the call ran past the server's limit of {c.timeout_s:g} s on one upsampling call "
+                    "(--upsampling-timeout)"
+                ) from None
+            raise
+        except Flux2RemoteError:
+            raise
+        except Exception as exc:
+            raise as_reportable(exc, "upsampling") from None
         if self._metrics is not None:
-            self._metrics.generated_tokens.labels(model=model).inc(sum(batch.generated_tokens))
+            generated = sum(batch.generated_tokens)
+            self._metrics.generated_tokens.labels(model=model).inc(generated)
+            self._metrics.user_generated_tokens.labels(user=user).inc(generated)
             self._metrics.upsample_seconds.observe(batch.generation_ns / 1e9)
         return UpsampleOutcome(batch, temperature, started[0] - t0, upsampler.fingerprint)
 

@@ -8,10 +8,11 @@ look only at the request itself (no model, no I/O).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from common.config import Limits
+from common.config import Limits, UpsamplingConfig
 from common.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge
 
 
@@ -96,3 +97,93 @@ def validate_request(
                 f"prompt {i} is not valid Unicode text: a lone surrogate (U+{ord(p[at]):04X}) at character {at}"
             )
     return prompts
+
+
+DEFAULT_UPSAMPLE_TEMPERATURE = 0.15
+"""``upsample_prompt``'s default temperature (and ``caption_upsample_temperature``'s recommended value)."""
+
+
+@dataclass(frozen=True)
+class UpsampleArgs:
+    """What an ``Upsample`` request asks besides its prompts, as every transport hands it over.
+
+    Attributes:
+        images: ``None`` (or empty) for text-to-image, else one list of encoded PNG/JPEG files per prompt.
+        temperature: the sampling temperature; ``None`` for the reference's default.
+        seed: the seed of ``torch.manual_seed``; ``None`` draws one.
+    """
+
+    images: list[list[bytes]] | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, request: Any) -> UpsampleArgs:
+        """From a ``pb2.UpsampleRequest`` (gRPC), or ``request`` itself when it is one already (HTTP)."""
+        if isinstance(request, cls):
+            return request
+        if request is None:
+            return cls()
+        return cls(
+            images=[list(entry.images) for entry in request.images] or None,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            seed=request.seed if request.HasField("seed") else None,
+        )
+
+
+def validate_upsample(
+    prompts: list[str], args: UpsampleArgs, config: UpsamplingConfig, *, time_remaining_s: float | None = None
+) -> UpsampleArgs:
+    """The cheap checks of an ``Upsample`` request; returns ``args`` with the temperature to sample with.
+
+    Only counts, sizes and numbers: the image headers are read later, by the upsampling service.
+
+    Raises:
+        PayloadTooLarge: too many prompts, images, or image bytes (INVALID_ARGUMENT; HTTP 413).
+        InvalidRequest: a temperature outside ``(0, max_temperature]``, images for some prompts only, an empty image.
+        DeadlineExceeded: a deadline under ``config.min_deadline_ms``.
+    """
+    c = config
+    if len(prompts) > c.max_prompts_per_request:
+        raise PayloadTooLarge(
+            f"{len(prompts)} prompts in one Upsample call; the limit is {c.max_prompts_per_request} "
+            "(they are generated as one batch)"
+        )
+    temperature = args.temperature
+    if temperature is None:
+        temperature = DEFAULT_UPSAMPLE_TEMPERATURE
+    elif not (0 < temperature <= c.max_temperature):  # also refuses NaN
+        raise InvalidRequest(
+            f"temperature {temperature} is outside (0, {c.max_temperature}]; "
+            f"{DEFAULT_UPSAMPLE_TEMPERATURE} is the reference's (low: close to the prompt, high: inventive)"
+        )
+    if time_remaining_s is not None and time_remaining_s * 1000 < c.min_deadline_ms:
+        raise DeadlineExceeded(
+            f"a deadline of {time_remaining_s * 1000:.0f} ms cannot see a generation through; upsampling takes "
+            f"seconds, give it at least {c.min_deadline_ms} ms"
+        )
+    images = args.images or None
+    if images is not None:
+        if len(images) != len(prompts) or not all(images):
+            raise InvalidRequest(
+                f"{len(prompts)} prompts but {sum(1 for i in images if i)} with images: give every prompt at "
+                "least one image (image-to-image), or none (text-to-image), in one call"
+            )
+        total = 0
+        for i, blobs in enumerate(images):
+            if len(blobs) > c.max_images_per_prompt:
+                raise PayloadTooLarge(f"prompt {i} has {len(blobs)} images; the limit is {c.max_images_per_prompt}")
+            for j, blob in enumerate(blobs):
+                if not blob:
+                    raise InvalidRequest(f"image {j} of prompt {i} is empty; send PNG or JPEG bytes")
+                if len(blob) > c.max_image_bytes:
+                    raise PayloadTooLarge(
+                        f"image {j} of prompt {i} is {len(blob)} bytes; the limit is {c.max_image_bytes}"
+                    )
+                total += len(blob)
+        if total > c.max_request_image_bytes:
+            raise PayloadTooLarge(
+                f"the images of this request are {total} bytes together; the limit is {c.max_request_image_bytes} "
+                "(send fewer or smaller images: the model sees at most 768x768 pixels of each prompt's images)"
+            )
+    return UpsampleArgs(images, temperature, args.seed)

@@ -29,10 +29,12 @@ from encoder_server.upsampling import (
     DEFAULT_TEMPERATURE,
     GenerationQueue,
     Upsampler,
-    check_temperature,
+    UpsampleService,
     decode_images,
+    inspect_images,
     reference_upsample,
 )
+from encoder_server.validation import UpsampleArgs, validate_upsample
 from tests.helpers import Gate, GatedUpsampler
 
 PROMPTS = [
@@ -174,15 +176,19 @@ def test_images_are_decoded_within_the_limits():
         decode_images([b""], config, prompt_index=0)
 
 
+def _temperature(value):
+    return validate_upsample(["a"], UpsampleArgs(temperature=value), UpsamplingConfig()).temperature
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, 5.01, 1e9, float("nan"), float("inf")])
 def test_temperatures_outside_the_range_are_refused(bad):
     with pytest.raises(InvalidRequest, match="temperature"):
-        check_temperature(bad, UpsamplingConfig())
+        _temperature(bad)
 
 
 def test_temperature_defaults_to_the_reference():
-    assert check_temperature(None, UpsamplingConfig()) == DEFAULT_TEMPERATURE == 0.15
-    assert check_temperature(5.0, UpsamplingConfig()) == 5.0
+    assert _temperature(None) == DEFAULT_TEMPERATURE == 0.15
+    assert _temperature(5.0) == 5.0
 
 
 def test_prompts_longer_than_the_reference_reads_are_refused(shallow_model_dir):
@@ -532,3 +538,268 @@ def test_serve_loads_the_generator_for_upsampling(tiny_model_dir):
     (loaded,) = load_models(config)
     assert loaded.backend.generator is not None
     assert loaded.backend._lm.layers[0] is loaded.backend.generator.model.language_model.layers[0]
+
+
+# -- review fixes: memory, bad dimensions, fairness, transport limits, deadlines ----------------
+
+
+def _black_png(width: int, height: int) -> bytes:
+    """A PNG that is tiny on the wire and huge decoded (a few KB per 16 M pixels)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_decoded_images_are_shrunk_to_what_the_model_sees_as_the_pipeline_does():
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+    from diffusers.pipelines.flux2.pipeline_flux2 import UPSAMPLING_MAX_IMAGE_SIZE, _validate_and_process_images
+    from PIL import Image
+
+    big = Image.effect_noise((1600, 900), 60).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    (decoded,) = decode_images([buf.getvalue()], UpsamplingConfig(max_image_bytes=10 << 20), prompt_index=0)
+    assert decoded.width * decoded.height <= UPSAMPLING_MAX_IMAGE_SIZE  # not 1.4 M pixels held while queued
+    # One image per prompt: what the pipeline makes of the shrunk image equals what it makes of the original.
+    processor = Flux2ImageProcessor(vae_scale_factor=16)
+    [[theirs]] = _validate_and_process_images([[big]], processor, UPSAMPLING_MAX_IMAGE_SIZE)
+    [[ours]] = _validate_and_process_images([[decoded]], processor, UPSAMPLING_MAX_IMAGE_SIZE)
+    assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
+
+
+def test_image_headers_are_checked_for_the_whole_request_before_any_pixel_is_decoded():
+    config = UpsamplingConfig(max_request_image_pixels=3 * 1000 * 1000)
+    inspect_images([[_black_png(1000, 1000)] * 3], config)  # at the limit
+    with pytest.raises(PayloadTooLarge, match="pixels together; the limit is 3000000"):
+        inspect_images([[_black_png(1000, 1000)] * 2, [_black_png(1000, 1000)] * 2], config)
+    with pytest.raises(InvalidRequest, match="cannot be decoded as PNG or JPEG"):
+        inspect_images([[b"not an image"]], config)
+
+
+@pytest.mark.parametrize("size", [(600_000, 1), (1, 40_000), (33, 1)])
+def test_extreme_aspect_ratios_are_refused_from_the_header(size):
+    with pytest.raises(InvalidRequest, match="its longer side may be at most 32 times its shorter one"):
+        inspect_images([[_black_png(*size)]], UpsamplingConfig())
+
+
+def test_images_that_side_by_side_would_shrink_to_nothing_are_refused():
+    # Each is within the ratio, but the pipeline puts them side by side and caps the area.
+    config = UpsamplingConfig(max_images_per_prompt=2000, max_image_aspect_ratio=1000)
+    with pytest.raises(InvalidRequest, match="shrink to nothing"):
+        inspect_images([[_black_png(1000, 1)] * 600], config)
+
+
+class _Counting:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def test_a_waiting_call_holds_its_images_encoded_and_a_full_queue_decodes_nothing(monkeypatch):
+    import encoder_server.upsampling as upsampling
+
+    decode = _Counting(upsampling.decode_images)
+    monkeypatch.setattr(upsampling, "decode_images", decode)
+
+    async def scenario():
+        upsampler = GatedUpsampler(takes_images=True)
+        service = UpsampleService({"m": upsampler}, UpsamplingConfig(max_queued=1), None)
+        args = UpsampleArgs(images=[[_png()]], temperature=0.15)
+        running = asyncio.create_task(service.upsample("m", ["a"], args, user="u", deadline=None))
+        await asyncio.to_thread(upsampler.gate.started.wait, 5)
+        assert decode.calls == 1  # the running call decoded its image on the generation thread
+        waiting = asyncio.create_task(service.upsample("m", ["b"], args, user="v", deadline=None))
+        while service.queue.waiting == 0:
+            await asyncio.sleep(0)
+        assert decode.calls == 1  # the waiting one holds bytes only
+        with pytest.raises(EncoderOverloaded, match="--upsampling-max-queue"):
+            await service.upsample("m", ["c"], args, user="w", deadline=None)
+        assert decode.calls == 1  # refused before decoding anything
+        upsampler.gate.release.set()
+        assert (await running).batch.texts == ["A"] and (await waiting).batch.texts == ["B"]
+        assert decode.calls == 2
+        service.close()
+
+    asyncio.run(scenario())
+
+
+class _Failing(GatedUpsampler):
+    def __init__(self, exc):
+        super().__init__()
+        self.exc = exc
+
+    def upsample(self, *args, **kwargs):
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc, code, http, says",
+    [
+        (
+            ValueError("height and width must be > 0 (secret detail)"),
+            "INTERNAL",
+            500,
+            "internal error during upsampling",
+        ),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory (secret detail)"), "RESOURCE_EXHAUSTED", 429, "out of memory"),
+    ],
+)
+def test_a_failing_generation_is_reported_without_its_text_on_both_transports(tiny_backend, exc, code, http, says):
+    import requests
+
+    from common.config import HTTPConfig
+    from tests.helpers import ServerThread
+
+    config = ServerConfig(http=HTTPConfig(port=0))
+    with ServerThread(tiny_backend, config, upsamplers={MODEL_NAME: _Failing(exc)}) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb2_grpc_stub(channel).Upsample(pb2.UpsampleRequest(prompts=["a"]), timeout=30)
+        assert info.value.code().name == code and says in info.value.details()
+        assert "secret" not in info.value.details()
+        reply = requests.post(f"http://127.0.0.1:{server.running.http.port}/upsample", json={"prompt": "a"}, timeout=30)
+        assert reply.status_code == http and reply.json()["code"] == code and says in reply.json()["error"]
+        assert "secret" not in reply.text
+        with _client(server) as client:
+            assert client.encode(["still serving"]).shape[0] == 1
+
+
+def pb2_grpc_stub(channel):
+    from common.protocol import pb2_grpc
+
+    return pb2_grpc.TextEncoderStub(channel)
+
+
+def test_one_user_cannot_hold_the_generator_and_every_waiting_place():
+    async def scenario():
+        queue = GenerationQueue(max_queued=4, max_per_user=2)
+        running, waiting, other = Gate(), Gate(), Gate()
+        first = asyncio.create_task(queue.run(running, user="greedy"))
+        await asyncio.to_thread(running.started.wait, 5)
+        second = asyncio.create_task(queue.run(waiting, user="greedy"))
+        while queue.waiting == 0:
+            await asyncio.sleep(0)
+        with pytest.raises(EncoderOverloaded, match="'greedy' already has 2 upsampling calls") as info:
+            await queue.run(Gate(), user="greedy")
+        assert info.value.retry_after_s
+        third = asyncio.create_task(queue.run(other, user="polite"))  # another user still finds room
+        while queue.waiting < 2:
+            await asyncio.sleep(0)
+        running.release.set()
+        waiting.release.set()
+        other.release.set()
+        assert await first == await second == await third == "done"
+        assert queue.held_by("greedy") == queue.held_by("polite") == 0  # running ones count until they end
+        queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_automatic_per_user_share_divides_the_queue_like_the_slots():
+    assert UpsamplingConfig(max_queued=8).per_user_share(users=3) == 2
+    assert UpsamplingConfig(max_queued=1).per_user_share(users=3) == 1  # at least one
+    assert UpsamplingConfig(max_queued=8).per_user_share(users=1) == 9  # nobody to be fair to
+    assert UpsamplingConfig(max_queued=8, max_per_user=3).per_user_share(users=5) == 3
+
+
+def test_generated_tokens_are_counted_per_user(gated_server):
+    gated_server.upsampler.gate.release.set()
+    with _client(gated_server) as client:
+        client.upsample(["a fox", "a cat"])
+    metrics = gated_server.running.metrics
+    assert metrics.sample("flux2_encoder_user_generated_tokens_total", {"user": "anonymous"}) == 12
+
+
+def _noise_png(side: int, seed: int = 0) -> bytes:
+    """A PNG of random pixels: it does not compress, so its size is about ``3 * side**2`` bytes."""
+    import random
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _noise_pngs(total_bytes: int, count: int) -> list[bytes]:
+    """``count`` noise PNGs, together just under ``total_bytes``."""
+    side = int((total_bytes / count / 3) ** 0.5)
+    while sum(map(len, out := [_noise_png(side, k) for k in range(count)])) > total_bytes:
+        side -= 1
+    return out
+
+
+def test_a_request_at_the_advertised_limits_fits_both_transports_and_one_over_is_refused(tiny_backend):
+    import base64
+
+    import requests
+
+    from common.config import HTTPConfig
+    from tests.helpers import ServerThread
+
+    upsampler = GatedUpsampler(takes_images=True)
+    upsampler.gate.release.set()
+    config = ServerConfig(http=HTTPConfig(port=0))  # the defaults, as served
+    limits, upsampling = config.limits, config.upsampling
+    prompts = ["x" * limits.max_prompt_chars] * upsampling.max_prompts_per_request
+    small = _png(8, 8)
+    room = upsampling.max_request_image_bytes - (len(prompts) - 1) * len(small)
+    big = _noise_pngs(room, 3)  # 3 images of about 1 MiB for the first prompt, a small one for each other
+    at_limit = [big] + [[small]] * (len(prompts) - 1)
+    total = sum(len(b) for entry in at_limit for b in entry)
+    assert 0.99 * upsampling.max_request_image_bytes < total <= upsampling.max_request_image_bytes
+    over = [[*big, _noise_png(int(((upsampling.max_request_image_bytes - total) / 3) ** 0.5) + 8)]] + at_limit[1:]
+    with ServerThread(tiny_backend, config, upsamplers={MODEL_NAME: upsampler}) as server:
+        with _client(server) as client:
+            advertised = client.connection.get_info().limits
+            assert advertised.max_image_bytes == upsampling.max_request_image_bytes < limits.max_receive_message_bytes
+            assert client.upsample(prompts, images=at_limit) == [p.upper() for p in prompts]
+            with pytest.raises(InvalidRequest, match="bytes together; the limit is"):
+                client.upsample(prompts, images=over)
+        url = f"http://127.0.0.1:{server.running.http.port}/upsample"
+
+        def body(entries):
+            return {"prompt": prompts, "images": [[base64.b64encode(b).decode() for b in e] for e in entries]}
+
+        ok = requests.post(url, json=body(at_limit), timeout=60)
+        assert ok.status_code == 200, ok.text[:300]
+        refused = requests.post(url, json=body(over), timeout=60)
+        assert refused.status_code == 413 and "bytes together" in refused.json()["error"], refused.text[:300]
+
+
+def test_an_http_upsample_is_held_to_the_server_timeout(tiny_backend):
+    import requests
+
+    from common.config import HTTPConfig
+    from tests.helpers import ServerThread
+
+    upsampler = GatedUpsampler()
+    config = ServerConfig(http=HTTPConfig(port=0), upsampling=UpsamplingConfig(timeout_s=1.0))
+    with ServerThread(tiny_backend, config, upsamplers={MODEL_NAME: upsampler}) as server:
+        url = f"http://127.0.0.1:{server.running.http.port}/upsample"
+        reply = requests.post(url, json={"prompt": "never released"}, timeout=20)
+        assert reply.json()["code"] == "DEADLINE_EXCEEDED" and "--upsampling-timeout" in reply.json()["error"]
+        assert upsampler.gate.stopped.wait(10)  # the generation itself stopped
+        with _client(server) as client, pytest.raises(DeadlineExceeded, match="--upsampling-timeout"):
+            client.upsample(["no deadline of its own"], timeout=60)  # a longer gRPC deadline is shortened
+
+
+def test_http_upsample_bodies_are_parsed_once(tiny_backend, monkeypatch):
+    import requests
+
+    import encoder_server.http_endpoint as http_endpoint
+    from common.config import HTTPConfig
+    from tests.helpers import ServerThread
+
+    parse = _Counting(http_endpoint.parse_upsample)
+    monkeypatch.setattr(http_endpoint, "parse_upsample", parse)
+    upsampler = GatedUpsampler()
+    upsampler.gate.release.set()
+    with ServerThread(tiny_backend, ServerConfig(http=HTTPConfig(port=0)), upsamplers={MODEL_NAME: upsampler}) as s:
+        reply = requests.post(f"http://127.0.0.1:{s.running.http.port}/upsample", json={"prompt": "a"}, timeout=30)
+    assert reply.status_code == 200 and parse.calls == 1
