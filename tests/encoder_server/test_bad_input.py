@@ -8,6 +8,8 @@ daily quota must be untouched, because a refused request costs nothing.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import socket
@@ -17,13 +19,15 @@ import grpc
 import pytest
 import requests
 
-from common.config import AuthConfig, HTTPConfig, Limits, ServerConfig
+from common.config import AuthConfig, HTTPConfig, Limits, ServerConfig, UpsamplingConfig
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
-from tests.helpers import ServerThread
+from tests.helpers import GatedUpsampler, ServerThread
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdefgh"
 LIMITS = Limits(max_prompts_per_request=4, max_prompt_chars=64, max_request_id_chars=16)
+UPSAMPLING = UpsamplingConfig(max_prompts_per_request=2, max_image_bytes=20_000, max_request_image_bytes=30_000)
+MODEL = ServerConfig().served_models()[0].name
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,11 @@ def policy_server(tiny_backend, tmp_path_factory):
         limits=LIMITS,
         auth=AuthConfig(api_key_file=str(keys), quota_prompts_per_day=1000),
         http=HTTPConfig(port=0),
+        upsampling=UPSAMPLING,
     )
-    with ServerThread(tiny_backend, config, model_id="tiny-test") as s:
+    upsampler = GatedUpsampler(takes_images=True)
+    upsampler.gate.release.set()
+    with ServerThread(tiny_backend, config, model_id="tiny-test", upsamplers={MODEL: upsampler}) as s:
         yield s
 
 
@@ -55,7 +62,7 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 class GrpcCase:
     name: str
     metadata: tuple = bearer(ALICE)
-    request: pb2.EncodeRequest | bytes | None = None
+    request: pb2.EncodeRequest | pb2.UpsampleRequest | bytes | None = None
     timeout: float = 30.0
     code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
     message: str = ""
@@ -135,7 +142,87 @@ GRPC_CASES = [
 ]
 
 
+def _png(width: int = 32, height: int = 24) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about ``3 * side**2`` bytes."""
+    import random
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), random.Random(side).randbytes(side * side * 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(*entries: list[bytes]) -> list[pb2.UpsampleImages]:
+    return [pb2.UpsampleImages(images=e) for e in entries]
+
+
+# (name, prompts, images per prompt, temperature, what the message says, HTTP status): one table for both transports.
+UPSAMPLE_BAD = [
+    ("temperature 0", ["a"], None, 0.0, "temperature 0.0 is outside (0, 5.0]", 400),
+    ("temperature above the cap", ["a"], None, 6.0, "temperature 6.0 is outside", 400),
+    ("temperature NaN", ["a"], None, float("nan"), "temperature nan is outside", 400),
+    ("too many prompts", ["a", "b", "c"], None, None, "3 prompts in one Upsample call; the limit is 2", 413),
+    ("images for some prompts", ["a", "b"], [[_png()], []], None, "give every prompt at least one image", 400),
+    ("too many images", ["a"], [[_png()] * 5], None, "prompt 0 has 5 images; the limit is 4", 413),
+    ("empty image", ["a"], [[b""]], None, "image 0 of prompt 0 is empty", 400),
+    ("image over its limit", ["a"], [[_noise_png(90)]], None, "bytes; the limit is 20000", 413),
+    ("images over the request's", ["a", "b"], [[_noise_png(75)], [_noise_png(76)]], None, "bytes together", 413),
+    ("not an image", ["a"], [[b"GIF89a not a png"]], None, "cannot be decoded as PNG or JPEG", 400),
+    ("600000x1 image", ["a"], [[_png(600_000, 1)]], None, "its longer side may be at most 32 times", 400),
+    ("1x40000 image", ["a"], [[_png(1, 40_000)]], None, "its longer side may be at most 32 times", 400),
+]
+
+GRPC_CASES += [
+    GrpcCase(
+        f"Upsample: {name}",
+        request=pb2.UpsampleRequest(
+            prompts=prompts, images=_images(*(images or [])), **({} if t is None else {"temperature": t})
+        ),
+        message=says,
+    )
+    for name, prompts, images, t, says, _ in UPSAMPLE_BAD
+] + [
+    GrpcCase(
+        "Upsample: deadline too short",
+        request=pb2.UpsampleRequest(prompts=["a"]),
+        timeout=0.5,
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        message="cannot see a generation through",
+    ),
+    GrpcCase(
+        "Upsample: over the message limit",
+        request=pb2.UpsampleRequest(prompts=["a"], images=_images([b"x" * (5 << 20)])),
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
+]
+
+
+def call_upsample(target: str, case: GrpcCase) -> tuple[grpc.StatusCode, str]:
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        upsample = channel.unary_unary(
+            f"/{SERVICE_NAME}/Upsample",
+            request_serializer=None if isinstance(case.request, bytes) else pb2.UpsampleRequest.SerializeToString,
+            response_deserializer=pb2.UpsampleResponse.FromString,
+        )
+        try:
+            upsample(case.request, metadata=case.metadata, timeout=case.timeout)
+        except grpc.RpcError as err:
+            return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
 def call_encode(target: str, case: GrpcCase) -> tuple[grpc.StatusCode, str]:
+    if isinstance(case.request, pb2.UpsampleRequest) or case.name.startswith("Upsample"):
+        return call_upsample(target, case)
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         raw = isinstance(case.request, bytes)
         encode = channel.unary_stream(
@@ -155,7 +242,11 @@ def grpc_still_serves(target: str) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = pb2_grpc.TextEncoderStub(channel)
         messages = list(stub.Encode(pb2.EncodeRequest(prompts=["a normal prompt"]), metadata=bearer(BOB), timeout=30))
+        upsampled = stub.Upsample(
+            pb2.UpsampleRequest(prompts=["ok"], images=_images([_png()])), metadata=bearer(BOB), timeout=30
+        )
     assert messages[-1].request_done
+    assert upsampled.results[0].text == "OK"
 
 
 @pytest.mark.parametrize("case", GRPC_CASES, ids=str)
@@ -202,9 +293,19 @@ class HttpCase:
     query: str = ""
     status: int = 400
     message: str = ""
+    path: str = "/predict"
 
     def __str__(self):
         return self.name
+
+
+def _upsample_body(prompts, images, temperature) -> bytes:
+    body: dict = {"prompt": prompts}
+    if images is not None:
+        body["images"] = [[base64.b64encode(b).decode() for b in entry] for entry in images]
+    if temperature is not None:
+        body["temperature"] = temperature
+    return json.dumps(body).encode()  # NaN goes out as the NaN token, which Python's json reads back
 
 
 HTTP_CASES = [
@@ -247,10 +348,37 @@ HTTP_CASES = [
     HttpCase("GET /predict", method="GET", body=None, status=405, message="send POST /predict"),
     HttpCase("PUT /predict", method="PUT", status=405, message="send POST /predict"),
 ]
+HTTP_CASES += [
+    HttpCase(f"/upsample: {name}", body=_upsample_body(p, i, t), status=status, message=says, path="/upsample")
+    for name, p, i, t, says, status in UPSAMPLE_BAD
+] + [
+    HttpCase(
+        "/upsample: temperature a string",
+        body=b'{"prompt": "a", "temperature": "hot"}',
+        path="/upsample",
+        message='"temperature" must be a number',
+    ),
+    HttpCase(
+        "/upsample: images not base64",
+        body=b'{"prompt": "a", "images": [["%%%"]]}',
+        path="/upsample",
+        message="not base64",
+    ),
+    HttpCase(
+        "/upsample: unknown field", body=b'{"prompt": "a", "steps": 4}', path="/upsample", message="unknown field"
+    ),
+    HttpCase(
+        "/upsample: body over the size limit",
+        body=b'{"prompt": "' + b"x" * (8 << 20) + b'"}',
+        status=413,
+        path="/upsample",
+        message="limit",
+    ),
+]
 
 
 def send_http(server: ServerThread, case: HttpCase) -> requests.Response:
-    url = f"http://127.0.0.1:{server.running.http.port}/predict" + (f"?{case.query}" if case.query else "")
+    url = f"http://127.0.0.1:{server.running.http.port}{case.path}" + (f"?{case.query}" if case.query else "")
     # requests merges repeated headers; a raw list of tuples through http.client keeps both.
     if len([k for k, _ in case.headers if k.lower() == "authorization"]) > 1:
         return _send_raw(server.running.http.port, case)
@@ -268,7 +396,7 @@ class _RawResponse:
 
 def _send_raw(port: int, case: HttpCase) -> _RawResponse:
     head = [
-        f"{case.method} /predict HTTP/1.1",
+        f"{case.method} {case.path} HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
         "Connection: close",
         "Content-Type: application/json",
@@ -291,6 +419,11 @@ def http_still_serves(server: ServerThread) -> None:
         url, json={"prompt": "a normal prompt"}, headers={"Authorization": f"Bearer {BOB}"}, timeout=30
     )
     assert reply.status_code == 200, reply.text
+    body = json.loads(_upsample_body(["ok"], [[_png()]], None))
+    upsampled = requests.post(
+        url[: -len("/predict")] + "/upsample", json=body, headers={"Authorization": f"Bearer {BOB}"}
+    )
+    assert upsampled.status_code == 200 and upsampled.json()["upsampled"] == ["OK"], upsampled.text
 
 
 @pytest.mark.parametrize("case", HTTP_CASES, ids=str)
@@ -313,7 +446,7 @@ def test_served_requests_are_charged_on_both_transports(policy_server):
     before = limiter.used_today("bob")
     grpc_still_serves(policy_server.target)
     http_still_serves(policy_server)
-    assert limiter.used_today("bob") == before + 2
+    assert limiter.used_today("bob") == before + 4  # a prompt encoded and one upsampled, on each transport
 
 
 def test_every_grpc_method_is_in_the_policy_registry():
@@ -326,3 +459,27 @@ def test_every_grpc_method_is_in_the_policy_registry():
 
 def test_table_has_at_least_forty_cases():
     assert len(GRPC_CASES) + len(HTTP_CASES) >= 40
+
+
+@pytest.mark.parametrize(
+    "request_", [pb2.UpsampleRequest(prompts=["a"], temperature=0.0), pb2.UpsampleRequest(prompts=["a", "b", "c"])]
+)
+def test_upsample_checks_are_the_policy_s_validation_step(request_):
+    """Step 4 refuses them, before a slot or quota is taken, whatever serves Upsample afterwards."""
+    import asyncio
+
+    from common.errors import InvalidRequest
+    from encoder_server.admission import UPSAMPLE, Admission
+    from encoder_server.auth import Authenticator
+    from encoder_server.metrics import EncoderMetrics
+    from encoder_server.usage import UsageLimiter
+
+    limiter = UsageLimiter(prompts_per_day=10)
+    admission = Admission(Authenticator(None), limiter, LIMITS, EncoderMetrics(), upsampling=UPSAMPLING)
+
+    async def admit():
+        return await admission.admit_request(UPSAMPLE, "alice", list(request_.prompts), request=request_)
+
+    with pytest.raises(InvalidRequest):
+        asyncio.run(admit())
+    assert limiter.used_today("alice") == 0 and admission._slots == 0
