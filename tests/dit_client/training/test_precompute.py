@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,20 +22,40 @@ from dit_client.remote import RemoteTextEncoder
 from dit_client.retry import RetryPolicy
 from dit_client.training import EmbeddingStore, StoreInfo, StoreWriter, precompute, remote_text_encoder
 from dit_client.training.store import INDEX_NAME
-from tests.helpers import OverloadedFirst, ProxyBackend, ServerThread
+from tests.helpers import OverloadedFirst, ProxyBackend, ServerThread, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
-class SlowBackend(ProxyBackend):
-    def __init__(self, backend, delay_s: float):
+class HoldsAfter(ProxyBackend):
+    """Answers its first ``n`` prompts; every later forward pass waits until the test opens ``gate``.
+
+    A server caught mid-run, whatever the machine's speed (a fixed delay per pass could
+    let a fast machine finish the run before the test had stopped or killed anything).
+    """
+
+    def __init__(self, backend, n: int):
         super().__init__(backend)
-        self.delay_s = delay_s
+        self.n = n
+        self.gate = threading.Event()
 
     def encode(self, prompts):
-        time.sleep(self.delay_s)
+        if len(self.prompts) >= self.n:  # one model thread: no lock needed to read it
+            assert self.gate.wait(60), "the test never opened the gate"
         return super().encode(prompts)
+
+
+def stop_while_held(server: ServerThread, backend: HoldsAfter) -> None:
+    """``server.stop(0)`` with work held in ``backend``: the gate opens only once the engine is closing
+    (its calls already cut off), since closing waits for the forward pass that is running."""
+    engine = server.running.engine
+    stopping = threading.Thread(target=server.stop, args=(0,))
+    stopping.start()
+    wait_until(lambda: engine._closed, what="the stopping server to close its engine")  # noqa: SLF001
+    backend.gate.set()
+    stopping.join(30)
+    assert not stopping.is_alive(), "the server did not stop"
 
 
 class OtherModel(ProxyBackend):
@@ -125,9 +146,10 @@ def test_encode_stream_fails_at_once_when_the_hint_is_longer_than_it_waits(tiny_
 
 
 def test_encode_stream_reconnects_after_server_restart(tiny_backend):
-    first = ServerThread(SlowBackend(tiny_backend, delay_s=0.2), model_id="tiny-test").__enter__()
+    held = HoldsAfter(tiny_backend, n=2)  # one batch answered, the rest held when the server goes
+    first = ServerThread(held, model_id="tiny-test").__enter__()
     port = first.running.port
-    replacement = SlowBackend(tiny_backend, delay_s=0.0)
+    replacement = ProxyBackend(tiny_backend)
     second = None
     try:
         with RemoteTextEncoder(first.target) as enc:
@@ -135,18 +157,20 @@ def test_encode_stream_reconnects_after_server_restart(tiny_backend):
             for r in enc.encode_stream(_captions(8, " restart"), batch_size=2, max_in_flight=2, retry=FAST_RETRY):
                 got.append(r.index)
                 if second is None:  # kill the server under the open stream, start a new one on the same port
-                    first.stop(0)
+                    stop_while_held(first, held)
                     second = _server_on_port(replacement, port).__enter__()
         assert sorted(got) == list(range(8))
         assert replacement.calls > 0  # the rest really was sent again, to the new server
     finally:
+        held.gate.set()
         first.stop(0)
         if second is not None:
             second.stop(0)
 
 
 def test_encode_stream_refuses_a_different_model_after_reconnect(tiny_backend):
-    first = ServerThread(SlowBackend(tiny_backend, 0.2), model_id="tiny-test").__enter__()
+    held = HoldsAfter(tiny_backend, n=2)
+    first = ServerThread(held, model_id="tiny-test").__enter__()
     port = first.running.port
     second = None
     try:
@@ -154,9 +178,10 @@ def test_encode_stream_refuses_a_different_model_after_reconnect(tiny_backend):
             with pytest.raises(IntegrityError, match="embeddings would be mixed"):
                 for _ in enc.encode_stream(_captions(8, " swap"), batch_size=2, max_in_flight=2, retry=FAST_RETRY):
                     if second is None:
-                        first.stop(0)
+                        stop_while_held(first, held)
                         second = _server_on_port(OtherModel(tiny_backend), port).__enter__()
     finally:
+        held.gate.set()
         first.stop(0)
         if second is not None:
             second.stop(0)
@@ -288,7 +313,9 @@ def test_kill_9_mid_run_then_resume(tiny_backend, tmp_path):
     source = tmp_path / "captions.txt"
     source.write_text("\n".join(captions) + "\n")
     out = tmp_path / "store"
-    backend = SlowBackend(tiny_backend, delay_s=0.2)  # leaves time to kill it mid-run
+    # At most 3 prompts more than 20 start before it holds (2 requests of 2 in flight), so the first run
+    # cannot finish, and it has written its two shards (6 captions fill one here) well before.
+    backend = HoldsAfter(tiny_backend, n=len(captions) - 4)
     # With its pad table, as `flux2-encoder serve` runs it: the store keeps compact rows.
     with ServerThread(backend, model_id="tiny-test", pad_table=True) as s, RemoteTextEncoder(s.target) as enc:
         row_mib = 512 * enc.info().embedding_dim * 2 / 2**20
@@ -313,15 +340,17 @@ def test_kill_9_mid_run_then_resume(tiny_backend, tmp_path):
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        def two_shards() -> bool:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            return len(list(out.glob("shard-*.safetensors"))) >= 2
+
         try:
-            deadline = time.monotonic() + 120
-            while len(list(out.glob("shard-*.safetensors"))) < 2:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.monotonic() < deadline, "precompute wrote no shards in time"
-                time.sleep(0.02)
+            wait_until(two_shards, timeout=120, what="precompute to write two shards")
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(30)
+            backend.gate.set()  # the resumed run below is served normally
         assert proc.returncode == -signal.SIGKILL
 
         partial = EmbeddingStore(out)  # what the index lists is whole and readable
