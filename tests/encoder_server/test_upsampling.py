@@ -450,6 +450,26 @@ def test_serve_flags_build_the_upsampling_config(monkeypatch):
     assert config([]).enabled
     monkeypatch.setenv("FLUX2_UPSAMPLING", "0")
     assert not config([]).enabled
+    limits = config(
+        [
+            "--upsampling-max-per-user=2",
+            "--upsampling-timeout=60",
+            "--upsampling-max-image-bytes=1000",
+            "--upsampling-max-request-image-bytes=2000",
+            "--upsampling-max-image-pixels=3000",
+            "--upsampling-max-request-image-pixels=4000",
+        ]
+    )
+    assert (limits.max_per_user, limits.timeout_s, limits.max_image_bytes, limits.max_request_image_bytes) == (
+        2,
+        60.0,
+        1000,
+        2000,
+    )
+    assert (limits.max_image_pixels, limits.max_request_image_pixels) == (3000, 4000)
+    monkeypatch.setenv("FLUX2_UPSAMPLING_MAX_REQUEST_IMAGE_PIXELS", "5000")
+    monkeypatch.setenv("FLUX2_UPSAMPLING_TIMEOUT", "30")
+    assert config([]).max_request_image_pixels == 5000 and config([]).timeout_s == 30.0
 
 
 def test_seeded_image_to_image_equals_the_reference(shallow_model_dir, pixtral_processor_class):
