@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROTOS := $(shell find proto -name '*.proto')
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto redis-server test lint fmt types demo demo-klein serve bench clean
+.PHONY: install proto redis-server test test-slow lint fmt types demo demo-klein serve bench clean
 
 install: $(STAMP) proto redis-server
 
@@ -49,9 +49,16 @@ redis-server:
 proto: $(STAMP) $(PROTOS)
 	$(BIN)/python -m common.protogen
 
-# Lint and types join this target once the last findings are fixed (issue 14).
-test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# Lint and types first (seconds; they fail on what review would catch), then the tests
+# on every core (pytest-xdist). Tests marked slow (whole processes, benchmark dry runs,
+# fidelity over many batches) run in `make test-slow`; CI runs both (.ci/run).
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist worksteal
+
+test: install lint types
+	$(PYTEST) -m "not slow"
+
+test-slow: install
+	$(PYTEST) -m slow
 
 # ruff's settings are in pyproject.toml ([tool.ruff]); `make fmt` applies what `make lint` checks.
 lint: install

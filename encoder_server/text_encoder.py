@@ -647,6 +647,7 @@ class TruncatedTextEncoder:
         )
         # 3. The pad table, through the exact path, before any switch to packed attention.
         self._pad_table = self._compute_pad_table()
+        self._count_lock = threading.Lock()
         if compute == "packed":
             self.use_packed_compute()
 
@@ -689,6 +690,8 @@ class TruncatedTextEncoder:
 
     # A fast tokenizer's padding and truncation settings live on the object, so one object must
     # never tokenize on two threads at once: count_tokens has its own copy, behind this lock.
+    # One lock per loaded model (set in __init__; this one is for subclasses that skip it),
+    # so counting for one model never waits on another's.
     _count_lock = threading.Lock()
     _count_tokenizer = None
 

@@ -101,6 +101,7 @@ def test_info_says_which_models_upsample(upsampling_server, f32_backend, capsys)
     assert "prompt upsampling: no (the server was started without --upsampling)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the real serve command in a process
 def test_flux2_encoder_serve_upsampling_end_to_end(tmp_path, capsys):
     """The real commands: `flux2-encoder serve --model demo --upsampling` in a process, `flux2-dit upsample` here."""
     from tests.replica_procs import ReplicaProcess

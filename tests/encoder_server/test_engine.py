@@ -192,6 +192,31 @@ class PackedFakeBackend(FakeBackend):
         return [min(len(p), FAKE_SPEC.max_sequence_length) for p in prompts]
 
 
+def test_packed_refuses_a_full_queue_before_counting_tokens():
+    """Counting takes the model's tokenizer lock: a request that cannot be queued is refused first,
+    so a flood of refused requests never delays the counting of the ones that fit."""
+    backend = PackedFakeBackend()
+
+    async def main():
+        async with engine_for(backend, max_queue_prompts=2, max_queue_delay_ms=1) as engine:
+            backend.hold()
+            blocker = asyncio.create_task(engine.encode(["blocker"]))
+            await wait_started(backend)
+            queued = asyncio.create_task(engine.encode(["q1", "q2"]))
+            await wait_queued(engine, 2)
+            counted_before = len(backend.counted)
+            with pytest.raises(QueueFull):
+                await engine.encode(["one too many"])
+            counted_after = len(backend.counted)
+            backend.release()
+            await asyncio.gather(blocker, queued)
+            return counted_before, counted_after
+
+    before, after = run_async(main())
+    assert after == before  # refused without tokenizing
+    assert ["one too many"] not in backend.counted
+
+
 def _batches_under_a_token_budget(backend, prompts, max_batch_tokens):
     async def main():
         async with engine_for(

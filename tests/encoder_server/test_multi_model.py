@@ -106,6 +106,7 @@ def test_a_request_must_name_a_served_model(two_models, model, message):
     assert message in info.value.details()
 
 
+@pytest.mark.slow  # many clients against both models
 def test_concurrent_load_on_both_models_is_exact_and_batches_never_mix(two_models, tiny_backend, klein_backend):
     s, dev, klein = two_models
     prompts = [f"prompt {i}" for i in range(12)]

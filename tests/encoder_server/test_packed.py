@@ -104,6 +104,7 @@ def test_fidelity_counts_ulps_at_the_rows_scale():
 # -- 1. the pad table ----------------------------------------------------------
 
 
+@pytest.mark.slow  # fidelity measured over many prompts and batch sizes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_left_pad_rows_are_one_table_for_every_prompt_and_batch_size(left, dtype):
     family, folder = left
@@ -137,6 +138,7 @@ def test_right_pad_rows_differ_per_prompt_so_there_is_no_table(right):
 # -- 2. packed compute ---------------------------------------------------------
 
 
+@pytest.mark.slow  # fidelity measured over many prompts and batch sizes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_is_within_the_references_own_rounding(left, dtype):
     family, folder = left
@@ -165,6 +167,7 @@ def test_packed_is_within_the_references_own_rounding(left, dtype):
     assert moved.identical_rows > 0.5  # most real rows come out bit-identical all the same
 
 
+@pytest.mark.slow  # fidelity measured over many prompts and batch sizes
 def test_on_cpu_the_reference_has_no_batch_size_noise_but_packed_has(left):
     # Why the bound above is the dtype's rounding: at this size on a CPU the reference at
     # another batch size is bit-identical, a noise floor of zero. (At hidden 512 it is not:
@@ -213,6 +216,7 @@ def test_load_backend_reads_compute_from_the_config(tiny_model_dir):
     assert load_backend(config)[0].compute == "exact"
 
 
+@pytest.mark.slow  # fidelity measured over many prompts and batch sizes
 def test_images_from_packed_and_exact_embeddings(tiny_model_dir):
     """Pixels of the tiny pipeline (fixed seed) fed packed vs exact embeddings: not one 8-bit level apart."""
     pipe = Flux2Pipeline.from_pretrained(tiny_model_dir, text_encoder=None, tokenizer=None, dtype=torch.float32)
@@ -235,6 +239,7 @@ def test_images_from_packed_and_exact_embeddings(tiny_model_dir):
     assert np.array_equal(np.round(images[0] * 255), np.round(images[1] * 255))
 
 
+@pytest.mark.slow  # fidelity measured over many prompts and batch sizes
 def test_gpu_benchmark_dry_run_reports_packed_fidelity():
     """benchmarks/gpu_encoder.py --packed runs end to end on a toy config (the GPU run is minutes of a loan)."""
     import os

@@ -23,6 +23,9 @@ from dit_client.training.store import EmbeddingStore
 from tests.helpers import ServerThread
 from tests.replica_procs import ReplicaProcess, wait_for
 
+# Replica processes killed and restarted: `make test-slow` (CI runs both).
+pytestmark = pytest.mark.slow
+
 COMPUTED = "flux2_encoder_prompts_computed_total"
 THREADS = 6
 MAX_PROMPTS_PER_REQUEST = 2

@@ -147,6 +147,7 @@ def channel_to():
         c.close()
 
 
+@pytest.mark.slow  # a server process and its signals
 def test_sigterm_reports_not_serving_drains_in_flight_work_and_exits_zero(tmp_path, channel_to):
     server = Server(tmp_path, grace_s=30)
     try:
@@ -178,6 +179,7 @@ def test_sigterm_reports_not_serving_drains_in_flight_work_and_exits_zero(tmp_pa
         server.close()
 
 
+@pytest.mark.slow  # a server process and its signals
 def test_grace_period_bounds_the_drain(tmp_path, channel_to):
     server = Server(tmp_path, grace_s=2)
     try:
@@ -194,6 +196,7 @@ def test_grace_period_bounds_the_drain(tmp_path, channel_to):
         server.close()
 
 
+@pytest.mark.slow  # a server process and its signals
 def test_second_signal_exits_at_once(tmp_path, channel_to):
     server = Server(tmp_path, grace_s=120)
     try:

@@ -10,9 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dit_client.demo import DEMO_SIZE
+
+# `make demo` and `make demo-klein` in processes: `make test-slow` (CI runs both).
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 
