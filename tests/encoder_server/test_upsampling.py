@@ -823,3 +823,28 @@ def test_http_upsample_bodies_are_parsed_once(tiny_backend, monkeypatch):
     with ServerThread(tiny_backend, ServerConfig(http=HTTPConfig(port=0)), upsamplers={MODEL_NAME: upsampler}) as s:
         reply = requests.post(f"http://127.0.0.1:{s.running.http.port}/upsample", json={"prompt": "a"}, timeout=30)
     assert reply.status_code == 200 and parse.calls == 1
+
+
+def test_a_server_with_several_users_gives_each_a_share_of_the_generation_queue(tiny_backend, tmp_path):
+    from common.config import AuthConfig
+    from tests.helpers import ServerThread
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"{name}:{name[0] * 40}\n" for name in ("alice", "bob", "carol")))
+    keys.chmod(0o600)
+    upsampler = GatedUpsampler()
+    config = ServerConfig(auth=AuthConfig(api_key_file=str(keys)), upsampling=UpsamplingConfig(max_queued=4))
+    with ServerThread(tiny_backend, config, upsamplers={MODEL_NAME: upsampler}) as server:
+        assert server.running.upsampling.queue.max_per_user == 1  # (4 + 1) // 4: a quarter, as slots are shared
+        with _client(server, api_key="a" * 40) as alice, _client(server, api_key="b" * 40) as bob:
+            first = alice.connection.stub.Upsample.future(
+                pb2.UpsampleRequest(prompts=["alice's"]), timeout=30, metadata=alice.connection.metadata
+            )
+            assert upsampler.gate.started.wait(10)
+            with pytest.raises(EncoderOverloaded, match="'alice' already has 1 upsampling calls"):
+                alice.upsample(["alice again"])
+            queued = bob.connection.stub.Upsample.future(
+                pb2.UpsampleRequest(prompts=["bob's"]), timeout=30, metadata=bob.connection.metadata
+            )
+            upsampler.gate.release.set()
+            assert first.result().results[0].text == "ALICE'S" and queued.result().results[0].text == "BOB'S"
