@@ -38,12 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.realistic_prompts import MAX_ROWS, PROMPT_SET, percentile, row_counter  # noqa: E402
-from common.pad_table import pad_table_id, rebuild  # noqa: E402
-from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache  # noqa: E402
-from encoder_server.engine import EncodedPrompt  # noqa: E402
+from benchmarks.realistic_prompts import MAX_ROWS, PROMPT_SET, percentile, row_counter
+from common.pad_table import pad_table_id, rebuild
+from encoder_server.cache import CachedEmbedding, DiskCache, MemoryCache
+from encoder_server.engine import EncodedPrompt
 
 
 def best_of(fn, repeats: int) -> float:

@@ -37,11 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from benchmarks.realistic_prompts import CAPTIONS, MAX_ROWS, percentile, row_counter  # noqa: E402
-from dit_client.training.store import (  # noqa: E402
+from benchmarks.realistic_prompts import CAPTIONS, MAX_ROWS, percentile, row_counter
+from dit_client.training.store import (
     DEFAULT_SHARD_BYTES,
     FORMAT,
     INDEX_NAME,

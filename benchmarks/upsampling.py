@@ -38,13 +38,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from common.config import ServerConfig, UpsamplingConfig  # noqa: E402
-from common.model_source import resolve_model  # noqa: E402
-from dit_client.remote import RemoteTextEncoder  # noqa: E402
-from encoder_server.server import start_server  # noqa: E402
-from encoder_server.text_encoder import TruncatedMistral3Encoder  # noqa: E402
+from common.config import ServerConfig, UpsamplingConfig
+from common.model_source import resolve_model
+from dit_client.remote import RemoteTextEncoder
+from encoder_server.server import start_server
+from encoder_server.text_encoder import TruncatedMistral3Encoder
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "two cats on a sofa", "a city street in the rain"]
 

@@ -61,13 +61,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import grpc
+import numpy as np
+import torch
 
-from common.encoder_spec import FLUX2_DEV  # noqa: E402
-from common.wire import TensorAssembler, WireTensor, decode_response_frame  # noqa: E402
-from encoder_server.text_encoder import EncodedBatch  # noqa: E402
+from common.encoder_spec import FLUX2_DEV
+from common.wire import TensorAssembler, WireTensor, decode_response_frame
+from encoder_server.text_encoder import EncodedBatch
 
 SEQ, HIDDEN = FLUX2_DEV.max_sequence_length, 5120  # FLUX.2-dev: [512, 3 * 5120]
 

@@ -271,10 +271,11 @@ class ResponseAssembler:
         """Check the last prompt and that every prompt arrived; return their metadata in order."""
         if self._tensor is not None:
             self._tensor.finish()
-        missing = [i for i, m in enumerate(self.metadata) if m is None]
-        if missing:
+        arrived = [m for m in self.metadata if m is not None]
+        if len(arrived) != len(self.metadata):
+            missing = [i for i, m in enumerate(self.metadata) if m is None]
             raise IntegrityError(f"the server sent no embedding for prompt(s) {missing}")
-        return self.metadata  # type: ignore[return-value]
+        return arrived
 
 
 def check_output_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -56,9 +56,9 @@ from dit_client.dit_config import (  # noqa: F401  (re-exported: `from dit_clien
     check_int,
     offload_refusal,
 )
-from dit_client.embedding_cache import EmbeddingCache  # noqa: F401
-from dit_client.images import load_reference_images, output_paths, save_images  # noqa: F401
-from dit_client.loading import (  # noqa: F401
+from dit_client.embedding_cache import EmbeddingCache  # noqa: F401 - re-exported: callers import it from dit_client.generate
+from dit_client.images import load_reference_images, output_paths, save_images  # noqa: F401 - re-exported: callers import it from dit_client.generate
+from dit_client.loading import (  # noqa: F401 - re-exported: callers import it from dit_client.generate
     apply_offload,
     load_lora,
     load_pipeline,
@@ -69,7 +69,7 @@ from dit_client.loading import (  # noqa: F401
     resolve_quantization,
     set_attention_backend,
 )
-from dit_client.model_match import EncoderMismatch, PipelineKind, choose_encoder_model, read_pipeline_kind  # noqa: F401
+from dit_client.model_match import EncoderMismatch, PipelineKind, choose_encoder_model, read_pipeline_kind  # noqa: F401 - re-exported: callers import it from dit_client.generate
 from dit_client.remote import DEFAULT_TIMEOUT_S, RemoteTextEncoder
 from dit_client.retry import RetryPolicy, call_with_retries
 from dit_client.structured_prompt import render_structured_prompt, validate_structured_prompt

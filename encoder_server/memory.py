@@ -436,7 +436,10 @@ def memory_table(
     flops = forward_flops(counts, config)
     rows = weight_rows(counts)
     full_bytes = rows[0].bytes
-    b = lambda n: f"{n / 1e9:.2f}B"  # noqa: E731
+
+    def b(n: float) -> str:
+        return f"{n / 1e9:.2f}B"
+
     lines = [
         f"Config: {config_path or default_config_path()} (instantiated on the meta device; no weights)",
         "",

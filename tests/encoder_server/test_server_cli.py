@@ -10,7 +10,7 @@ from encoder_server.cli import build_parser, config_from_args, env_name
 def serve_actions():
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001 - argparse keeps them here
-    return serve, [a for a in serve._actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+    return serve, [a for a in serve._actions if a.option_strings and a.dest != "help"]  # noqa: SLF001 - argparse lists actions only privately
 
 
 def test_every_serve_flag_shows_its_default_and_environment_variable():

@@ -52,7 +52,7 @@ def stop_while_held(server: ServerThread, backend: HoldsAfter) -> None:
     engine = server.running.engine
     stopping = threading.Thread(target=server.stop, args=(0,))
     stopping.start()
-    wait_until(lambda: engine._closed, what="the stopping server to close its engine")  # noqa: SLF001
+    wait_until(lambda: engine._closed, what="the stopping server to close its engine")  # noqa: SLF001 - the engine has no public "closed" to wait on
     backend.gate.set()
     stopping.join(30)
     assert not stopping.is_alive(), "the server did not stop"
