@@ -171,7 +171,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         """EncodeStream: the call holds one slot; each message passes rate, validation and quota."""
         admission = self._admission
 
-        async def wrapped(request_iterator, context):
+        async def wrapped(request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
             try:
                 user = self._begin(context, method, authorization)
                 slot = admission.admit_stream(method, user)

@@ -60,6 +60,7 @@ never unpickle anything. One store holds embeddings of one model fingerprint onl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -485,22 +486,13 @@ def repair_pad_table(path: str | os.PathLike, source: torch.Tensor | None = None
         PadTableLost: no sound copy, and no ``source`` (or another table).
     """
     path = Path(path)
-    if _read_index(path) is None:
-        raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
-    lock = _lock_folder(path)
-    try:
-        found = _read_index(path)
-        if found is None:
-            raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
-        version, info, _ = found
+    with _locked_store(path) as (version, info, _):
         if version < 2:
             return []
         try:
             return _restore_pad_table(path, info, source)[1]
         except OSError as exc:
             raise _write_error(path, exc) from None
-    finally:
-        os.close(lock)
 
 
 def _save_pad_table(path: Path, table_id: str, table: torch.Tensor, name: str = PAD_TABLE_NAME) -> None:
@@ -897,6 +889,25 @@ def _captions_anyway(file: Path) -> list[str]:
 
 
 # -- writing -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked_store(path: Path) -> Iterator[tuple[int, StoreInfo, list[_ShardEntry]]]:
+    """The store's index, read while this process holds the store's lock (released on exit).
+
+    Raises:
+        StoreError: not a store (no index, before or after taking the lock), or locked by another process.
+    """
+    if _read_index(path) is None:  # checked first, so a wrong path never gets a .lock file
+        raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
+    lock = _lock_folder(path)
+    try:
+        found = _read_index(path)
+        if found is None:  # removed between the check above and the lock
+            raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
+        yield found
+    finally:
+        os.close(lock)
 
 
 def _lock_folder(path: Path) -> int:
@@ -1361,14 +1372,7 @@ def convert_store(
         StoreWriteError: the disk filled up (the store stays version 1, untouched).
     """
     path = Path(path)
-    if _read_index(path) is None:
-        raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
-    lock = _lock_folder(path)
-    try:
-        found = _read_index(path)
-        if found is None:  # removed between the check above and the lock
-            raise StoreError(f"{path} is not an embedding store (no {INDEX_NAME})")
-        version, info, listed = found
+    with _locked_store(path) as (version, info, listed):
         staging = path / CONVERT_DIR
         listed_names = {s.file for s in listed}
         if version >= 2:
@@ -1435,8 +1439,6 @@ def convert_store(
             after,
             new_info.pad_table,
         )
-    finally:
-        os.close(lock)
 
 
 def _read_header_or_empty(file: Path) -> dict:
