@@ -154,6 +154,8 @@ class PromptMetadata:
     ``pad_rows_elided``: leading pad rows the server left out because the client
     holds them (its pad table); the client put them back. The wire carried
     ``max_sequence_length - pad_rows_elided`` rows. 0: every row was sent.
+    ``compute``: ``"exact"`` (bit-exact with diffusers) or ``"packed"`` (within
+    rounding); ``""`` from a server older than the field (exact).
     """
 
     token_count: int
@@ -166,6 +168,7 @@ class PromptMetadata:
     cache_hit: bool
     batch_size: int
     pad_rows_elided: int = 0
+    compute: str = ""
 
     @classmethod
     def from_proto(cls, m: pb2.PromptMetadata) -> PromptMetadata:

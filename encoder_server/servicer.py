@@ -253,6 +253,7 @@ class TextEncoderServicer(pb2_grpc.TextEncoderServicer):
                 model_fingerprint=model.backend.fingerprint,
                 cache_hit=result.cache_hit,
                 batch_size=result.batch_size,
+                compute=model.backend.compute,
             )
             rows, metadata.pad_rows_elided = model.answer_rows(result, client_table)
             tensor = WireTensor.from_tensor(rows.to(dtype))

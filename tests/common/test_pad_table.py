@@ -14,6 +14,7 @@ from common.config import ServerConfig
 from common.pad_table import pad_table_id, rebuild, same_bits
 from common.protocol import pb2, pb2_grpc
 from dit_client.pad_table import PadTables, fetch
+from dit_client.remote import RemoteTextEncoder
 from encoder_server.server import LoadedModel
 from tests.helpers import ServerThread
 
@@ -190,9 +191,16 @@ def test_compute_flag_reaches_each_model_and_packed_has_its_own_fingerprint(tiny
     exact = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16)
     packed = TruncatedTextEncoder(source, device=torch.device("cpu"), dtype=torch.bfloat16, compute="packed")
     assert packed.compute == "packed" and packed.fingerprint == exact.fingerprint + "+packed"
+    models = [LoadedModel("fast", packed, "tiny"), LoadedModel("dev", exact, "tiny")]
     with (
-        ServerThread(None, ServerConfig(), models=[LoadedModel("fast", packed, "tiny")]) as s,
+        ServerThread(None, ServerConfig(), models=models) as s,
         grpc.insecure_channel(s.target) as channel,
+        RemoteTextEncoder(s.target, elide=False) as enc,
     ):
         info = pb2_grpc.TextEncoderStub(channel).GetInfo(pb2.GetInfoRequest(), timeout=10)
+        # Each answer says which mode made it, as GetInfo does for the model.
+        _, (fast,) = enc.encode_with_metadata(["a red fox"], model="fast")
+        _, (dev,) = enc.encode_with_metadata(["a red fox"], model="dev")
     assert info.models[0].compute == "packed" and info.fingerprint.endswith("+packed")
+    assert (fast.compute, dev.compute) == ("packed", "exact")
+    assert fast.model_fingerprint.endswith("+packed") and not dev.model_fingerprint.endswith("+packed")
