@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
@@ -115,12 +114,3 @@ class ReplicaProcess:
             if all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
                 total += float(match.group(3))
         return total
-
-
-def wait_for(condition, what: str, timeout_s: float = 30.0, poll_s: float = 0.02) -> None:
-    """Poll ``condition()`` until true; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(poll_s)

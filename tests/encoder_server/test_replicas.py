@@ -20,8 +20,8 @@ from common.model_source import resolve_model
 from dit_client.remote import RemoteTextEncoder
 from dit_client.training.precompute import precompute
 from dit_client.training.store import EmbeddingStore
-from tests.helpers import ServerThread
-from tests.replica_procs import ReplicaProcess, wait_for
+from tests.helpers import ServerThread, wait_until
+from tests.replica_procs import ReplicaProcess
 
 # Replica processes killed and restarted: `make test-slow` (CI runs both).
 pytestmark = pytest.mark.slow
@@ -143,13 +143,13 @@ def test_three_replicas_a_kill_and_a_restart_lose_nothing(tmp_path, redis_server
                 if victim.metric("flux2_encoder_requests_total", method="Encode"):
                     break
             else:
-                wait_for(
+                wait_until(
                     lambda: (
                         enc.encode([distinct[0]]) is not None
                         and victim.metric("flux2_encoder_requests_total", method="Encode") > 0
                     ),
-                    "the restarted replica to get a call",
-                    timeout_s=30,
+                    timeout=30,
+                    what="the restarted replica to get a call",
                 )
 
         assert failures == [], failures[:5]
@@ -241,7 +241,7 @@ def test_precompute_with_a_replica_killed_mid_run_ends_complete_and_exact(tmp_pa
             )
             run.start()
             # The stream's replica is the one answering EncodeStream messages; kill it a few requests in.
-            wait_for(lambda: any(streamed(r) >= 10 for r in replicas), "the precompute stream to start")
+            wait_until(lambda: any(streamed(r) >= 10 for r in replicas), what="the precompute stream to start")
             victim = max(replicas, key=streamed)
             victim.kill()
             run.join(120)
