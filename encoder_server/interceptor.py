@@ -22,9 +22,11 @@ ContextVar set in ``intercept_service`` does not reach the task that runs the ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
 
 import grpc
 
@@ -42,7 +44,7 @@ _FRAMED = frozenset({"Encode", "EncodeStream", "GetPadTable"})
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Flux2RemoteError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: Flux2RemoteError) -> NoReturn:
     await context.abort(exc.code, str(exc), trailing_metadata=retry_metadata(exc))
 
 
@@ -126,18 +128,25 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             time_remaining_s=context.time_remaining(),
         )
 
+    @contextlib.asynccontextmanager
+    async def _ticket(self, request, context, method: Method, authorization: list[str]) -> AsyncIterator[Ticket]:
+        """One request through every step of the policy (refused: the call is aborted with its status);
+        the ticket is released when the block ends, however it ends."""
+        try:
+            ticket = await self._admit_one(request, context, method, authorization)
+        except Flux2RemoteError as exc:
+            await _abort(context, exc)
+        try:
+            yield ticket
+        finally:
+            ticket.release()
+
     def _unary_metered(self, behaviour, method: Method, authorization: list[str]):
         """Upsample: one request, one answer, through every step of the policy."""
 
         async def wrapped(request, context):
-            try:
-                ticket = await self._admit_one(request, context, method, authorization)
-            except Flux2RemoteError as exc:
-                await _abort(context, exc)
-            try:
+            async with self._ticket(request, context, method, authorization) as ticket:
                 return await behaviour(ticket, context)
-            finally:
-                ticket.release()
 
         return wrapped
 
@@ -156,14 +165,8 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         """Encode: one request, a stream of answer messages."""
 
         async def wrapped(request, context):
-            try:
-                ticket = await self._admit_one(request, context, method, authorization)
-            except Flux2RemoteError as exc:
-                await _abort(context, exc)
-            try:
+            async with self._ticket(request, context, method, authorization) as ticket:
                 await self._write_all(behaviour(ticket, context), context, method, ticket.user)
-            finally:
-                ticket.release()
 
         return wrapped
 
