@@ -200,7 +200,7 @@ def build_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec = TinyFlux2Spe
         pipe = Flux2Pipeline(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
-        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden by diffusers' lazy imports
+        pipe.save_pretrained(path)
     else:
         text_encoder.save_pretrained(path / "text_encoder")
         tokenizer.save_pretrained(path / "tokenizer")
@@ -291,7 +291,7 @@ def _build_qwen_tokenizer(padding_side: str):
     tok = Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
-        unk_token=None,  # type: ignore[arg-type]  # Qwen's vocabulary has no unknown token; the hint says str
+        unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         padding_side=padding_side,
@@ -316,7 +316,7 @@ def _build_qwen3_text_encoder(spec: TinyKleinSpec, vocab_size: int, eos_token_id
         num_key_value_heads=spec.text_kv_heads,
         head_dim=spec.text_head_dim,
         max_position_embeddings=1024,
-        rope_theta=1000000.0,  # type: ignore[call-arg]  # taken into rope_parameters; the signature hides it
+        rope_theta=1000000.0,
         rms_norm_eps=1e-06,
         tie_word_embeddings=spec.tie_word_embeddings,
         eos_token_id=eos_token_id,
@@ -352,7 +352,7 @@ def build_tiny_klein(path: str | os.PathLike, spec: TinyKleinSpec = TinyKleinSpe
             transformer=transformer,
             is_distilled=spec.is_distilled,
         )
-        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden by diffusers' lazy imports
+        pipe.save_pretrained(path)
     else:
         text_encoder.save_pretrained(path / "text_encoder")
         tokenizer.save_pretrained(path / "tokenizer")
