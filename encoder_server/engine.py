@@ -185,15 +185,19 @@ class EncodeEngine:
         config,
         backend: EmbeddingBackend,
         *,
+        caches: tuple[MemoryCache | None, DiskCache | None] | None = None,
         metrics: EncoderMetrics | None = None,
         cache_scope: str = "shared",
         shared_cache: SharedCache | None = None,
+        pad_table: torch.Tensor | None = None,
     ) -> EncodeEngine:
         """The engine a :class:`~common.config.ServerConfig` describes (batching, memory and disk caches).
 
-        ``cache_scope`` is the resolved scope (``config.cache.scope`` may say ``auto``).
+        ``caches``: ``(memory, disk)`` shared with other engines (a server's models share one
+        bound); None builds them from ``config``. ``cache_scope`` is the resolved scope
+        (``config.cache.scope`` may say ``auto``).
         """
-        memory, disk = cls.caches_from_config(config)
+        memory, disk = caches if caches is not None else cls.caches_from_config(config)
         return cls(
             backend,
             batching=config.batching,
@@ -202,6 +206,7 @@ class EncodeEngine:
             metrics=metrics,
             cache_scope=cache_scope,
             shared_cache=shared_cache,
+            pad_table=pad_table,
         )
 
     @staticmethod

@@ -329,17 +329,16 @@ async def start_server(
     security, metrics, admission, server = listeners.security, listeners.metrics, listeners.admission, listeners.server
     cache_scope = resolve_cache_scope(config.cache.scope, security.authenticator)
     shared_cache = SharedCache(listeners.link) if listeners.link is not None else None
-    memory_cache, disk_cache = EncodeEngine.caches_from_config(config)  # one bound for every model
+    caches = EncodeEngine.caches_from_config(config)  # one bound for every model
     registry = ModelRegistry(
         [
             ServedModel(
                 m.name,
                 m.backend,
-                EncodeEngine(
+                EncodeEngine.from_config(
+                    config,
                     m.backend,
-                    batching=config.batching,
-                    memory_cache=memory_cache,
-                    disk_cache=disk_cache,
+                    caches=caches,
                     metrics=metrics,
                     cache_scope=cache_scope,
                     shared_cache=shared_cache,
