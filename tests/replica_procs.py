@@ -29,8 +29,16 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 class ReplicaProcess:
     """``flux2-encoder serve --model demo`` in a subprocess on fixed ports that survive restarts."""
 
-    def __init__(self, workdir: Path, *, shared_cache: str | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        shared_cache: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        grace_s: float = 1.0,
+    ):
         self.workdir = Path(workdir)
+        self.grace_s = grace_s
         self.port = free_port()
         self.metrics_port = free_port()
         self.shared_cache = shared_cache
@@ -62,7 +70,7 @@ class ReplicaProcess:
             "--metrics-port",
             str(self.metrics_port),
             "--grace-period",
-            "1",
+            f"{self.grace_s:g}",
             *(("--shared-cache", self.shared_cache) if self.shared_cache else ()),
             *self.extra_args,
         ]
@@ -76,11 +84,21 @@ class ReplicaProcess:
         try:
             wait_until_serving(self.target, self.proc, timeout_s)
         except BaseException as exc:
-            raise RuntimeError(f"replica {self.target} did not start ({exc}); log:\n{self.log()}") from None
+            log = self.log()
+            self.close()  # a process that never served is not left behind
+            raise RuntimeError(f"replica {self.target} did not start ({exc}); log:\n{log}") from None
         return self
 
     def start(self) -> ReplicaProcess:
         return self.spawn().wait()
+
+    def exit_code(self, timeout_s: float) -> int:
+        """Wait for the process to exit by itself and return its code; fails, with the log, if it does not."""
+        assert self.proc is not None, "never started"
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running {timeout_s:g} s later; log:\n{self.log()}") from None
 
     def kill(self) -> None:
         """``kill -9``, and wait until the process is gone (its ports are free again)."""

@@ -7,11 +7,8 @@ in a subprocess, because signal handling is exactly what an in-process server ca
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,58 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.config import HTTPConfig, ServerConfig
 from common.errors import Cancelled, EncoderUnavailable
 from common.protocol import SERVICE_NAME, pb2, pb2_grpc
-from dit_client.demo import free_port, wait_until_serving
 from dit_client.remote import RemoteTextEncoder
 from tests.helpers import GatedBackend, ServerThread, wait_until
+from tests.replica_procs import ReplicaProcess
 
 _DONE = object()
-
-
-class Server:
-    """``flux2-encoder serve --model demo`` in a subprocess, its log in a file."""
-
-    def __init__(self, tmp_path, grace_s: float):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = tmp_path / "server.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "encoder_server.cli",
-            "serve",
-            "--model",
-            "demo",
-            "--device",
-            "cpu",
-            "--port",
-            str(self.port),
-            "--grace-period",
-            str(grace_s),
-        ]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life, not one block
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
-        try:
-            wait_until_serving(self.target, self.proc)
-        except BaseException:
-            self.close()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"server still running {timeout}s later; log:\n{self.log()}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 class OpenStream:
@@ -149,7 +99,7 @@ def channel_to():
 
 @pytest.mark.slow  # a server process and its signals
 def test_sigterm_reports_not_serving_drains_in_flight_work_and_exits_zero(tmp_path, channel_to):
-    server = Server(tmp_path, grace_s=30)
+    server = ReplicaProcess(tmp_path, grace_s=30).start()
     try:
         channel = channel_to(server.target)
         watch = HealthWatch(channel)
@@ -171,7 +121,7 @@ def test_sigterm_reports_not_serving_drains_in_flight_work_and_exits_zero(tmp_pa
 
         stream.close_requests()
         assert stream.next() == grpc.StatusCode.OK
-        assert server.wait(timeout=20) == 0
+        assert server.exit_code(20) == 0
         # Nothing was in flight any more, so it did not sit out the 30 s grace.
         assert time.monotonic() - t_signal < 25
         assert "draining in-flight work" in server.log() and "stopped" in server.log()
@@ -181,7 +131,7 @@ def test_sigterm_reports_not_serving_drains_in_flight_work_and_exits_zero(tmp_pa
 
 @pytest.mark.slow  # a server process and its signals
 def test_grace_period_bounds_the_drain(tmp_path, channel_to):
-    server = Server(tmp_path, grace_s=2)
+    server = ReplicaProcess(tmp_path, grace_s=2).start()
     try:
         stream = OpenStream(channel_to(server.target))
         stream.send("0")
@@ -189,7 +139,7 @@ def test_grace_period_bounds_the_drain(tmp_path, channel_to):
         t_signal = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         # The client never finishes its stream; the server cuts it at the end of the grace.
-        assert server.wait(timeout=20) == 0
+        assert server.exit_code(20) == 0
         assert 1.5 < time.monotonic() - t_signal < 15
         assert stream.next() != grpc.StatusCode.OK
     finally:
@@ -198,7 +148,7 @@ def test_grace_period_bounds_the_drain(tmp_path, channel_to):
 
 @pytest.mark.slow  # a server process and its signals
 def test_second_signal_exits_at_once(tmp_path, channel_to):
-    server = Server(tmp_path, grace_s=120)
+    server = ReplicaProcess(tmp_path, grace_s=120).start()
     try:
         channel = channel_to(server.target)
         watch = HealthWatch(channel)
@@ -212,7 +162,7 @@ def test_second_signal_exits_at_once(tmp_path, channel_to):
         assert server.proc.poll() is None, "the first signal must wait for the open stream"
         t_second = time.monotonic()
         server.proc.send_signal(signal.SIGINT)
-        assert server.wait(timeout=10) != 0
+        assert server.exit_code(10) != 0
         assert time.monotonic() - t_second < 5
         assert "second signal" in server.log()
     finally:
