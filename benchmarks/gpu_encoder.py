@@ -40,7 +40,7 @@ transformers does):
 Printed per format and batch: weight memory, peak VRAM of the forward
 (``torch.cuda.max_memory_allocated``), time per batch (median of
 ``--repeats`` after a warm-up) and whether the embeddings are bit-identical
-(``torch.equal``). With ``--packed`` the server's forward then also runs with
+(the same bytes: ``common.pad_table.same_bits``). With ``--packed`` the server's forward then also runs with
 ``compute="packed"`` (real tokens only; not bit-exact, so a second table gives its
 fidelity against the reference: max abs diff, min cosine per real row, share of
 bit-identical real rows; a model whose tokenizer pads on the right is skipped).
@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from common.encoder_spec import FLUX2_DEV, FLUX2_KLEIN
+from common.pad_table import same_bits
 from encoder_server.text_encoder import QWEN3, TruncatedMistral3Encoder, TruncatedTextEncoder
 
 PROMPTS = [
@@ -220,6 +221,22 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def truncated_rows(
+    args, ours, reference: dict, variant: str, label: str, fmt: str, device, base: int, weights: int
+) -> list[dict]:
+    """The server's truncated encoder at each batch size: time, peak memory, and bit-equality with ``reference``."""
+    rows = []
+    for batch in args.batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
+        exact = same_bits(out, reference[batch])
+        rows.append(
+            dict(format=fmt, variant=variant, batch=batch, seconds=t, weights=weights, peak=peak - base, exact=exact)
+        )
+        print(f"{label} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
+    return rows
+
+
 def packed_rows(args, ours, reference: dict, label: str, fmt: str, device, base: int, weights: int) -> list[dict]:
     """``ours`` again with ``compute="packed"``: time per batch and fidelity against ``reference[batch]``."""
     from encoder_server.fidelity import compare
@@ -316,22 +333,17 @@ def run_klein(args, name: str) -> list[dict]:
         free(device)
         ours = InMemoryQwen3Encoder(lm, tokenizer, device=device, dtype=torch.bfloat16)
         our_weights = allocated(device) - base if device.type == "cuda" else param_bytes(lm)
-        for batch in args.batches:
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-            t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
-            exact = torch.equal(out, reference[batch])
-            rows.append(
-                dict(
-                    format=fmt,
-                    variant=f"{name} truncated ({layers} layers)",
-                    batch=batch,
-                    seconds=t,
-                    weights=our_weights,
-                    peak=peak - base,
-                    exact=exact,
-                )
-            )
-            print(f"{name} {fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
+        rows += truncated_rows(
+            args,
+            ours,
+            reference,
+            f"{name} truncated ({layers} layers)",
+            f"{name} {fmt}",
+            fmt,
+            device,
+            base,
+            our_weights,
+        )
         if args.packed:
             rows += packed_rows(args, ours, reference, name, fmt, device, base, our_weights)
         del ours, lm, reference
@@ -393,22 +405,17 @@ def run_dev(args) -> list[dict]:
         free(device)
         ours = InMemoryTruncatedEncoder(lm, tokenizer, device=device, dtype=torch.bfloat16)
         our_weights = allocated(device) - base if device.type == "cuda" else param_bytes(lm)
-        for batch in args.batches:
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-            t, peak, out = timed(lambda o=ours, p=prompts: o.encode(p).embeddings, device, args.repeats)
-            exact = torch.equal(out, reference[batch])
-            rows.append(
-                dict(
-                    format=fmt,
-                    variant=f"truncated ({FLUX2_DEV.computed_layers} layers)",
-                    batch=batch,
-                    seconds=t,
-                    weights=our_weights,
-                    peak=peak - base,
-                    exact=exact,
-                )
-            )
-            print(f"{fmt} truncated batch {batch}: {t:.3f}s exact={exact}", file=sys.stderr, flush=True)
+        rows += truncated_rows(
+            args,
+            ours,
+            reference,
+            f"truncated ({FLUX2_DEV.computed_layers} layers)",
+            fmt,
+            fmt,
+            device,
+            base,
+            our_weights,
+        )
         if args.packed:
             rows += packed_rows(args, ours, reference, "dev", fmt, device, base, our_weights)
         del ours, lm, reference
