@@ -214,11 +214,22 @@ class UpsamplingConfig:
 
     def per_user_share(self, users: int) -> int:
         """Calls one user may have queued or generating: ``max_per_user``, or the automatic share when 0."""
-        if self.max_per_user > 0:
-            return self.max_per_user
-        if users > 1:
-            return max(1, (self.max_queued + 1) // 4)
-        return self.max_queued + 1
+        return fair_share(self.max_queued + 1, self.max_per_user, users)
+
+
+def fair_share(total: int, explicit: int, users: int) -> int:
+    """What one user may hold of ``total`` (slots, generation places): ``explicit`` when set
+    (> 0; more than ``total`` could never be used), else the automatic share.
+
+    The automatic share is a quarter of the total when the keys file names several
+    ``users`` (so at least four users always find room), and the whole total otherwise
+    (with one user, or none, there is nobody to be fair to).
+    """
+    if explicit > 0:
+        return min(explicit, total)
+    if users > 1:
+        return max(1, total // 4)
+    return total
 
 
 @dataclass(frozen=True)

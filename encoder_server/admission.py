@@ -44,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from common.config import Limits, UpsamplingConfig
+from common.config import Limits, UpsamplingConfig, fair_share
 from common.errors import EncoderOverloaded, EncoderUnavailable, Flux2RemoteError, Unauthenticated
 from common.protocol import SERVICE_NAME
 from encoder_server.auth import Authenticator
@@ -499,17 +499,9 @@ class CallTracker:
 
 
 def per_user_share(limits: Limits, authenticator: Authenticator) -> int:
-    """Slots one user may hold: ``max_concurrent_calls_per_user``, or the automatic share when it is 0.
-
-    The automatic share is a quarter of the total when the keys file names
-    several users (so at least four users always find a slot), and the whole
-    total otherwise (with one user, or none, there is nobody to be fair to).
-    """
-    if limits.max_concurrent_calls_per_user > 0:
-        return min(limits.max_concurrent_calls_per_user, limits.max_concurrent_calls)
-    if authenticator.users > 1:
-        return max(1, limits.max_concurrent_calls // 4)
-    return limits.max_concurrent_calls
+    """Slots one user may hold: ``max_concurrent_calls_per_user``, or the automatic share when it is 0
+    (:func:`common.config.fair_share`, the rule the generation queue uses too)."""
+    return fair_share(limits.max_concurrent_calls, limits.max_concurrent_calls_per_user, authenticator.users)
 
 
 def resolve_cache_scope(scope: str, authenticator: Authenticator) -> str:
