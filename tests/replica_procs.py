@@ -45,6 +45,7 @@ class ReplicaProcess:
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._served = False  # once it has served, its ports are the test's: never picked again
 
     @property
     def target(self) -> str:
@@ -87,10 +88,20 @@ class ReplicaProcess:
             log = self.log()
             self.close()  # a process that never served is not left behind
             raise RuntimeError(f"replica {self.target} did not start ({exc}); log:\n{log}") from None
+        self._served = True
         return self
 
     def start(self) -> ReplicaProcess:
-        return self.spawn().wait()
+        """:meth:`spawn` and :meth:`wait`. Before the first serve only, ports that another process
+        took meanwhile are picked again (``free_port`` can only say a port was free a moment ago)."""
+        for attempt in range(3):
+            try:
+                return self.spawn().wait()
+            except RuntimeError as exc:
+                if self._served or attempt == 2 or "address is already in use" not in str(exc):
+                    raise
+                self.port, self.metrics_port = free_port(), free_port()
+        raise AssertionError("unreachable")
 
     def exit_code(self, timeout_s: float) -> int:
         """Wait for the process to exit by itself and return its code; fails, with the log, if it does not."""
